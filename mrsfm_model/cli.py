@@ -1,0 +1,146 @@
+"""`mrsfm` command line: one entry point, one subcommand per job.
+
+Bad input ends in one line `mrsfm <cmd>: error: FILE: problem` and a non-zero exit, never a
+traceback from inside a library. Trailing `key=value` words are Hydra overrides of configs/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .errors import MRSDataError
+
+
+def _split_overrides(words: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Separate Hydra `key=value` overrides from ordinary arguments."""
+    over = [w for w in words if "=" in w and not w.startswith("-")]
+    return [w for w in words if w not in over], over
+
+
+def _data_setup(overrides: Sequence[str]):
+    from .config import load_config
+    from .grid import CanonicalGrid
+    from .spectrogram import SpectrogramConfig, SpectrogramTransform
+
+    cfg = load_config(overrides)
+    grid = CanonicalGrid.from_config(cfg.data.grid)
+    transform = SpectrogramTransform(SpectrogramConfig.from_config(cfg.data.spectrogram), grid)
+    return cfg, grid, transform
+
+
+def cmd_inspect(args: argparse.Namespace, overrides: list[str]) -> int:
+    import numpy as np
+    import torch
+
+    from .data import select_channels
+    from .grid import to_canonical
+    from .io import load_spectrum
+    from .spectrum import peak_ppm
+
+    cfg, grid, transform = _data_setup(overrides)
+    spec = load_spectrum(args.file)
+    try:
+        canon = to_canonical(spec, grid)
+    except ValueError as exc:
+        raise MRSDataError(args.file, str(exc)) from None
+    p = spec.provenance
+    info = {
+        "file": str(args.file),
+        "vendor": p.vendor,
+        "field_t": None if p.field_t is None else round(p.field_t, 3),
+        "spectrometer_frequency_mhz": spec.spectrometer_mhz,
+        "bandwidth_hz": spec.bandwidth_hz,
+        "points": p.points or spec.points,
+        "dims": list(p.dims),
+        "sub_spectra": list(spec.sub),
+        "te_ms": p.te_ms,
+        "tr_ms": p.tr_ms,
+        "naa_ppm": round(peak_ppm(canon), 3),
+    }
+    if args.json:
+        print(json.dumps(info))
+    else:
+        width = max(len(k) for k in info)
+        for key, value in info.items():
+            print(f"{key:<{width}}  {value}")
+    if args.png:
+        from .plots import plot_spectrum_and_spectrogram
+
+        channels = list(cfg.data.channels)
+        image = transform(select_channels(torch.from_numpy(canon.fid), canon.sub, channels)).numpy()
+        out = plot_spectrum_and_spectrogram(canon, np.asarray(image), channels, transform.cfg, grid, args.png)
+        print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .io import convert_files
+
+    written, errors = convert_files(args.inputs, args.out)
+    for path in written:
+        print(f"wrote {path}")
+    for err in errors:
+        print(f"mrsfm convert: error: {err}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def cmd_simulate(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .config import resolve_device
+    from .simulate import write_simulated
+
+    cfg, grid, _ = _data_setup(overrides)
+    device = resolve_device(args.device or cfg.device)
+    paths = write_simulated(args.profile, args.n, args.out, seed=args.seed, grid=grid, device=device)
+    print(f"wrote {len(paths)} NIfTI-MRS files (+ JSON ground truth) to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mrsfm", description=__doc__.splitlines()[0])
+    subs = parser.add_subparsers(dest="command", required=True)
+
+    p = subs.add_parser("inspect", help="show provenance, NAA position and (optionally) a figure of one file")
+    p.add_argument("file", type=Path)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--png", type=Path, help="write spectrum + spectrogram figure here")
+    p.set_defaults(func=cmd_inspect)
+
+    p = subs.add_parser("convert", help="convert vendor files (or NIfTI-MRS) to NIfTI-MRS")
+    p.add_argument("inputs", nargs="+", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_convert)
+
+    p = subs.add_parser("simulate", help="write simulated in vivo-like spectra as NIfTI-MRS + JSON truth")
+    p.add_argument("--n", type=int, required=True)
+    p.add_argument("--profile", required=True, help="name in configs/simulation/ or a YAML path")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: config's device)")
+    p.set_defaults(func=cmd_simulate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    words, overrides = _split_overrides(list(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(words)
+    func: Callable[[argparse.Namespace, list[str]], int] = args.func
+    try:
+        return func(args, overrides)
+    except MRSDataError as exc:
+        print(f"mrsfm {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        print(f"mrsfm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mrsfm {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

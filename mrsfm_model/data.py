@@ -1,0 +1,183 @@
+"""Training data: a site's private in vivo folder mixed with the shared simulated stream.
+
+Batches are produced whole (simulation and STFT run batched on the model's device), and each
+batch is a pure function of (seed, step), so a run is reproducible and resumable, and the
+central trainer and the federated client draw exactly the same way. In vivo and simulated
+parts can also be drawn apart (`invivo_batch`, `sim_batch`): differential privacy needs the
+private data in its own sampler.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .errors import MRSDataError
+from .grid import CanonicalGrid, to_canonical
+from .spectrogram import SpectrogramConfig, SpectrogramTransform
+from .spectrum import VENDORS, Spectrum
+
+
+def vendor_index(vendor: str | None) -> int:
+    """Class index of a vendor in VENDORS, -1 when unknown."""
+    return VENDORS.index(vendor) if vendor in VENDORS else -1
+
+
+def select_channels(fid: torch.Tensor, sub: Sequence[str], channels: Sequence[str]) -> torch.Tensor:
+    """(..., n_sub, points) rows named `sub` -> (..., C, points) in `channels` order.
+
+    OFF/ON of unedited data ("avg") are the average itself and DIFF is ON - OFF, so unedited
+    spectra get DIFF = 0 from the definition rather than from a special case.
+    """
+    sub = tuple(sub)
+
+    def row(name: str) -> torch.Tensor:
+        if name in sub:
+            return fid[..., sub.index(name), :]
+        if name == "DIFF":
+            return row("ON") - row("OFF")
+        if name in ("ON", "OFF") and sub == ("avg",):
+            return fid[..., 0, :]
+        if name == "avg":
+            return fid.mean(dim=-2)
+        raise KeyError(f"no sub-spectrum {name!r} among {sub}")
+
+    return torch.stack([row(c) for c in channels], dim=-2)
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor  # (B, C, H, W) spectrograms
+    vendor: torch.Tensor  # (B,) index into VENDORS, -1 unknown
+    invivo: torch.Tensor  # (B,) bool: drawn from the private in vivo set
+
+
+class InVivoSet:
+    """A site's private folder, loaded once onto the canonical grid and turned into images."""
+
+    def __init__(
+        self,
+        spectra: list[Spectrum],
+        grid: CanonicalGrid,
+        transform: SpectrogramTransform,
+        channels: Sequence[str],
+        errors: Sequence[MRSDataError] = (),
+    ):
+        self.errors = list(errors)
+        self.spectra = [to_canonical(s, grid) for s in spectra]
+        self.vendor = torch.tensor([vendor_index(s.provenance.vendor) for s in self.spectra], dtype=torch.long)
+        images = [transform(select_channels(torch.from_numpy(s.fid), s.sub, channels)) for s in self.spectra]
+        self.x = torch.stack(images) if images else torch.empty(0)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, grid: CanonicalGrid, transform: SpectrogramTransform,
+                    channels: Sequence[str]) -> "InVivoSet":
+        from .io import load_folder
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise MRSDataError(folder, "in vivo data folder does not exist")
+        spectra, errors = load_folder(folder)
+        return cls(spectra, grid, transform, channels, errors)
+
+    def __len__(self) -> int:
+        return len(self.spectra)
+
+
+class MixedStream:
+    """Batches of in vivo + simulated spectrograms, a deterministic function of (seed, step)."""
+
+    def __init__(
+        self,
+        simulators: Sequence,  # mrsfm_model.simulate.Simulator, one per profile
+        transform: SpectrogramTransform,
+        channels: Sequence[str],
+        batch_size: int,
+        invivo: InVivoSet | None = None,
+        invivo_fraction: float = 0.25,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+    ):
+        if not simulators and (invivo is None or len(invivo) == 0):
+            raise ValueError("no data: neither simulation profiles nor in vivo spectra")
+        self.simulators, self.transform, self.channels = list(simulators), transform, list(channels)
+        self.batch_size, self.seed, self.device = batch_size, seed, torch.device(device)
+        self.invivo = invivo if invivo is not None and len(invivo) else None
+        frac = invivo_fraction if self.invivo is not None else 0.0
+        frac = 1.0 if not self.simulators else frac
+        self.n_invivo = int(round(batch_size * frac))
+        self.n_sim = batch_size - self.n_invivo
+
+    def invivo_batch(self, step: int, k: int | None = None) -> Batch:
+        """k private spectra; epochs of seeded permutations, so every spectrum is seen in turn."""
+        k = self.n_invivo if k is None else k
+        n = len(self.invivo)
+        pos = np.arange(step * k, step * k + k)
+        idx = np.empty(k, dtype=np.int64)
+        for epoch in np.unique(pos // n):
+            perm = np.random.default_rng([self.seed, 1, int(epoch)]).permutation(n)
+            sel = pos // n == epoch
+            idx[sel] = perm[pos[sel] % n]
+        idx_t = torch.from_numpy(idx)
+        return Batch(
+            x=self.invivo.x[idx_t].to(self.device),
+            vendor=self.invivo.vendor[idx_t].to(self.device),
+            invivo=torch.ones(k, dtype=torch.bool, device=self.device),
+        )
+
+    def sim_batch(self, step: int, k: int | None = None) -> Batch:
+        """k simulated spectra split evenly over the profiles, generated on the device."""
+        k = self.n_sim if k is None else k
+        p = len(self.simulators)
+        counts = [k // p + (1 if (i - step) % p < k % p else 0) for i in range(p)]
+        xs, vendors = [], []
+        for i, (sim, c) in enumerate(zip(self.simulators, counts)):
+            if c == 0:
+                continue
+            out = sim.simulate(c, seed=int(np.random.default_rng([self.seed, 2, step, i]).integers(2**31)))
+            xs.append(self.transform(select_channels(out.fid, out.sub, self.channels)))
+            vendors.append(torch.full((c,), vendor_index(out.vendor), dtype=torch.long, device=self.device))
+        return Batch(
+            x=torch.cat(xs).to(self.device),
+            vendor=torch.cat(vendors).to(self.device),
+            invivo=torch.zeros(k, dtype=torch.bool, device=self.device),
+        )
+
+    def batch(self, step: int) -> Batch:
+        parts = []
+        if self.n_invivo:
+            parts.append(self.invivo_batch(step))
+        if self.n_sim:
+            parts.append(self.sim_batch(step))
+        x = torch.cat([b.x for b in parts])
+        gen = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, 3, step]).integers(2**31)))
+        order = torch.randperm(x.shape[0], generator=gen).to(self.device)
+        return Batch(
+            x=x[order],
+            vendor=torch.cat([b.vendor for b in parts])[order],
+            invivo=torch.cat([b.invivo for b in parts])[order],
+        )
+
+    def __call__(self, start: int = 0, steps: int | None = None) -> Iterator[Batch]:
+        step = start
+        while steps is None or step < start + steps:
+            yield self.batch(step)
+            step += 1
+
+
+def build_stream(data_cfg, seed: int = 0, device: torch.device | str = "cpu",
+                 invivo_dir: str | Path | None = None) -> MixedStream:
+    """The stream described by a `configs/data/*.yaml` node (shared by every trainer)."""
+    from .simulate import Simulator, load_profile
+
+    grid = CanonicalGrid.from_config(data_cfg.grid)
+    transform = SpectrogramTransform(SpectrogramConfig.from_config(data_cfg.spectrogram), grid)
+    folder = invivo_dir if invivo_dir is not None else data_cfg.get("invivo_dir")
+    invivo = InVivoSet.from_folder(folder, grid, transform, data_cfg.channels) if folder else None
+    sims = [Simulator(load_profile(p), grid, device=device) for p in data_cfg.sim_profiles]
+    return MixedStream(sims, transform, data_cfg.channels, data_cfg.batch_size, invivo,
+                       data_cfg.invivo_fraction, seed, device)

@@ -1,0 +1,50 @@
+"""Figures a person looks at: spectra on a ppm axis the way MRS users read them (ppm falling
+to the right) and spectrogram images with ppm and time axes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .grid import CanonicalGrid  # noqa: E402
+from .spectrogram import SpectrogramConfig, spectrogram_axes  # noqa: E402
+from .spectrum import Spectrum  # noqa: E402
+
+
+def plot_spectrum_and_spectrogram(
+    spec: Spectrum, image: np.ndarray, channels: list[str], cfg: SpectrogramConfig,
+    grid: CanonicalGrid, out: str | Path, title: str = "",
+) -> Path:
+    """Spectrum (real part, each sub-spectrum) over 0-5 ppm + one spectrogram per channel."""
+    n_ch = image.shape[0]
+    fig, axes = plt.subplots(1, 1 + n_ch, figsize=(5 + 3.2 * n_ch, 4), gridspec_kw={"width_ratios": [1.6] + [1] * n_ch})
+    ax = axes[0]
+    ppm = spec.ppm_axis()
+    window = (ppm > 0.2) & (ppm < 5.0)
+    for name in dict.fromkeys(list(spec.sub) + (["DIFF"] if spec.edited else [])):
+        s = np.fft.fftshift(np.fft.fft(spec.row(name))).real
+        ax.plot(ppm[window], s[window], lw=0.8, label=name)
+    ax.set_xlim(5.0, 0.2)  # MRS convention: ppm decreases to the right
+    ax.set_xlabel("chemical shift (ppm)")
+    ax.set_ylabel("real part (normalised)")
+    ax.legend(fontsize=7)
+    ax.set_title(title or Path(spec.provenance.source).name, fontsize=9)
+    row_ppm, t = spectrogram_axes(cfg, grid)
+    top = np.nanmax(row_ppm)
+    for c in range(n_ch):
+        a = axes[1 + c]
+        a.imshow(image[c], aspect="auto", cmap="magma", extent=(t[0], t[-1], np.nanmin(row_ppm), top))
+        a.set_title(f"spectrogram: {channels[c]}", fontsize=9)
+        a.set_xlabel("time (s)")
+        a.set_ylabel("ppm")
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,136 @@
+"""The one place where FIDs become spectrogram images (Spectro-ViT's STFT recipe, batched torch).
+
+Recipe (Dias et al. 2024, MIT licence): STFT of the complex FID with a 256-point Hann window,
+two-sided, frequencies reordered ascending, ppm = 4.65 + f / MHz, rows flipped so ppm falls
+from top to bottom, rows below `ppm_min` dropped, divided by max |S|, real part. FIDs follow
+the NIfTI-MRS convention (spectrum = fftshift(fft(fid))), so no conjugation is needed here.
+
+Instead of Spectro-ViT's 224x224 zero-padded canvas (content 204x206), the default keeps
+192 ppm rows (0 to ~11.7 ppm; nothing above) and pads 206 frames to 208, so a 16x16 patch
+grid of 12x13 tokens covers content only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import signal
+
+from .grid import CanonicalGrid
+from .spectrum import PPM_REFERENCE
+
+
+@dataclass(frozen=True)
+class SpectrogramConfig:
+    nperseg: int = 256
+    hop: int = 10
+    window: str = "hann"
+    ppm_min: float = 0.0
+    height: int = 192  # ppm rows kept (those nearest ppm_min)
+    width: int = 208  # time frames kept (zero-padded on the right if fewer)
+    part: str = "real"  # real | imag | abs
+    norm: str = "sample"  # sample: one max over all channels | channel: each channel alone
+
+    @classmethod
+    def from_config(cls, cfg) -> "SpectrogramConfig":
+        return cls(**{k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg})
+
+
+def _row_order(cfg: SpectrogramConfig, grid: CanonicalGrid) -> tuple[np.ndarray, np.ndarray]:
+    """Indices into the raw two-sided STFT rows, in output order (ppm falling), and their ppm."""
+    freqs = np.fft.fftfreq(cfg.nperseg, d=1.0 / grid.bandwidth_hz)
+    ascending = np.argsort(freqs, kind="stable")
+    ppm = PPM_REFERENCE + freqs[ascending] / grid.spectrometer_mhz
+    order, ppm = ascending[::-1], ppm[::-1]  # flip: high ppm at the top
+    keep = ppm >= cfg.ppm_min
+    order, ppm = order[keep], ppm[keep]
+    return order[-cfg.height :], ppm[-cfg.height :]
+
+
+def spectrogram_axes(cfg: SpectrogramConfig, grid: CanonicalGrid) -> tuple[np.ndarray, np.ndarray]:
+    """(ppm of each output row, time in s of each output column) for plotting."""
+    _, ppm = _row_order(cfg, grid)
+    ppm = np.concatenate([np.full(cfg.height - len(ppm), np.nan), ppm])
+    t = np.arange(cfg.width) * cfg.hop / grid.bandwidth_hz
+    return ppm, t
+
+
+def _finish(spec: torch.Tensor, cfg: SpectrogramConfig, eps: float = 1e-12) -> torch.Tensor:
+    """Normalise by max |S|, take the configured part; spec is (..., C, H, W) complex."""
+    mag = spec.abs()
+    dims = (-3, -2, -1) if cfg.norm == "sample" else (-2, -1)
+    scale = mag.amax(dim=dims, keepdim=True).clamp_min(eps)
+    spec = spec / scale
+    return {"real": spec.real, "imag": spec.imag, "abs": spec.abs()}[cfg.part]
+
+
+class SpectrogramTransform:
+    """Batched STFT spectrograms: complex FIDs (..., C, points) -> float images (..., C, H, W)."""
+
+    def __init__(self, cfg: SpectrogramConfig = SpectrogramConfig(), grid: CanonicalGrid = CanonicalGrid()):
+        self.cfg, self.grid = cfg, grid
+        win = signal.get_window(cfg.window, cfg.nperseg)  # periodic, as scipy.signal.stft uses
+        self._window = torch.as_tensor(win / win.sum())  # scipy's default 'spectrum' scaling
+        rows, _ = _row_order(cfg, grid)
+        self._rows = torch.as_tensor(rows.copy())
+        self._cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _consts(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (device, dtype)
+        if key not in self._cache:
+            self._cache[key] = (self._window.to(device, dtype), self._rows.to(device))
+        return self._cache[key]
+
+    def __call__(self, fid: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        fid = torch.as_tensor(fid)
+        if not fid.is_complex():
+            raise TypeError("spectrogram input must be complex FIDs")
+        real_dtype = torch.float64 if fid.dtype == torch.complex128 else torch.float32
+        window, rows = self._consts(fid.device, real_dtype)
+        lead, n = fid.shape[:-1], fid.shape[-1]
+        x = fid.reshape(-1, n)
+        # scipy: boundary='zeros' (nperseg//2 each side), padded=True (end pad to whole hops)
+        half = cfg.nperseg // 2
+        total = n + 2 * half
+        extra = (-(total - cfg.nperseg)) % cfg.hop
+        x = torch.nn.functional.pad(torch.view_as_real(x), (0, 0, half, half + extra)).contiguous()
+        x = torch.view_as_complex(x)
+        spec = torch.stft(
+            x, n_fft=cfg.nperseg, hop_length=cfg.hop, window=window, center=False,
+            onesided=False, return_complex=True,
+        )  # (B, nperseg, frames)
+        spec = spec.index_select(1, rows)[:, :, : cfg.width]
+        pad_h, pad_w = cfg.height - spec.shape[1], cfg.width - spec.shape[2]
+        if pad_h or pad_w:
+            spec = torch.nn.functional.pad(spec, (0, pad_w, pad_h, 0))
+        spec = spec.reshape(*lead, cfg.height, cfg.width)
+        if spec.dim() == 2:
+            spec = spec.unsqueeze(0)
+        return _finish(spec, cfg)
+
+
+def reference_spectrogram(fid: np.ndarray, cfg: SpectrogramConfig, grid: CanonicalGrid) -> np.ndarray:
+    """Straightforward per-sample scipy version of the recipe (C, points) -> (C, H, W).
+
+    Kept as the ground truth the torch path is tested against, and as the bench's baseline.
+    """
+    fid = np.atleast_2d(fid)
+    out = np.zeros((fid.shape[0], cfg.height, cfg.width), dtype=np.complex128)
+    for c, x in enumerate(fid):
+        f, _, z = signal.stft(
+            x, fs=grid.bandwidth_hz, window=cfg.window, nperseg=cfg.nperseg,
+            noverlap=cfg.nperseg - cfg.hop, return_onesided=False,
+        )
+        order = np.argsort(f, kind="stable")
+        f, z = f[order], z[order]
+        ppm = PPM_REFERENCE + f / grid.spectrometer_mhz
+        z, ppm = z[::-1], ppm[::-1]
+        z = z[ppm >= cfg.ppm_min][-cfg.height :, : cfg.width]
+        out[c, cfg.height - z.shape[0] :, : z.shape[1]] = z
+    mag = np.abs(out)
+    scale = mag.max() if cfg.norm == "sample" else mag.max(axis=(-2, -1), keepdims=True)
+    out = out / np.maximum(scale, 1e-12)
+    return {"real": out.real, "imag": out.imag, "abs": np.abs(out)}[cfg.part]

@@ -1,0 +1,88 @@
+"""The torch spectrogram equals the straightforward scipy recipe and lands peaks on the right rows."""
+
+import numpy as np
+import pytest
+import torch
+
+from mrsfm_model.grid import CanonicalGrid
+from mrsfm_model.spectrogram import (
+    SpectrogramConfig,
+    SpectrogramTransform,
+    reference_spectrogram,
+    spectrogram_axes,
+)
+
+GRID = CanonicalGrid()
+
+
+def _fids(n, c, points=2048, seed=0):
+    rng = np.random.default_rng(seed)
+    t = np.arange(points) / GRID.bandwidth_hz
+    # decaying lines at random frequencies + noise: realistic dynamic range, not just noise
+    f = rng.uniform(-600, 300, size=(n, c, 1))
+    fid = np.exp((2j * np.pi * f - 8.0) * t) + 0.05 * (rng.standard_normal((n, c, points)) + 1j * rng.standard_normal((n, c, points)))
+    return fid.astype(np.complex64)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        SpectrogramConfig(),
+        SpectrogramConfig(hop=16, height=160, width=128, norm="channel"),
+        SpectrogramConfig(height=224, width=224, part="abs"),  # Spectro-ViT's padded canvas
+        SpectrogramConfig(nperseg=128, hop=8, ppm_min=1.0, height=64, width=256, part="imag"),
+    ],
+)
+def test_torch_matches_scipy_recipe(cfg):
+    fid = _fids(3, 3)
+    ours = SpectrogramTransform(cfg, GRID)(torch.from_numpy(fid)).numpy()
+    ref = np.stack([reference_spectrogram(x, cfg, GRID) for x in fid])
+    assert ours.shape == (3, 3, cfg.height, cfg.width)
+    assert np.abs(ours - ref).max() < 1e-5
+
+
+def test_default_size_has_no_padding_rows_and_little_padding_width():
+    cfg = SpectrogramConfig()
+    img = SpectrogramTransform(cfg, GRID)(torch.from_numpy(_fids(1, 1)))[0, 0]
+    assert img.shape == (192, 208)
+    # 2048 points, hop 10 -> 206 frames: only the last 2 columns are padding
+    nonzero_cols = (img.abs().sum(0) > 0).sum().item()
+    assert nonzero_cols == 206
+    assert (img.abs().sum(1) > 0).all()  # every ppm row carries signal
+    ppm, t = spectrogram_axes(cfg, GRID)
+    assert ppm[-1] == pytest.approx(0.0, abs=0.07) and ppm[0] > 11.5
+    assert np.all(np.diff(ppm) < 0)  # ppm falls from top to bottom
+
+
+def test_peak_lands_on_its_ppm_row():
+    cfg = SpectrogramConfig(part="abs")
+    t = np.arange(2048) / GRID.bandwidth_hz
+    ppm_line = 2.01
+    f = (ppm_line - 4.65) * GRID.spectrometer_mhz
+    fid = np.exp((2j * np.pi * f - 5.0) * t).astype(np.complex64)
+    img = SpectrogramTransform(cfg, GRID)(torch.from_numpy(fid)[None])[0]
+    row = int(img[:, :20].sum(1).argmax())
+    ppm, _ = spectrogram_axes(cfg, GRID)
+    assert abs(ppm[row] - ppm_line) < 0.0612  # within one STFT bin (7.8 Hz)
+
+
+def test_batched_equals_one_by_one_and_sample_norm_keeps_channel_ratio():
+    fid = _fids(4, 3)
+    fid[:, 2] *= 0.1  # a weak DIFF-like channel keeps its relative scale
+    tr = SpectrogramTransform(SpectrogramConfig(part="abs"), GRID)
+    batch = tr(torch.from_numpy(fid))
+    single = torch.stack([tr(torch.from_numpy(x)) for x in fid])
+    assert torch.allclose(batch, single, atol=1e-6)
+    assert batch[:, 2].amax() < 0.2 and batch[:, :2].amax() == pytest.approx(1.0)
+
+
+def test_zero_channel_stays_zero_not_nan():
+    fid = _fids(2, 3)
+    fid[:, 2] = 0
+    img = SpectrogramTransform(SpectrogramConfig(norm="channel"), GRID)(torch.from_numpy(fid))
+    assert torch.isfinite(img).all() and img[:, 2].abs().max() == 0
+
+
+def test_rejects_real_input():
+    with pytest.raises(TypeError):
+        SpectrogramTransform()(torch.zeros(2, 2048))
