@@ -1,0 +1,216 @@
+"""Masked autoencoder on spectrograms: ViT encoder + ViT decoder from timm blocks.
+
+Read top to bottom like facebookresearch/mae's models_mae.py (forward_encoder /
+forward_decoder / forward_loss), with three changes: non-square images and patch grids
+(spectrograms are 192 x 208 by default), fixed 2-D sin-cos position embeddings kept as
+buffers, and the learned tokens living in tiny single-input submodules so that Opacus can
+compute per-sample gradients with hooks (no functorch, whose vmap rejects random masking).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from timm.layers import LayerNorm, PatchEmbed
+from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+from timm.models.vision_transformer import Block
+from torch import nn
+
+
+@dataclass(frozen=True)
+class MAEConfig:
+    img_size: tuple[int, int] = (192, 208)
+    patch_size: tuple[int, int] = (16, 16)
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    decoder_embed_dim: int = 512
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+    mlp_ratio: float = 4.0
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        (h, w), (ph, pw) = self.img_size, self.patch_size
+        return h // ph, w // pw
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+SIZES: dict[str, dict] = {
+    # micro: CPU tests and the on-laptop demo; tiny..large follow ViT naming
+    "micro": dict(embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=48, decoder_depth=1, decoder_num_heads=4),
+    "tiny": dict(embed_dim=192, depth=12, num_heads=3, decoder_embed_dim=128, decoder_depth=4, decoder_num_heads=4),
+    "small": dict(embed_dim=384, depth=12, num_heads=6, decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8),
+    "base": dict(embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
+    "large": dict(embed_dim=1024, depth=24, num_heads=16, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
+}
+
+
+def mae_config(size: str = "base", **overrides) -> MAEConfig:
+    if size not in SIZES:
+        raise ValueError(f"unknown model size {size!r}; choose one of {sorted(SIZES)}")
+    for key in ("img_size", "patch_size"):
+        if key in overrides:
+            overrides[key] = tuple(overrides[key])
+    return MAEConfig(**{**SIZES[size], **overrides})
+
+
+class PrependToken(nn.Module):
+    """Owns the [CLS] token alone: (B, N, D) -> (B, 1 + N, D)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.token = nn.Parameter(torch.zeros(1, 1, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+
+
+class MaskTokenFill(nn.Module):
+    """Owns the [MASK] token alone: pads (B, n_keep, D) with mask tokens to (B, n_total, D)."""
+
+    def __init__(self, dim: int, n_total: int):
+        super().__init__()
+        self.n_total = n_total
+        self.token = nn.Parameter(torch.zeros(1, 1, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fill = self.token.expand(x.shape[0], self.n_total - x.shape[1], -1).to(x.dtype)
+        return torch.cat([x, fill], dim=1)
+
+
+def _sincos(grid: tuple[int, int], dim: int) -> torch.Tensor:
+    """(1, 1 + H*W, dim) fixed 2-D sin-cos embedding with a zero row for [CLS]."""
+    pe = build_sincos2d_pos_embed(list(grid), dim=dim)
+    return torch.cat([torch.zeros(1, dim), pe], dim=0).unsqueeze(0)
+
+
+class SpectroMAE(nn.Module):
+    def __init__(self, cfg: MAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        n = cfg.grid_size[0] * cfg.grid_size[1]
+        # encoder (names match timm's VisionTransformer, so export is a rename of two keys)
+        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim)
+        self.cls_token = PrependToken(cfg.embed_dim)
+        self.register_buffer("pos_embed", _sincos(cfg.grid_size, cfg.embed_dim), persistent=False)
+        self.blocks = nn.ModuleList(
+            Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, qkv_bias=True) for _ in range(cfg.depth)
+        )
+        self.norm = LayerNorm(cfg.embed_dim, eps=1e-6)  # as timm's ViT, so the encoder exports 1:1
+        # decoder
+        self.decoder_embed = nn.Linear(cfg.embed_dim, cfg.decoder_embed_dim)
+        self.mask_token = MaskTokenFill(cfg.decoder_embed_dim, n)
+        self.register_buffer("decoder_pos_embed", _sincos(cfg.grid_size, cfg.decoder_embed_dim), persistent=False)
+        self.decoder_blocks = nn.ModuleList(
+            Block(cfg.decoder_embed_dim, cfg.decoder_num_heads, cfg.mlp_ratio, qkv_bias=True)
+            for _ in range(cfg.decoder_depth)
+        )
+        self.decoder_norm = LayerNorm(cfg.decoder_embed_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(cfg.decoder_embed_dim, cfg.patch_size[0] * cfg.patch_size[1] * cfg.in_chans)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(self.cls_token.token, std=0.02)
+        nn.init.normal_(self.mask_token.token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    # -- patches ---------------------------------------------------------------------------
+    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, N, ph*pw*C), row-major over the patch grid."""
+        (gh, gw), (ph, pw) = self.cfg.grid_size, self.cfg.patch_size
+        b, c = imgs.shape[:2]
+        x = imgs.reshape(b, c, gh, ph, gw, pw)
+        return torch.einsum("nchpwq->nhwpqc", x).reshape(b, gh * gw, ph * pw * c)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        (gh, gw), (ph, pw), c = self.cfg.grid_size, self.cfg.patch_size, self.cfg.in_chans
+        x = x.reshape(x.shape[0], gh, gw, ph, pw, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, gh * ph, gw * pw)
+
+    # -- model -----------------------------------------------------------------------------
+    @staticmethod
+    def random_masking(x: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None):
+        """Keep a random (1 - ratio) subset per sample. Returns kept tokens, mask (1 = removed), restore index."""
+        b, n, d = x.shape
+        keep = max(1, int(round(n * (1 - mask_ratio))))
+        noise = torch.rand(b, n, device=x.device, generator=generator)
+        ids_shuffle = noise.argsort(dim=1)
+        ids_restore = ids_shuffle.argsort(dim=1)
+        ids_keep = ids_shuffle[:, :keep]
+        kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, d))
+        mask = torch.ones(b, n, device=x.device)
+        mask[:, :keep] = 0
+        return kept, torch.gather(mask, 1, ids_restore), ids_restore
+
+    def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None):
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:].to(imgs.dtype)
+        x, mask, ids_restore = self.random_masking(x, mask_ratio, generator)
+        x = self.cls_token(x)
+        x = torch.cat([x[:, :1] + self.pos_embed[:, :1].to(x.dtype), x[:, 1:]], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x), mask, ids_restore
+
+    def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        x = self.decoder_embed(x)
+        cls, rest = x[:, :1], self.mask_token(x[:, 1:])
+        rest = torch.gather(rest, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+        x = torch.cat([cls, rest], dim=1) + self.decoder_pos_embed.to(x.dtype)
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:]
+
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean squared error on removed patches, per-patch normalised targets (MAE's norm_pix_loss)."""
+        target = self.patchify(imgs)
+        if self.cfg.norm_pix_loss:
+            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6) ** 0.5
+        loss = ((pred.float() - target.float()) ** 2).mean(dim=-1)
+        return (loss * mask).sum() / mask.sum().clamp_min(1)
+
+    def forward(self, imgs: torch.Tensor, mask_ratio: float | None = None, generator: torch.Generator | None = None):
+        ratio = self.cfg.mask_ratio if mask_ratio is None else mask_ratio
+        latent, mask, ids_restore = self.forward_encoder(imgs, ratio, generator)
+        pred = self.forward_decoder(latent, ids_restore)
+        return self.forward_loss(imgs, pred, mask), pred, mask
+
+    def reconstruct(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Image of the prediction in the input's units (undoing per-patch normalisation), visible patches kept."""
+        target = self.patchify(imgs)
+        if self.cfg.norm_pix_loss:
+            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+            pred = pred * (var + 1e-6) ** 0.5 + mean
+        m = mask.unsqueeze(-1)
+        return self.unpatchify(pred * m + target * (1 - m))
+
+
+def build_mae(model_cfg, data_cfg) -> SpectroMAE:
+    """MAE for the configured image: input size and channels come from the data config."""
+    spec = data_cfg.spectrogram
+    extra = {k: model_cfg[k] for k in ("patch_size", "mask_ratio", "norm_pix_loss") if k in model_cfg}
+    cfg = mae_config(model_cfg.size, img_size=(spec.height, spec.width), in_chans=len(data_cfg.channels), **extra)
+    return SpectroMAE(cfg)
+
+
+def mae_loss(model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
+    """Loss function for the shared Trainer: batch is a data.Batch (or a plain image tensor)."""
+    x = batch.x if hasattr(batch, "x") else batch
+    loss, _, _ = model(x)
+    return loss, {}

@@ -1,0 +1,219 @@
+"""The one training loop: central pretraining, the federated client and fine-tuning all use it.
+
+AdamW with MAE's settings (betas 0.9/0.95, weight decay 0.05 except norms, biases and
+tokens, lr = base_lr * batch / 256), linear warmup + cosine decay, bf16 autocast on GPU,
+optional torch.compile, gradient clipping, a progress bar, metrics as JSON lines, and
+checkpoints (weights in safetensors, optimizer + schedule state beside them) for resume.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+LossFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, dict[str, float]]"]
+
+
+@dataclass
+class OptimConfig:
+    blr: float = 1.5e-4  # base learning rate for batch 256 (MAE)
+    lr: float | None = None  # absolute learning rate; overrides blr
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.0
+    grad_clip: float | None = 1.0
+    amp: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | none
+    compile: bool = False
+    layer_decay: float | None = None  # layer-wise lr decay (fine-tuning)
+
+    @classmethod
+    def from_config(cls, cfg) -> "OptimConfig":
+        kw = {k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg}
+        if "betas" in kw:
+            kw["betas"] = tuple(kw["betas"])
+        return cls(**kw)
+
+
+def _layer_id(name: str, n_layers: int) -> int:
+    """0 for embeddings/tokens, i+1 for encoder block i, n_layers+1 for everything after."""
+    if name.startswith(("patch_embed", "cls_token", "pos_embed", "mask_token")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return n_layers + 1
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
+    """No decay for 1-D tensors (norms, biases) and tokens; optional layer-wise lr scale."""
+    n_layers = len(getattr(model, "blocks", []))
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim <= 1 or "token" in name
+        layer = _layer_id(name, n_layers) if layer_decay else 0
+        scale = layer_decay ** (n_layers + 1 - layer) if layer_decay else 1.0
+        g = groups.setdefault((layer, no_decay), {"params": [], "weight_decay": 0.0 if no_decay else weight_decay, "lr_scale": scale})
+        g["params"].append(p)
+    return list(groups.values())
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Trainer:
+    """Owns model, optimizer, schedule and step counter; `fit` runs the shared loop."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        cfg: OptimConfig,
+        total_steps: int,
+        batch_size: int,
+        device: torch.device | str = "cpu",
+        run_dir: str | Path | None = None,
+        progress: bool = True,
+        optimizer: torch.optim.Optimizer | None = None,
+    ):
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.loss_fn, self.cfg, self.total_steps = loss_fn, cfg, total_steps
+        self.lr = cfg.lr if cfg.lr is not None else cfg.blr * batch_size / 256
+        cuda = self.device.type == "cuda"
+        self.optimizer = optimizer or torch.optim.AdamW(
+            param_groups(model, cfg.weight_decay, cfg.layer_decay), lr=self.lr, betas=cfg.betas, fused=cuda
+        )
+        amp = cfg.amp if cfg.amp != "auto" else ("bf16" if cuda else "none")
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
+        self.forward_model = torch.compile(model) if cfg.compile else model
+        self.step = 0
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.progress = progress
+
+    # -- the one training step ---------------------------------------------------------------
+    def _set_lr(self) -> float:
+        factor = warmup_cosine(self.step, self.cfg.warmup_steps, self.total_steps, self.cfg.min_lr_ratio)
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.lr * factor * g.get("lr_scale", 1.0)
+        return self.lr * factor
+
+    def train_step(self, batch: Any) -> dict[str, float]:
+        self.model.train()
+        lr = self._set_lr()
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            loss, metrics = self.loss_fn(self.forward_model, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        grad_norm = None
+        if self.cfg.grad_clip:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.step += 1
+        out = {"step": self.step, "loss": float(loss.detach()), "lr": lr, **metrics}
+        if grad_norm is not None:
+            out["grad_norm"] = grad_norm
+        return out
+
+    # -- the loop ------------------------------------------------------------------------------
+    def fit(
+        self,
+        batches: Iterable,
+        steps: int,
+        log_every: int = 10,
+        on_log: Callable[[dict], None] | None = None,
+        desc: str = "train",
+    ) -> dict[str, float]:
+        """Run `steps` steps from `batches`; log a mean every `log_every` steps; return the last mean."""
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc=desc, disable=not self.progress, dynamic_ncols=True, leave=False)
+        window: list[dict] = []
+        last: dict[str, float] = {}
+        t0 = time.perf_counter()
+        it = iter(batches)
+        for i in range(steps):
+            window.append(self.train_step(next(it)))
+            bar.update(1)
+            if len(window) == log_every or i == steps - 1:
+                keys = [k for k in window[-1] if k != "step" and isinstance(window[-1][k], (int, float))]
+                last = {k: sum(w[k] for w in window if k in w) / len(window) for k in keys}
+                last.update(step=self.step, seconds=round(time.perf_counter() - t0, 3))
+                bar.set_postfix(loss=f"{last['loss']:.4f}")
+                self.log(last)
+                if on_log:
+                    on_log(last)
+                window = []
+        bar.close()
+        return last
+
+    def log(self, record: dict) -> None:
+        if self.run_dir is None:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def save(self, directory: str | Path, extra: dict | None = None) -> Path:
+        """model.safetensors + trainer.pt (optimizer, scaler, step) in `directory`."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_weights(self.model, directory / "model.safetensors", extra)
+        state = {"optimizer": self.optimizer.state_dict(), "step": self.step, "cpu_rng": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        tmp = directory / "trainer.pt.tmp"
+        torch.save(state, tmp)
+        tmp.replace(directory / "trainer.pt")
+        return directory
+
+    def load(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        load_weights(self.model, directory / "model.safetensors")
+        state = torch.load(directory / "trainer.pt", map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        torch.set_rng_state(state["cpu_rng"].cpu())  # masking draws continue as if never stopped
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+
+
+def save_weights(model: nn.Module, path: str | Path, metadata: dict | None = None) -> Path:
+    """Atomic safetensors write (a crash never leaves half a checkpoint)."""
+    path = Path(path)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
+    tmp.replace(path)
+    return path
+
+
+def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> None:
+    model.load_state_dict(load_file(str(path)), strict=strict)
