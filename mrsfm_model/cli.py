@@ -99,6 +99,13 @@ def cmd_simulate(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, overrides)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mrsfm", description=__doc__.splitlines()[0])
     subs = parser.add_subparsers(dest="command", required=True)
@@ -121,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: config's device)")
     p.set_defaults(func=cmd_simulate)
+
+    p = subs.add_parser("demo", help="the main job on the shipped files (see README)")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .spectrum import PPM_REFERENCE, Spectrum, ppm_axis
+from .water import remove_water
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,8 @@ class CanonicalGrid:
     spectrometer_mhz: float = 127.7
     norm_ppm: tuple[float, float] = (1.8, 4.0)  # amplitude reference window (NAA..Cr/Cho)
     fill_noise: bool = True  # fill unmeasured bands with noise instead of a telltale zero
+    remove_water: bool = True  # HLSVD residual-water removal of loaded spectra (water.py)
+    water_ppm: tuple[float, float] = (4.2, 5.2)
 
     @property
     def duration_s(self) -> float:
@@ -35,19 +38,32 @@ class CanonicalGrid:
     @classmethod
     def from_config(cls, cfg) -> "CanonicalGrid":
         """Build from a mapping (Hydra node or dict) with any subset of the fields."""
-        keys = {k: cfg[k] for k in ("points", "bandwidth_hz", "spectrometer_mhz", "fill_noise") if k in cfg}
-        if "norm_ppm" in cfg:
-            keys["norm_ppm"] = tuple(float(x) for x in cfg["norm_ppm"])
+        keys = {k: cfg[k] for k in ("points", "bandwidth_hz", "spectrometer_mhz", "fill_noise", "remove_water")
+                if k in cfg}
+        for k in ("norm_ppm", "water_ppm"):
+            if k in cfg:
+                keys[k] = tuple(float(x) for x in cfg[k])
         return cls(**keys)
 
 
-def _noise_std(spec: np.ndarray, edge_fraction: float = 0.05) -> float:
-    """Robust complex noise level from the outermost bins, where no metabolite lives."""
-    n = spec.shape[-1]
-    k = max(8, int(n * edge_fraction))
-    edges = np.concatenate([spec[..., :k].ravel(), spec[..., -k:].ravel()])
-    mad = np.median(np.abs(edges.real - np.median(edges.real)))
-    return float(1.4826 * mad)
+def _cnoise(rng: np.random.Generator, sigma: float, shape) -> np.ndarray:
+    return sigma * (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)) / np.sqrt(2.0)
+
+
+def _robust_sigma(x: np.ndarray) -> float:
+    """Complex noise level from the real part's median absolute deviation."""
+    return float(1.4826 * np.median(np.abs(x.real - np.median(x.real))) * np.sqrt(2.0))
+
+
+def _fill_band(spec: np.ndarray, band: np.ndarray, rng: np.random.Generator) -> None:
+    """Give the unmeasured bins outside `band` the edge baseline level plus edge noise."""
+    inside = np.flatnonzero(band)
+    k = max(8, len(inside) // 20)
+    for side, edge in ((np.arange(len(spec)) < inside[0], inside[:k]), (np.arange(len(spec)) > inside[-1], inside[-k:])):
+        if side.any():
+            ref = spec[edge]
+            level = np.median(ref.real) + 1j * np.median(ref.imag)
+            spec[side] = level + _cnoise(rng, _robust_sigma(ref), int(side.sum()))
 
 
 def resample_fids(
@@ -56,40 +72,54 @@ def resample_fids(
     spectrometer_mhz: float,
     grid: CanonicalGrid,
     rng: np.random.Generator | None = None,
+    oversample: int = 8,
 ) -> np.ndarray:
-    """Resample complex FIDs (..., points) onto the grid's ppm axis.
+    """Resample complex FIDs (..., points) onto the grid, in the time domain.
 
-    The FID is cut to the grid's duration (so sampling the spectrum cannot wrap its tail),
-    zero-filled until its spectrum is at least twice as fine as the target, and its real and
-    imaginary spectra are interpolated onto the target ppm axis. Scale is left to `normalise`.
+    Time is measured in ppm units (t * MHz), so sources at other fields land on the same ppm
+    axis (only their linewidths differ). The source is low-passed to the grid's ppm band,
+    band-limited-upsampled by FFT zero-padding and read at the grid's sample times. With
+    `fill_noise`, what the source never measured looks like what it did: time after its
+    acquisition ended gets noise of its own tail, and bands outside its bandwidth get its
+    baseline level plus noise, so neither an acquisition length nor a band edge is visible.
+    Scale is left to `norm_factor`.
     """
     fids = np.asarray(fids)
-    n_src = fids.shape[-1]
-    keep = min(n_src, max(1, int(round(grid.duration_s * bandwidth_hz))))
-    fids = fids[..., :keep]
-    target_res_ppm = grid.bandwidth_hz / grid.points / grid.spectrometer_mhz
-    src_span_ppm = bandwidth_hz / spectrometer_mhz
-    n_fine = int(2 ** np.ceil(np.log2(max(keep, 2.0 * src_span_ppm / target_res_ppm))))
-    src = np.fft.fftshift(np.fft.fft(fids, n=n_fine, axis=-1), axes=-1)
-    src_ppm = ppm_axis(n_fine, bandwidth_hz, spectrometer_mhz)
+    rng = rng or np.random.default_rng(0)
+    n = fids.shape[-1]
+    # source time (s) of each canonical sample, and how much of the grid the source covers
+    t_src = np.arange(grid.points) / grid.bandwidth_hz * grid.spectrometer_mhz / spectrometer_mhz
+    pos = t_src * bandwidth_hz * oversample  # index into the upsampled source
+    covered = pos <= (n - 1) * oversample
+    n_pad = 2 * n  # zeros after the FID, so upsampling does not wrap its end onto its start
+    src_ppm = ppm_axis(n_pad, bandwidth_hz, spectrometer_mhz)
+    lo_ppm, hi_ppm = grid.ppm()[0], grid.ppm()[-1]
+    keep_bins = np.fft.ifftshift((src_ppm >= lo_ppm) & (src_ppm <= hi_ppm))  # low-pass (anti-alias)
+    src_ppm = ppm_axis(n, bandwidth_hz, spectrometer_mhz)
     dst_ppm = grid.ppm()
-    flat = src.reshape(-1, n_fine)
+    in_band = (dst_ppm >= src_ppm[0]) & (dst_ppm <= src_ppm[-1])
+    flat = fids.reshape(-1, n)
     out = np.empty((flat.shape[0], grid.points), dtype=np.complex128)
     for i, row in enumerate(flat):
-        out[i] = np.interp(dst_ppm, src_ppm, row.real, left=0, right=0) + 1j * np.interp(
-            dst_ppm, src_ppm, row.imag, left=0, right=0
-        )
-    outside = (dst_ppm < src_ppm[0]) | (dst_ppm > src_ppm[-1])
-    if grid.fill_noise and outside.any():
-        rng = rng or np.random.default_rng(0)
-        sigma = _noise_std(flat)
-        out[:, outside] = sigma * (
-            rng.standard_normal((out.shape[0], int(outside.sum())))
-            + 1j * rng.standard_normal((out.shape[0], int(outside.sum())))
-        ) / np.sqrt(2.0)
-    # back to time domain; scale so a peak's height per Hz is independent of the source grid
-    fid = np.fft.ifft(np.fft.ifftshift(out, axes=-1), axis=-1) * (grid.points / n_fine)
-    return fid.reshape(*fids.shape[:-1], grid.points).astype(np.complex64)
+        spec = np.fft.fft(row, n_pad) * keep_bins
+        up = np.zeros(n_pad * oversample, dtype=np.complex128)
+        half = n_pad // 2
+        up[:half], up[len(up) - (n_pad - half):] = spec[:half], spec[half:]
+        fine = np.fft.ifft(up) * oversample
+        fid = np.zeros(grid.points, dtype=np.complex128)
+        grid_idx = np.arange(len(fine))
+        fid[covered] = np.interp(pos[covered], grid_idx, fine.real) + 1j * np.interp(pos[covered], grid_idx, fine.imag)
+        if grid.fill_noise:
+            last = np.flatnonzero(covered)[-1] + 1
+            if last < grid.points:
+                tail = fid[int(0.5 * last) : int(0.8 * last)]  # late, but clear of end effects
+                fid[last:] = _cnoise(rng, _robust_sigma(tail), grid.points - last)
+            if not in_band.all():
+                shifted = np.fft.fftshift(np.fft.fft(fid))
+                _fill_band(shifted, in_band, rng)
+                fid = np.fft.ifft(np.fft.ifftshift(shifted))
+        out[i] = fid
+    return out.reshape(*fids.shape[:-1], grid.points).astype(np.complex64)
 
 
 def norm_factor(fid: np.ndarray, grid: CanonicalGrid) -> float:
@@ -104,7 +134,8 @@ def norm_factor(fid: np.ndarray, grid: CanonicalGrid) -> float:
 def to_canonical(spec: Spectrum, grid: CanonicalGrid, normalise: bool = True, seed: int = 0) -> Spectrum:
     """Move a spectrum (all rows, transients and water reference) onto the canonical grid.
 
-    Amplitudes are divided by one factor (from the first row: OFF or the average), so edit-ON,
+    Residual water is removed first (grid.remove_water) on the source grid, where HLSVD sees
+    the FID as measured. Amplitudes are divided by one factor (from the first row: OFF or the average), so edit-ON,
     edit-OFF and transients keep their relative scale.
     """
     rng = np.random.default_rng(seed)
@@ -114,14 +145,16 @@ def to_canonical(spec: Spectrum, grid: CanonicalGrid, normalise: bool = True, se
         and np.isclose(spec.spectrometer_mhz, grid.spectrometer_mhz)
     )
 
-    def move(x: np.ndarray | None) -> np.ndarray | None:
+    def move(x: np.ndarray | None, water: bool = True) -> np.ndarray | None:
         if x is None:
             return None
+        if water and grid.remove_water:
+            x = remove_water(x, spec.bandwidth_hz, spec.spectrometer_mhz, grid.water_ppm)
         if same:
             return np.asarray(x, dtype=np.complex64)
         return resample_fids(x, spec.bandwidth_hz, spec.spectrometer_mhz, grid, rng)
 
-    fid, trans, ref = move(spec.fid), move(spec.transients), move(spec.reference)
+    fid, trans, ref = move(spec.fid), move(spec.transients), move(spec.reference, water=False)
     if normalise:
         scale = norm_factor(fid[0], grid)
         if not np.isfinite(scale) or scale <= 0:

@@ -38,7 +38,9 @@ def plot_spectrum_and_spectrogram(
     top = np.nanmax(row_ppm)
     for c in range(n_ch):
         a = axes[1 + c]
-        a.imshow(image[c], aspect="auto", cmap="magma", extent=(t[0], t[-1], np.nanmin(row_ppm), top))
+        lim = float(np.percentile(np.abs(image), 99.5)) or 1.0  # a few huge pixels would hide the rest
+        a.imshow(image[c], aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim,
+                 extent=(t[0], t[-1], np.nanmin(row_ppm), top))
         a.set_title(f"spectrogram: {channels[c]}", fontsize=9)
         a.set_xlabel("time (s)")
         a.set_ylabel("ppm")

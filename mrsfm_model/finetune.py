@@ -1,0 +1,168 @@
+"""Few-label fine-tuning of the exported encoder, and the same model from random weights.
+
+Two modes, both trained by the shared `Trainer`:
+- linear: the encoder is frozen; its mean-pooled features are computed once and a linear
+  head (after a non-affine BatchNorm, as in MAE's linear probe) is trained on them;
+- full: the whole ViT is trained, with layer-wise learning-rate decay.
+Classification uses cross-entropy and reports accuracy, balanced accuracy and macro-F1;
+regression standardises targets on the training set and reports MAE and R² per target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .export import build_vit, load_encoder, read_encoder_config
+from .mae import MAEConfig
+from .train import OptimConfig, Trainer
+
+
+@dataclass
+class FinetuneConfig:
+    mode: str = "full"  # full | linear
+    steps: int = 200
+    batch_size: int = 32
+    blr: float = 1e-3
+    layer_decay: float = 0.75
+    weight_decay: float = 0.05
+    warmup_steps: int = 20
+    linear_lr: float = 0.1
+    grad_clip: float | None = 1.0
+
+    @classmethod
+    def from_config(cls, cfg) -> "FinetuneConfig":
+        return cls(**{k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg})
+
+
+class LabelledBatches:
+    """Endless seeded minibatches from a small labelled set (with replacement across epochs)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, device: torch.device):
+        self.x, self.y, self.bs, self.device = x, y, min(batch_size, len(x)), device
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __iter__(self):
+        while True:
+            for idx in torch.randperm(len(self.x), generator=self.gen).split(self.bs):
+                if len(idx) == self.bs:
+                    yield self.x[idx].to(self.device), self.y[idx].to(self.device)
+
+
+def _loss_fn(task: str):
+    def loss(model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
+        x, y = batch
+        out = model(x)
+        if task == "classification":
+            return nn.functional.cross_entropy(out.float(), y), {}
+        return nn.functional.mse_loss(out.float(), y), {}
+
+    return loss
+
+
+def _model(encoder: str | Path | None, mae_cfg: MAEConfig, n_out: int) -> nn.Module:
+    return load_encoder(encoder, num_classes=n_out) if encoder else build_vit(mae_cfg, num_classes=n_out)
+
+
+@torch.no_grad()
+def _features(vit: nn.Module, x: torch.Tensor, device: torch.device, bs: int = 64) -> torch.Tensor:
+    vit.eval().to(device)
+    return torch.cat([vit.forward_head(vit.forward_features(x[i:i + bs].to(device)), pre_logits=True).float().cpu()
+                      for i in range(0, len(x), bs)])
+
+
+def train_model(
+    x: torch.Tensor, y: torch.Tensor, task: str, n_out: int, encoder: str | Path | None, mae_cfg: MAEConfig,
+    cfg: FinetuneConfig, seed: int, device: torch.device,
+) -> nn.Module:
+    """Train on (x, y) and return a module mapping images to outputs (logits or standardised values)."""
+    torch.manual_seed(seed)
+    vit = _model(encoder, mae_cfg, n_out)
+    if cfg.mode == "linear":
+        dim = vit.embed_dim
+        head = nn.Sequential(nn.BatchNorm1d(dim, affine=False), nn.Linear(dim, n_out))
+        feats = _features(vit, x, device)
+        opt = OptimConfig(lr=cfg.linear_lr, weight_decay=0.0, warmup_steps=cfg.warmup_steps, grad_clip=None, amp="none")
+        Trainer(head, _loss_fn(task), opt, cfg.steps, cfg.batch_size, device, progress=False).fit(
+            iter(LabelledBatches(feats, y, cfg.batch_size, seed, device)), cfg.steps, log_every=cfg.steps)
+        vit.reset_classifier(0)
+        return nn.Sequential(_Pooled(vit), head).eval()
+    opt = OptimConfig(blr=cfg.blr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
+                      layer_decay=cfg.layer_decay if encoder else None, grad_clip=cfg.grad_clip)
+    Trainer(vit, _loss_fn(task), opt, cfg.steps, cfg.batch_size, device, progress=False).fit(
+        iter(LabelledBatches(x, y, cfg.batch_size, seed, device)), cfg.steps, log_every=cfg.steps)
+    return vit.eval()
+
+
+class _Pooled(nn.Module):
+    """Frozen ViT -> pooled pre-logit features."""
+
+    def __init__(self, vit: nn.Module):
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vit.forward_head(self.vit.forward_features(x), pre_logits=True)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, device: torch.device, bs: int = 64) -> torch.Tensor:
+    model.eval().to(device)
+    return torch.cat([model(x[i:i + bs].to(device)).float().cpu() for i in range(0, len(x), bs)])
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> dict[str, float]:
+    recalls, f1s = [], []
+    for c in range(n_classes):
+        tp = np.sum((y_pred == c) & (y_true == c))
+        fn = np.sum((y_pred != c) & (y_true == c))
+        fp = np.sum((y_pred == c) & (y_true != c))
+        if tp + fn:
+            recalls.append(tp / (tp + fn))
+        f1s.append(2 * tp / max(1, 2 * tp + fp + fn))
+    return {"accuracy": float(np.mean(y_true == y_pred)), "balanced_accuracy": float(np.mean(recalls)),
+            "macro_f1": float(np.mean(f1s))}
+
+
+def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray, names: Sequence[str]) -> dict[str, float]:
+    out = {}
+    for j, name in enumerate(names):
+        err = y_pred[:, j] - y_true[:, j]
+        ss_tot = np.sum((y_true[:, j] - y_true[:, j].mean()) ** 2)
+        out[f"mae_{name}"] = float(np.mean(np.abs(err)))
+        out[f"r2_{name}"] = float(1 - np.sum(err**2) / max(ss_tot, 1e-12))
+    return out
+
+
+def mean_ci95(values: Sequence[float]) -> dict[str, float]:
+    """Mean and the half-width of a Student-t 95% interval over seeds."""
+    from scipy import stats
+
+    v = np.asarray(values, dtype=float)
+    half = float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
+    return {"mean": float(v.mean()), "ci95": half, "n": int(len(v))}
+
+
+def fit_and_evaluate(
+    x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor, task: str,
+    encoder: str | Path | None, mae_cfg: MAEConfig, cfg: FinetuneConfig, seed: int, device: torch.device,
+    target_names: Sequence[str] = (), n_classes: int = 0,
+) -> dict[str, float]:
+    """One seed of one arm: train on the labelled sample, score on the held-out test set."""
+    if task == "classification":
+        model = train_model(x_train, y_train.long(), task, n_classes, encoder, mae_cfg, cfg, seed, device)
+        pred = predict(model, x_test, device).argmax(1).numpy()
+        return classification_metrics(y_test.numpy(), pred, n_classes)
+    mu, sd = y_train.mean(0), y_train.std(0).clamp_min(1e-6)
+    model = train_model(x_train, (y_train - mu) / sd, task, y_train.shape[1], encoder, mae_cfg, cfg, seed, device)
+    pred = predict(model, x_test, device) * sd + mu
+    return regression_metrics(y_test.numpy(), pred.numpy(), target_names)
+
+
+def encoder_config(encoder: str | Path) -> MAEConfig:
+    return read_encoder_config(encoder)
