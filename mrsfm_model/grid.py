@@ -56,14 +56,20 @@ def _robust_sigma(x: np.ndarray) -> float:
 
 
 def _fill_band(spec: np.ndarray, band: np.ndarray, rng: np.random.Generator) -> None:
-    """Give the unmeasured bins outside `band` the edge baseline level plus edge noise."""
+    """Raise the noise of the unmeasured bins outside `band` to the measured edge's level.
+
+    Additive noise only: the broadband start of the FID already present there is kept, and
+    no level step is added (replacing bins or shifting their level rings at t = 0, which
+    wraps to the end of the FID and would mark the source).
+    """
     inside = np.flatnonzero(band)
     k = max(8, len(inside) // 20)
-    for side, edge in ((np.arange(len(spec)) < inside[0], inside[:k]), (np.arange(len(spec)) > inside[-1], inside[-k:])):
+    idx = np.arange(len(spec))
+    for side, edge in ((idx < inside[0], inside[:k]), (idx > inside[-1], inside[-k:])):
         if side.any():
-            ref = spec[edge]
-            level = np.median(ref.real) + 1j * np.median(ref.imag)
-            spec[side] = level + _cnoise(rng, _robust_sigma(ref), int(side.sum()))
+            cur = spec[side]
+            extra = np.sqrt(max(_robust_sigma(spec[edge]) ** 2 - _robust_sigma(cur) ** 2, 0.0))
+            spec[side] = cur + _cnoise(rng, extra, int(side.sum()))
 
 
 def resample_fids(
@@ -81,7 +87,7 @@ def resample_fids(
     band-limited-upsampled by FFT zero-padding and read at the grid's sample times. With
     `fill_noise`, what the source never measured looks like what it did: time after its
     acquisition ended gets noise of its own tail, and bands outside its bandwidth get its
-    baseline level plus noise, so neither an acquisition length nor a band edge is visible.
+    noise level, so neither an acquisition length nor a band edge is visible.
     Scale is left to `norm_factor`.
     """
     fids = np.asarray(fids)
