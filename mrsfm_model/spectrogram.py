@@ -58,12 +58,13 @@ def spectrogram_axes(cfg: SpectrogramConfig, grid: CanonicalGrid) -> tuple[np.nd
 
 
 def _finish(spec: torch.Tensor, cfg: SpectrogramConfig, eps: float = 1e-12) -> torch.Tensor:
-    """Normalise by max |S|, take the configured part; spec is (..., C, H, W) complex."""
-    mag = spec.abs()
+    """Normalise by max |S| and take the configured part; spec is (..., C, H, W, 2) re/im."""
+    mag2 = spec.square().sum(-1)
     dims = (-3, -2, -1) if cfg.norm == "sample" else (-2, -1)
-    scale = mag.amax(dim=dims, keepdim=True).clamp_min(eps)
-    spec = spec / scale
-    return {"real": spec.real, "imag": spec.imag, "abs": spec.abs()}[cfg.part]
+    inv = mag2.amax(dim=dims, keepdim=True).clamp_min(eps * eps).rsqrt()
+    if cfg.part == "abs":
+        return mag2.sqrt() * inv
+    return spec[..., 0] * inv if cfg.part == "real" else spec[..., 1] * -inv  # input was conjugated
 
 
 class SpectrogramTransform:
@@ -74,6 +75,12 @@ class SpectrogramTransform:
         win = signal.get_window(cfg.window, cfg.nperseg)  # periodic, as scipy.signal.stft uses
         self._window = torch.as_tensor(win / win.sum())  # scipy's default 'spectrum' scaling
         rows, _ = _row_order(cfg, grid)
+        # FFT(conj x)[k] = conj(FFT(x)[-k]): with the input conjugated, the rows wanted in
+        # falling-ppm order are contiguous (modulo wrap-around), so plain slices replace a
+        # gather. Real part and magnitude are unchanged; the imaginary part flips sign.
+        idx = (-rows) % cfg.nperseg
+        breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+        self._runs = [(int(r[0]), int(r[-1]) + 1) for r in np.split(idx, breaks)]
         self._rows = torch.as_tensor(rows.copy())
         self._cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -83,11 +90,20 @@ class SpectrogramTransform:
             self._cache[key] = (self._window.to(device, dtype), self._rows.to(device))
         return self._cache[key]
 
+    cpu_chunk = 24  # FIDs per CPU pass: keeps the STFT's intermediates in cache (measured 2-3x faster)
+
     def __call__(self, fid: torch.Tensor) -> torch.Tensor:
-        cfg = self.cfg
         fid = torch.as_tensor(fid)
         if not fid.is_complex():
             raise TypeError("spectrogram input must be complex FIDs")
+        fids_per_sample = fid[0].numel() // fid.shape[-1] if fid.dim() >= 2 else 1
+        if fid.device.type == "cpu" and fid.dim() >= 2 and fid.shape[0] * fids_per_sample > self.cpu_chunk:
+            step = max(1, self.cpu_chunk // fids_per_sample)
+            return torch.cat([self._one(part) for part in fid.split(step)])
+        return self._one(fid)
+
+    def _one(self, fid: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
         real_dtype = torch.float64 if fid.dtype == torch.complex128 else torch.float32
         window, rows = self._consts(fid.device, real_dtype)
         lead, n = fid.shape[:-1], fid.shape[-1]
@@ -96,20 +112,24 @@ class SpectrogramTransform:
         half = cfg.nperseg // 2
         total = n + 2 * half
         extra = (-(total - cfg.nperseg)) % cfg.hop
-        x = torch.nn.functional.pad(torch.view_as_real(x), (0, 0, half, half + extra)).contiguous()
+        x = torch.nn.functional.pad(torch.view_as_real(x), (0, 0, half, half + extra))
+        x[..., 1].neg_()  # conjugate (see __init__), in the fresh padded copy
         x = torch.view_as_complex(x)
         spec = torch.stft(
             x, n_fft=cfg.nperseg, hop_length=cfg.hop, window=window, center=False,
             onesided=False, return_complex=True,
         )  # (B, nperseg, frames)
-        spec = spec.index_select(1, rows)[:, :, : cfg.width]
-        pad_h, pad_w = cfg.height - spec.shape[1], cfg.width - spec.shape[2]
-        if pad_h or pad_w:
-            spec = torch.nn.functional.pad(spec, (0, pad_w, pad_h, 0))
-        spec = spec.reshape(*lead, cfg.height, cfg.width)
-        if spec.dim() == 2:
+        # work on the real view: complex abs/div/index kernels are several times slower on CPU
+        spec = torch.view_as_real(spec)[:, :, : cfg.width]
+        spec = torch.cat([spec[:, a:b] for a, b in self._runs], dim=1)  # (B, rows, W, 2)
+        spec = spec.reshape(*lead, *spec.shape[1:])
+        if not lead:  # a single FID becomes a one-channel image
             spec = spec.unsqueeze(0)
-        return _finish(spec, cfg)
+        img = _finish(spec, cfg)
+        pad_h, pad_w = cfg.height - img.shape[-2], cfg.width - img.shape[-1]
+        if pad_h or pad_w:
+            img = torch.nn.functional.pad(img, (0, pad_w, pad_h, 0))
+        return img
 
 
 def reference_spectrogram(fid: np.ndarray, cfg: SpectrogramConfig, grid: CanonicalGrid) -> np.ndarray:
