@@ -27,6 +27,8 @@ class CanonicalGrid:
     fill_noise: bool = True  # fill unmeasured bands with noise instead of a telltale zero
     remove_water: bool = True  # HLSVD residual-water removal of loaded spectra (water.py)
     water_ppm: tuple[float, float] = (4.2, 5.2)
+    tail_trim: float = 0.05  # fraction of each source FID's end replaced by noise (with fill_noise)
+    band_trim: float = 0.02  # fraction of the source band at each edge replaced by noise (likewise)
 
     @property
     def duration_s(self) -> float:
@@ -38,7 +40,8 @@ class CanonicalGrid:
     @classmethod
     def from_config(cls, cfg) -> "CanonicalGrid":
         """Build from a mapping (Hydra node or dict) with any subset of the fields."""
-        keys = {k: cfg[k] for k in ("points", "bandwidth_hz", "spectrometer_mhz", "fill_noise", "remove_water")
+        keys = {k: cfg[k] for k in ("points", "bandwidth_hz", "spectrometer_mhz", "fill_noise", "remove_water",
+                                  "tail_trim", "band_trim")
                 if k in cfg}
         for k in ("norm_ppm", "water_ppm"):
             if k in cfg:
@@ -56,19 +59,19 @@ def _robust_sigma(x: np.ndarray) -> float:
 
 
 def _fill_band(spec: np.ndarray, band: np.ndarray, rng: np.random.Generator) -> None:
-    """Raise the noise of the unmeasured bins outside `band` to the measured edge's level.
+    """Raise the noise of the unmeasured bins outside `band` to the measured band's level.
 
-    Additive noise only: the broadband start of the FID already present there is kept, and
-    no level step is added (replacing bins or shifting their level rings at t = 0, which
-    wraps to the end of the FID and would mark the source).
+    The level is the median over 16 slices of the measured band, so neither metabolite peaks
+    nor a scanner's filter edge inflate it. Additive noise only: the broadband start of the
+    FID already present there is kept, and no level step is added (replacing bins or shifting
+    their level rings at t = 0, which wraps to the end of the FID and would mark the source).
     """
     inside = np.flatnonzero(band)
-    k = max(8, len(inside) // 20)
-    idx = np.arange(len(spec))
-    for side, edge in ((idx < inside[0], inside[:k]), (idx > inside[-1], inside[-k:])):
+    sigma = float(np.median([_robust_sigma(spec[c]) for c in np.array_split(inside, 16)]))
+    for side in (np.arange(len(spec)) < inside[0], np.arange(len(spec)) > inside[-1]):
         if side.any():
             cur = spec[side]
-            extra = np.sqrt(max(_robust_sigma(spec[edge]) ** 2 - _robust_sigma(cur) ** 2, 0.0))
+            extra = np.sqrt(max(sigma**2 - _robust_sigma(cur) ** 2, 0.0))
             spec[side] = cur + _cnoise(rng, extra, int(side.sum()))
 
 
@@ -96,14 +99,18 @@ def resample_fids(
     # source time (s) of each canonical sample, and how much of the grid the source covers
     t_src = np.arange(grid.points) / grid.bandwidth_hz * grid.spectrometer_mhz / spectrometer_mhz
     pos = t_src * bandwidth_hz * oversample  # index into the upsampled source
-    covered = pos <= (n - 1) * oversample
+    # the last few percent of a FID are noise in any sane acquisition but carry scanner
+    # artefacts in some (Siemens digital-filter wrap-around): treat them as unmeasured
+    usable = max(2, int(np.ceil(n * (1 - grid.tail_trim)))) if grid.fill_noise else n
+    covered = pos <= (usable - 1) * oversample
     n_pad = 2 * n  # zeros after the FID, so upsampling does not wrap its end onto its start
     src_ppm = ppm_axis(n_pad, bandwidth_hz, spectrometer_mhz)
-    lo_ppm, hi_ppm = grid.ppm()[0], grid.ppm()[-1]
-    keep_bins = np.fft.ifftshift((src_ppm >= lo_ppm) & (src_ppm <= hi_ppm))  # low-pass (anti-alias)
-    src_ppm = ppm_axis(n, bandwidth_hz, spectrometer_mhz)
+    # likewise the outer edges of the source band (anti-aliasing filter roll-off, edge spurs)
+    edge = grid.band_trim * (src_ppm[-1] - src_ppm[0]) if grid.fill_noise else 0.0
+    src_lo, src_hi = src_ppm[0] + edge, src_ppm[-1] - edge
     dst_ppm = grid.ppm()
-    in_band = (dst_ppm >= src_ppm[0]) & (dst_ppm <= src_ppm[-1])
+    keep_bins = np.fft.ifftshift((src_ppm >= max(src_lo, dst_ppm[0])) & (src_ppm <= min(src_hi, dst_ppm[-1])))
+    in_band = (dst_ppm >= src_lo) & (dst_ppm <= src_hi)
     flat = fids.reshape(-1, n)
     out = np.empty((flat.shape[0], grid.points), dtype=np.complex128)
     for i, row in enumerate(flat):

@@ -16,6 +16,15 @@ from .spectrogram import SpectrogramConfig, spectrogram_axes  # noqa: E402
 from .spectrum import Spectrum  # noqa: E402
 
 
+def show_spectrogram(ax, image: np.ndarray, lim: float | None = None, **kwargs) -> None:
+    """Symmetric colour scale at the 99.5th percentile of |x|: a few huge pixels at t = 0
+    would otherwise leave the rest of the image one flat colour."""
+    if lim is None:
+        finite = np.abs(image[np.isfinite(image)])
+        lim = float(np.percentile(finite, 99.5)) if finite.size else 1.0
+    ax.imshow(image, aspect="auto", cmap="RdBu_r", vmin=-(lim or 1.0), vmax=lim or 1.0, **kwargs)
+
+
 def plot_spectrum_and_spectrogram(
     spec: Spectrum, image: np.ndarray, channels: list[str], cfg: SpectrogramConfig,
     grid: CanonicalGrid, out: str | Path, title: str = "",
@@ -38,9 +47,8 @@ def plot_spectrum_and_spectrogram(
     top = np.nanmax(row_ppm)
     for c in range(n_ch):
         a = axes[1 + c]
-        lim = float(np.percentile(np.abs(image), 99.5)) or 1.0  # a few huge pixels would hide the rest
-        a.imshow(image[c], aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim,
-                 extent=(t[0], t[-1], np.nanmin(row_ppm), top))
+        show_spectrogram(a, image[c], float(np.percentile(np.abs(image), 99.5)),
+                         extent=(t[0], t[-1], np.nanmin(row_ppm), top))
         a.set_title(f"spectrogram: {channels[c]}", fontsize=9)
         a.set_xlabel("time (s)")
         a.set_ylabel("ppm")
