@@ -99,6 +99,26 @@ def cmd_simulate(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .config import load_config
+    from .pretrain import run_pretrain
+
+    run_pretrain(load_config(overrides))
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .config import load_config, resolve_device
+    from .finetune import run_benchmark
+
+    cfg = load_config(overrides)
+    if args.encoder is not None and not args.encoder.is_file():
+        raise MRSDataError(args.encoder, "encoder file not found")
+    out = args.out or Path(cfg.run_dir) / "finetune"
+    run_benchmark(cfg, args.encoder, out, resolve_device(cfg.device))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
     from .demo import run_demo
 
@@ -128,6 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: config's device)")
     p.set_defaults(func=cmd_simulate)
+
+    p = subs.add_parser("pretrain", help="central MAE pretraining (Hydra overrides: train.steps=..., model=base, ...)")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = subs.add_parser("finetune", help="few-label fine-tuning benchmark: pretrained encoder vs random init")
+    p.add_argument("--encoder", type=Path, help="encoder.safetensors from pretrain/export (omit: baseline only)")
+    p.add_argument("--out", type=Path, help="result folder (default: RUN_DIR/finetune)")
+    p.set_defaults(func=cmd_finetune)
 
     p = subs.add_parser("demo", help="the main job on the shipped files (see README)")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))

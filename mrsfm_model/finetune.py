@@ -166,3 +166,94 @@ def fit_and_evaluate(
 
 def encoder_config(encoder: str | Path) -> MAEConfig:
     return read_encoder_config(encoder)
+
+
+# -- the benchmark table -------------------------------------------------------------------------
+HEADLINE = {"vendor": "accuracy", "quant": "r2_GABA/tCr"}
+
+
+def run_benchmark(cfg, encoder: str | Path | None, out_dir: str | Path, device: torch.device, log=print) -> dict:
+    """Pretrained vs random initialisation, each mode, each label size, each seed -> table + JSON + PNG."""
+    import json
+
+    from .benchmark import QUANT_TARGETS, build_benchmark
+    from .grid import CanonicalGrid
+    from .spectrogram import SpectrogramConfig, SpectrogramTransform
+    from .spectrum import VENDORS
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ft = cfg.finetune
+    grid = CanonicalGrid.from_config(cfg.data.grid)
+    spec_cfg = SpectrogramConfig.from_config(cfg.data.spectrogram)
+    mae_cfg = encoder_config(encoder) if encoder else None
+    if mae_cfg is not None and (tuple(mae_cfg.img_size) != (spec_cfg.height, spec_cfg.width)
+                                or mae_cfg.in_chans != len(cfg.data.channels)):
+        raise ValueError(f"{encoder}: encoder expects {mae_cfg.in_chans}x{mae_cfg.img_size} images but the data "
+                         f"config makes {len(cfg.data.channels)}x{(spec_cfg.height, spec_cfg.width)}")
+    if mae_cfg is None:
+        from .mae import build_mae
+
+        mae_cfg = build_mae(cfg.model, cfg.data).cfg
+    log(f"building the benchmark ({ft.benchmark.subjects_per_vendor} subjects per vendor)")
+    bench = build_benchmark(grid, SpectrogramTransform(spec_cfg, grid), list(cfg.data.channels),
+                            ft.benchmark.subjects_per_vendor, ft.benchmark.scans_per_subject,
+                            ft.benchmark.test_fraction, ft.benchmark.seed, device)
+    test = bench.test
+    arms = [(init, mode) for init in (["pretrained"] if encoder else []) + ["scratch"] for mode in ft.modes]
+    rows = []
+    for task in ft.tasks:
+        for init, mode in arms:
+            fcfg = FinetuneConfig.from_config({**ft, "mode": mode})
+            for n in ft.label_sizes:
+                per_seed = []
+                for seed in ft.seeds:
+                    idx = bench.labelled_sample(int(n), int(seed))
+                    y = bench.vendor if task == "vendor" else bench.ratios
+                    per_seed.append(fit_and_evaluate(
+                        bench.x[idx], y[idx], bench.x[test], y[test],
+                        "classification" if task == "vendor" else "regression",
+                        encoder if init == "pretrained" else None, mae_cfg, fcfg, int(seed), device,
+                        target_names=QUANT_TARGETS, n_classes=len(VENDORS)))
+                summary = {k: mean_ci95([r[k] for r in per_seed]) for k in per_seed[0]}
+                rows.append({"task": task, "init": init, "mode": mode, "n_labels": int(n), "metrics": summary,
+                             "per_seed": per_seed})
+                h = summary[HEADLINE[task]]
+                log(f"  {task:<6} {init:<10} {mode:<6} n={n:<4} {HEADLINE[task]} {h['mean']:.3f} ± {h['ci95']:.3f}")
+    result = {"encoder": str(encoder) if encoder else None, "test_spectra": int(test.sum()),
+              "test_subjects": int(bench.subject[test].unique().numel()), "seeds": list(ft.seeds), "rows": rows}
+    (out_dir / "finetune.json").write_text(json.dumps(result, indent=1))
+    print_table(rows, log)
+    plot_table(rows, out_dir / "finetune.png")
+    return result
+
+
+def print_table(rows: list[dict], log=print) -> None:
+    log(f"{'task':<7}{'init':<11}{'mode':<7}{'labels':>7}  {'metric':<14}{'mean':>7}  {'95% CI':>8}")
+    for r in rows:
+        key = HEADLINE[r["task"]]
+        m = r["metrics"][key]
+        log(f"{r['task']:<7}{r['init']:<11}{r['mode']:<7}{r['n_labels']:>7}  {key:<14}{m['mean']:>7.3f}  ±{m['ci95']:>7.3f}")
+
+
+def plot_table(rows: list[dict], out: Path) -> Path:
+    from .plots import plt
+
+    tasks = sorted({r["task"] for r in rows})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        key = HEADLINE[task]
+        for arm in sorted({(r["init"], r["mode"]) for r in rows if r["task"] == task}):
+            sel = [r for r in rows if r["task"] == task and (r["init"], r["mode"]) == arm]
+            ax.errorbar([r["n_labels"] for r in sel], [r["metrics"][key]["mean"] for r in sel],
+                        yerr=[r["metrics"][key]["ci95"] for r in sel], marker="o", capsize=3, label=" ".join(arm))
+        if task == "vendor":
+            ax.axhline(1 / 3, color="grey", ls=":", lw=1, label="chance")
+        ax.set_xlabel("labelled spectra")
+        ax.set_ylabel(key)
+        ax.set_title(task)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,98 @@
+"""Issue 'done when': a tiny pretrain, resume, export and few-label fine-tune on CPU, end to end;
+and the vendor benchmark carries no trivial shortcut."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mrsfm_model.benchmark import BENCH_SEED_BASE, build_benchmark, shortcut_accuracy
+from mrsfm_model.config import load_config
+from mrsfm_model.export import load_encoder
+from mrsfm_model.finetune import classification_metrics, mean_ci95, regression_metrics, run_benchmark
+from mrsfm_model.grid import CanonicalGrid
+from mrsfm_model.pretrain import run_pretrain
+from mrsfm_model.spectrogram import SpectrogramTransform
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return build_benchmark(CanonicalGrid(), SpectrogramTransform(), ["OFF", "ON", "DIFF"], subjects_per_vendor=60)
+
+
+def test_trivial_features_cannot_tell_vendors_apart(bench):
+    assert bench.trivial[:, 0].unique().numel() == 1  # one length for everyone
+    acc = shortcut_accuracy(bench)
+    assert acc < 0.45, f"length/scale/noise/power predict the vendor ({acc:.2f}): a shortcut"
+
+
+def test_split_is_by_subject_and_samples_are_stratified(bench):
+    train_subjects = set(bench.subject[~bench.test].tolist())
+    test_subjects = set(bench.subject[bench.test].tolist())
+    assert train_subjects and test_subjects and not train_subjects & test_subjects
+    idx = bench.labelled_sample(25, seed=3)
+    assert len(idx) == 25 and not bench.test[idx].any()
+    assert sorted(torch.bincount(bench.vendor[idx], minlength=3).tolist()) == [8, 8, 9]
+    assert not torch.equal(idx, bench.labelled_sample(25, seed=4))
+    assert torch.equal(idx, bench.labelled_sample(25, seed=3))
+
+
+def test_benchmark_seeds_are_outside_the_pretraining_stream():
+    # MixedStream draws simulation seeds in [0, 2**31); the benchmark starts far above
+    assert BENCH_SEED_BASE >= 2**31
+
+
+def test_metrics_on_known_values():
+    m = classification_metrics(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 2]), 3)
+    assert m["accuracy"] == pytest.approx(0.75)
+    assert m["balanced_accuracy"] == pytest.approx((0.5 + 1 + 1) / 3)
+    r = regression_metrics(np.array([[1.0], [2.0], [3.0]]), np.array([[1.0], [2.0], [4.0]]), ["a"])
+    assert r["mae_a"] == pytest.approx(1 / 3) and r["r2_a"] == pytest.approx(0.5)
+    ci = mean_ci95([1.0, 2.0, 3.0])
+    assert ci["mean"] == 2.0 and ci["ci95"] == pytest.approx(4.303 * 1 / np.sqrt(3), rel=1e-3)
+
+
+def test_tiny_pretrain_resume_export_and_finetune(tmp_path):
+    run = tmp_path / "run"
+    over = [f"run_dir={run}", "device=cpu", "train.steps=4", "train.checkpoint_every=2", "train.log_every=2",
+            "data.batch_size=6", "data.sim_profiles=[megapress_ge,press_siemens]",
+            f"data.invivo_dir={__import__('pathlib').Path(__file__).parent / 'data' / 'invivo' / 'philips'}"]
+    logs: list[str] = []
+    run_pretrain(load_config(over), log=logs.append)
+    for name in ("encoder.safetensors", "encoder.json", "metrics.jsonl", "training_curve.png", "reconstruction.png",
+                 "checkpoints/last/model.safetensors", "checkpoints/last/trainer.pt"):
+        assert (run / name).exists(), name
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4]
+    # resume: asking for 6 steps continues from step 4
+    logs.clear()
+    run_pretrain(load_config(over[:2] + ["train.steps=6"] + over[3:]), log=logs.append)
+    assert any("resumed" in line and "step 4" in line for line in logs)
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [2, 4, 6]
+    card = json.loads((run / "encoder.json").read_text())
+    assert card["trained_steps"] == 6 and card["data"]["invivo_spectra"] == 2
+    vit = load_encoder(run / "encoder.safetensors", num_classes=3)
+    assert vit(torch.zeros(1, 3, 192, 208)).shape == (1, 3)
+
+    cfg = load_config(over + ["finetune.tasks=[vendor,quant]", "finetune.label_sizes=[6]", "finetune.seeds=[0,1]",
+                              "finetune.steps=3", "finetune.batch_size=6", "finetune.benchmark.subjects_per_vendor=6"])
+    result = run_benchmark(cfg, run / "encoder.safetensors", tmp_path / "ft", torch.device("cpu"), log=logs.append)
+    arms = {(r["task"], r["init"], r["mode"]) for r in result["rows"]}
+    assert len(arms) == 8  # 2 tasks x (pretrained, scratch) x (linear, full)
+    for r in result["rows"]:
+        if r["task"] == "vendor":
+            assert 0 <= r["metrics"]["accuracy"]["mean"] <= 1 and r["metrics"]["accuracy"]["n"] == 2
+        else:
+            assert "mae_GABA/tCr" in r["metrics"] and "r2_NAA/tCr" in r["metrics"]
+    assert (tmp_path / "ft" / "finetune.json").exists() and (tmp_path / "ft" / "finetune.png").exists()
+    assert any(line.startswith("task") for line in logs)  # the printed table
+
+
+def test_encoder_that_does_not_fit_the_data_config_is_refused(tmp_path):
+    from mrsfm_model.export import export_encoder
+    from mrsfm_model.mae import SpectroMAE, mae_config
+
+    enc = export_encoder(SpectroMAE(mae_config("micro", img_size=(64, 64))), tmp_path / "e.safetensors")
+    with pytest.raises(ValueError, match="expects"):
+        run_benchmark(load_config([]), enc, tmp_path / "ft", torch.device("cpu"))
