@@ -40,3 +40,32 @@ def resolve_device(name: str | None = "auto") -> torch.device:
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def from_section(cls, cfg, section: str):
+    """Build dataclass `cls` from a config mapping, checking each value against the field's
+    default type, so `hop=abc` fails with the key's name instead of deep inside a kernel."""
+    import dataclasses
+
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in cfg:
+            continue
+        value, default = cfg[f.name], f.default
+        try:
+            if value is None or default is None or default is dataclasses.MISSING:
+                kwargs[f.name] = value if not hasattr(value, "__iter__") or isinstance(value, str) else tuple(value)
+            elif isinstance(default, bool):
+                if not isinstance(value, bool):
+                    raise ValueError
+                kwargs[f.name] = value
+            elif isinstance(default, tuple):
+                kwargs[f.name] = tuple(type(d)(v) for d, v in zip(default, value, strict=True))
+            elif isinstance(default, (int, float)) and isinstance(value, str):
+                raise ValueError
+            else:
+                kwargs[f.name] = type(default)(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"config {section}.{f.name}: expected {type(default).__name__} like {default!r}, "
+                             f"got {value!r}") from None
+    return cls(**kwargs)

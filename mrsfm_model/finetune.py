@@ -37,7 +37,9 @@ class FinetuneConfig:
 
     @classmethod
     def from_config(cls, cfg) -> "FinetuneConfig":
-        return cls(**{k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg})
+        from .config import from_section
+
+        return from_section(cls, cfg, "finetune")
 
 
 class LabelledBatches:

@@ -40,13 +40,9 @@ class CanonicalGrid:
     @classmethod
     def from_config(cls, cfg) -> "CanonicalGrid":
         """Build from a mapping (Hydra node or dict) with any subset of the fields."""
-        keys = {k: cfg[k] for k in ("points", "bandwidth_hz", "spectrometer_mhz", "fill_noise", "remove_water",
-                                  "tail_trim", "band_trim")
-                if k in cfg}
-        for k in ("norm_ppm", "water_ppm"):
-            if k in cfg:
-                keys[k] = tuple(float(x) for x in cfg[k])
-        return cls(**keys)
+        from .config import from_section
+
+        return from_section(cls, cfg, "data.grid")
 
 
 def _cnoise(rng: np.random.Generator, sigma: float, shape) -> np.ndarray:

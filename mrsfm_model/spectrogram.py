@@ -35,7 +35,14 @@ class SpectrogramConfig:
 
     @classmethod
     def from_config(cls, cfg) -> "SpectrogramConfig":
-        return cls(**{k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg})
+        from .config import from_section
+
+        out = from_section(cls, cfg, "data.spectrogram")
+        if out.part not in ("real", "imag", "abs") or out.norm not in ("sample", "channel"):
+            raise ValueError(f"config data.spectrogram: part must be real|imag|abs and norm sample|channel, got {out}")
+        if min(out.nperseg, out.hop, out.height, out.width) <= 0:
+            raise ValueError(f"config data.spectrogram: sizes must be positive, got {out}")
+        return out
 
 
 def _row_order(cfg: SpectrogramConfig, grid: CanonicalGrid) -> tuple[np.ndarray, np.ndarray]:

@@ -37,10 +37,9 @@ class OptimConfig:
 
     @classmethod
     def from_config(cls, cfg) -> "OptimConfig":
-        kw = {k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg}
-        if "betas" in kw:
-            kw["betas"] = tuple(kw["betas"])
-        return cls(**kw)
+        from .config import from_section
+
+        return from_section(cls, cfg, "train")
 
 
 def _layer_id(name: str, n_layers: int) -> int:

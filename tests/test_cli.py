@@ -1,0 +1,78 @@
+"""The `mrsfm` command line as a user types it: output, files, one-line errors, exit codes."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mrsfm_model.cli import main
+
+DATA = Path(__file__).parent / "data"
+PHILIPS = DATA / "invivo" / "philips" / "sub-01_PRESS_35_act.sdat"
+RDA = DATA / "invivo" / "siemens" / "SVS_30.rda"
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_inspect_json_has_the_promised_keys(capsys):
+    code, out, _ = _run(capsys, "inspect", PHILIPS, "--json")
+    info = json.loads(out)
+    assert code == 0
+    assert {"vendor", "spectrometer_frequency_mhz", "bandwidth_hz", "points", "dims", "naa_ppm"} <= set(info)
+    assert info["vendor"] == "Philips" and info["points"] == 2048 and info["bandwidth_hz"] == 2000.0
+    assert info["spectrometer_frequency_mhz"] == pytest.approx(127.75, abs=0.01)
+    assert info["naa_ppm"] == pytest.approx(2.01, abs=0.05)
+
+
+def test_inspect_text_and_png(capsys, tmp_path):
+    code, out, err = _run(capsys, "inspect", RDA, "--png", tmp_path / "f.png")
+    assert code == 0 and "Siemens" in out and "naa_ppm" in out
+    png = (tmp_path / "f.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+
+
+@pytest.mark.parametrize("content", [b"", b"not an mrs file at all", b"\x00" * 100])
+def test_inspect_bad_file_is_one_line_naming_it(capsys, tmp_path, content):
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(content)
+    code, out, err = _run(capsys, "inspect", bad)
+    assert code == 1 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "broken.nii.gz" in lines[0] and "Traceback" not in err
+
+
+def test_bad_config_override_is_named(capsys):
+    code, _, err = _run(capsys, "inspect", RDA, "data.spectrogram.hop=abc")
+    assert code == 2 and "data.spectrogram.hop" in err and "Traceback" not in err
+
+
+def test_convert_writes_good_files_and_reports_bad_ones(capsys, tmp_path):
+    bad = tmp_path / "empty.rda"
+    bad.write_bytes(b"")
+    code, out, err = _run(capsys, "convert", PHILIPS, RDA, bad, "--out", tmp_path / "out")
+    assert code == 1 and "empty.rda" in err
+    written = sorted(p.name for p in (tmp_path / "out").glob("*.nii.gz"))
+    assert "SVS_30.nii.gz" in written and any(n.startswith("sub-01_PRESS_35_act") for n in written)
+    code, out, _ = _run(capsys, "inspect", tmp_path / "out" / "SVS_30.nii.gz", "--json")
+    assert code == 0 and json.loads(out)["vendor"] == "Siemens"
+
+
+def test_simulate_writes_nifti_and_truth(capsys, tmp_path):
+    code, out, _ = _run(capsys, "simulate", "--n", 3, "--profile", "megapress_philips", "--out", tmp_path, "--seed", 4)
+    assert code == 0
+    files = sorted(tmp_path.glob("*.nii.gz"))
+    assert len(files) == 3 and len(list(tmp_path.glob("*.json"))) == 3
+    truth = json.loads(files[0].with_name(files[0].name.replace(".nii.gz", ".json")).read_text())
+    assert "GABA" in json.dumps(truth) and "Philips" in json.dumps(truth)
+    code, out, _ = _run(capsys, "inspect", files[0], "--json")
+    info = json.loads(out)
+    assert code == 0 and info["vendor"] == "Philips" and "DIM_EDIT" in info["dims"]
+
+
+def test_simulate_unknown_profile(capsys, tmp_path):
+    code, _, err = _run(capsys, "simulate", "--n", 1, "--profile", "nosuch", "--out", tmp_path)
+    assert code != 0 and "nosuch" in err and "press_ge" in err
