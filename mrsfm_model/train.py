@@ -111,7 +111,9 @@ class Trainer:
             g["lr"] = self.lr * factor * g.get("lr_scale", 1.0)
         return self.lr * factor
 
-    def train_step(self, batch: Any) -> dict[str, float]:
+    def train_step(self, batch: Any) -> dict[str, float | torch.Tensor]:
+        """One optimisation step. Loss and gradient norm come back as device tensors: reading
+        them (a GPU sync) is left to `fit`'s logging, so the GPU is never stalled per step."""
         self.model.train()
         lr = self._set_lr()
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
@@ -124,14 +126,14 @@ class Trainer:
             loss.backward()
         grad_norm = None
         if self.cfg.grad_clip:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
         self.step += 1
-        out = {"step": self.step, "loss": float(loss.detach()), "lr": lr, **metrics}
+        out = {"step": self.step, "loss": loss.detach(), "lr": lr, **metrics}
         if grad_norm is not None:
             out["grad_norm"] = grad_norm
         return out
@@ -157,8 +159,8 @@ class Trainer:
             window.append(self.train_step(next(it)))
             bar.update(1)
             if len(window) == log_every or i == steps - 1:
-                keys = [k for k in window[-1] if k != "step" and isinstance(window[-1][k], (int, float))]
-                last = {k: sum(w[k] for w in window if k in w) / len(window) for k in keys}
+                keys = [k for k in window[-1] if k != "step" and isinstance(window[-1][k], (int, float, torch.Tensor))]
+                last = {k: float(sum(float(w[k]) for w in window if k in w) / len(window)) for k in keys}
                 last.update(step=self.step, seconds=round(time.perf_counter() - t0, 3))
                 bar.set_postfix(loss=f"{last['loss']:.4f}")
                 self.log(last)
