@@ -1,0 +1,166 @@
+"""Differential privacy for a site's private spectra: Opacus DP-SGD on the MAE.
+
+- Per-sample gradients with Opacus hooks: the MAE keeps its learned tokens in tiny modules
+  (mae.PrependToken / MaskTokenFill) for which per-sample gradient rules are registered
+  here, and timm's LayerNorm subclass gets Opacus' LayerNorm rule (it is not matched by type).
+- Only the private in vivo set goes through the DP data loader (Poisson sampling); shared
+  simulated data is trained in separate non-private steps (`public()`), so it neither dilutes
+  the sampling rate nor costs privacy.
+- The accountant's history persists between rounds (`state()` / `PrivateSite(..., state=)`),
+  so the reported epsilon is the true cumulative value over the whole federation; when the
+  budget is spent the site stops taking private steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from opacus import PrivacyEngine
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.grad_sample import register_grad_sampler
+from opacus.grad_sample.layer_norm import compute_layer_norm_grad_sample
+from timm.layers import LayerNorm as TimmLayerNorm
+from torch.utils.data import DataLoader, TensorDataset
+
+from .mae import MaskTokenFill, PrependToken
+from .train import Trainer
+
+
+@dataclass
+class DPConfig:
+    enabled: bool = False
+    noise_multiplier: float | None = 1.0  # sigma; None: derived from target_epsilon
+    target_epsilon: float | None = None  # with planned_steps: pick sigma to end exactly there
+    planned_steps: int = 0  # private steps planned over the whole run (for target_epsilon)
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    epsilon_budget: float | None = None  # stop private steps once epsilon would exceed this
+    batch_size: int = 16  # expected private batch (Poisson sampling)
+    accountant: str = "prv"  # prv (tight, Gopi et al. 2021) | rdp (looser, classic)
+
+    @classmethod
+    def from_config(cls, cfg) -> "DPConfig":
+        from .config import from_section
+
+        return from_section(cls, cfg, "privacy")
+
+
+_REGISTERED = False
+
+
+def register_grad_samplers() -> None:
+    """Per-sample gradient rules for the MAE's own parameter-owning modules (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+
+    @register_grad_sampler(PrependToken)
+    def _prepend(layer: PrependToken, activations, backprops: torch.Tensor):
+        return {layer.token: backprops[:, :1].unsqueeze(1)}  # output row 0 is the token
+
+    @register_grad_sampler(MaskTokenFill)
+    def _fill(layer: MaskTokenFill, activations, backprops: torch.Tensor):
+        kept = activations[0].shape[1]
+        return {layer.token: backprops[:, kept:].sum(dim=1, keepdim=True).unsqueeze(1)}
+
+    register_grad_sampler(TimmLayerNorm)(compute_layer_norm_grad_sample)
+    _REGISTERED = True
+
+
+def noise_for_target(cfg: DPConfig, sample_rate: float) -> float:
+    """sigma that spends exactly target_epsilon over planned_steps (Opacus' search)."""
+    return get_noise_multiplier(target_epsilon=cfg.target_epsilon, target_delta=cfg.delta,
+                                sample_rate=sample_rate, steps=cfg.planned_steps, accountant=cfg.accountant)
+
+
+class PrivateSite:
+    """Wraps a Trainer so its model trains with DP-SGD on `private_x` and normally elsewhere."""
+
+    def __init__(self, trainer: Trainer, private_x: torch.Tensor, cfg: DPConfig, state: dict | None = None,
+                 seed: int = 0):
+        register_grad_samplers()
+        self.trainer, self.cfg = trainer, cfg
+        n = len(private_x)
+        if n == 0:
+            raise ValueError("differential privacy needs a private data set; this site has none")
+        self.sample_rate = min(1.0, cfg.batch_size / n)
+        sigma = cfg.noise_multiplier
+        if cfg.target_epsilon is not None:
+            if cfg.planned_steps <= 0:
+                raise ValueError("privacy.target_epsilon needs privacy.planned_steps > 0")
+            sigma = noise_for_target(cfg, self.sample_rate)
+        if sigma is None:
+            raise ValueError("set privacy.noise_multiplier or privacy.target_epsilon")
+        self.noise_multiplier = float(sigma)
+        loader = DataLoader(TensorDataset(private_x), batch_size=min(cfg.batch_size, n),
+                            generator=torch.Generator().manual_seed(seed))
+        self.engine = PrivacyEngine(accountant=cfg.accountant)
+        if state:
+            self.engine.accountant.history = [tuple(h) for h in state["history"]]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # secure-RNG advice: we document the choice
+            model, optimizer, self.loader = self.engine.make_private(
+                module=trainer.model, optimizer=trainer.optimizer, data_loader=loader,
+                noise_multiplier=self.noise_multiplier, max_grad_norm=cfg.max_grad_norm, poisson_sampling=True,
+                grad_sample_mode="hooks",
+            )
+        self.dp_model, self.dp_optimizer = model, optimizer
+        trainer.model = trainer.forward_model = model
+        trainer.optimizer = optimizer
+        self._clip = trainer.cfg.grad_clip
+        trainer.cfg.grad_clip = None  # Opacus clips per sample
+
+    # -- accounting ------------------------------------------------------------------------
+    def epsilon(self) -> float:
+        return float(self.engine.accountant.get_epsilon(self.cfg.delta)) if self.engine.accountant.history else 0.0
+
+    def state(self) -> dict:
+        """What must persist between rounds (JSON-able): the accountant's history."""
+        return {"history": [list(h) for h in self.engine.accountant.history], "noise_multiplier": self.noise_multiplier,
+                "sample_rate": self.sample_rate, "delta": self.cfg.delta, "accountant": self.cfg.accountant}
+
+    def budget_left(self) -> bool:
+        """Would one more private step stay within the budget?"""
+        if self.cfg.epsilon_budget is None:
+            return True
+        probe = create_accountant(self.cfg.accountant)
+        probe.history = list(self.engine.accountant.history)
+        probe.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        return probe.get_epsilon(self.cfg.delta) <= self.cfg.epsilon_budget
+
+    # -- steps -------------------------------------------------------------------------------
+    def private_batches(self) -> Iterator[torch.Tensor]:
+        while True:
+            for (x,) in self.loader:
+                yield x.to(self.trainer.device)
+
+    def private_steps(self, steps: int) -> dict:
+        """Up to `steps` DP-SGD steps; fewer (maybe none) when the budget runs out."""
+        done, it, last = 0, self.private_batches(), {}
+        while done < steps and self.budget_left():
+            batch = next(it)
+            if len(batch) == 0:  # Poisson sampling can draw an empty batch; it still counts
+                self.dp_optimizer.zero_grad(set_to_none=True)
+                self.dp_optimizer.step()
+            else:
+                last = self.trainer.train_step(batch)
+            done += 1
+        return {"private_steps": done, "epsilon": self.epsilon(), "budget_spent": not self.budget_left(),
+                **({"private_loss": float(last["loss"])} if last else {})}
+
+    @contextlib.contextmanager
+    def public(self):
+        """Non-private steps on shared simulated data: hooks off, the plain optimizer, normal clipping."""
+        tr = self.trainer
+        self.dp_model.disable_hooks()
+        tr.optimizer, tr.cfg.grad_clip = self.dp_optimizer.original_optimizer, self._clip
+        try:
+            yield tr
+        finally:
+            self.dp_model.enable_hooks()
+            tr.optimizer, tr.cfg.grad_clip = self.dp_optimizer, None
