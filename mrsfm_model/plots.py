@@ -19,10 +19,14 @@ from .spectrum import Spectrum  # noqa: E402
 def show_spectrogram(ax, image: np.ndarray, lim: float | None = None, **kwargs) -> None:
     """Symmetric colour scale at the 99.5th percentile of |x|: a few huge pixels at t = 0
     would otherwise leave the rest of the image one flat colour."""
+    finite = image[np.isfinite(image)]
     if lim is None:
-        finite = np.abs(image[np.isfinite(image)])
-        lim = float(np.percentile(finite, 99.5)) if finite.size else 1.0
-    ax.imshow(image, aspect="auto", cmap="RdBu_r", vmin=-(lim or 1.0), vmax=lim or 1.0, **kwargs)
+        lim = float(np.percentile(np.abs(finite), 99.5)) if finite.size else 1.0
+    lim = lim or 1.0
+    if finite.size and finite.min() >= 0:  # magnitude images: sequential scale from zero
+        ax.imshow(image, aspect="auto", cmap="magma", vmin=0, vmax=lim, **kwargs)
+    else:
+        ax.imshow(image, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, **kwargs)
 
 
 def plot_spectrum_and_spectrogram(
