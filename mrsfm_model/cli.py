@@ -114,9 +114,35 @@ def cmd_finetune(args: argparse.Namespace, overrides: list[str]) -> int:
     cfg = load_config(overrides)
     if args.encoder is not None and not args.encoder.is_file():
         raise MRSDataError(args.encoder, "encoder file not found")
+    if args.data or args.labels or args.target:
+        missing = [f"--{n}" for n in ("data", "labels", "target") if getattr(args, n) is None]
+        if missing:
+            raise ValueError(f"study fine-tuning needs {', '.join(missing)} as well (--data DIR --labels CSV --target COLUMN)")
+        from .study import run_study
+
+        run_study(cfg, args.encoder, args.data, args.labels, args.target, args.out or Path(cfg.run_dir) / "study",
+                  resolve_device(cfg.device), task=args.task)
+        return 0
+    if args.task:
+        raise ValueError("--task applies only with --data/--labels/--target")
     out = args.out or Path(cfg.run_dir) / "finetune"
     run_benchmark(cfg, args.encoder, out, resolve_device(cfg.device))
     return 0
+
+
+def cmd_predict(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .config import load_config, resolve_device
+    from .predict import predict_files, write_predictions
+
+    cfg = load_config(overrides)
+    rows, errors = predict_files(args.model, args.inputs, args.out, resolve_device(cfg.device))
+    if args.out is None:
+        write_predictions(rows, sys.stdout)
+    else:
+        print(f"wrote {len(rows)} predictions to {args.out}", file=sys.stderr)
+    for err in errors:
+        print(f"mrsfm predict: error: {err}", file=sys.stderr)
+    return 1 if errors else 0
 
 
 def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -154,8 +180,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = subs.add_parser("finetune", help="few-label fine-tuning benchmark: pretrained encoder vs random init")
     p.add_argument("--encoder", type=Path, help="encoder.safetensors from pretrain/export (omit: baseline only)")
-    p.add_argument("--out", type=Path, help="result folder (default: RUN_DIR/finetune)")
+    p.add_argument("--out", type=Path, help="result folder (default: RUN_DIR/finetune, or RUN_DIR/study)")
+    p.add_argument("--data", type=Path, help="study folder of spectra in any readable format (with --labels, --target)")
+    p.add_argument("--labels", type=Path,
+                   help="CSV: 'file' (path relative to --data), label columns, optional 'group' (e.g. subject)")
+    p.add_argument("--target", help="label column to learn")
+    p.add_argument("--task", choices=["classification", "regression"],
+                   help="default: text labels -> classification, numbers -> regression")
     p.set_defaults(func=cmd_finetune)
+
+    p = subs.add_parser("predict", help="apply a model from `mrsfm finetune --data` to spectra files or folders")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("inputs", nargs="+", type=Path)
+    p.add_argument("--out", type=Path, help="predictions CSV (default: CSV on stdout)")
+    p.set_defaults(func=cmd_predict)
 
     p = subs.add_parser("demo", help="the main job on the shipped files (see README)")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))

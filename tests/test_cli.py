@@ -76,3 +76,17 @@ def test_simulate_writes_nifti_and_truth(capsys, tmp_path):
 def test_simulate_unknown_profile(capsys, tmp_path):
     code, _, err = _run(capsys, "simulate", "--n", 1, "--profile", "nosuch", "--out", tmp_path)
     assert code != 0 and "nosuch" in err and "press_ge" in err
+
+
+def test_study_finetune_needs_all_three_arguments(capsys, tmp_path):
+    code, _, err = _run(capsys, "finetune", "--data", tmp_path)
+    assert code == 2 and "--labels" in err and "--target" in err
+
+
+def test_predict_refuses_an_encoder_as_model(capsys, tmp_path):
+    from mrsfm_model.export import export_encoder
+    from mrsfm_model.mae import SpectroMAE, mae_config
+
+    enc = export_encoder(SpectroMAE(mae_config("micro")), tmp_path / "enc.safetensors")
+    code, _, err = _run(capsys, "predict", "--model", enc, RDA)
+    assert code == 1 and "enc.safetensors" in err and "Traceback" not in err

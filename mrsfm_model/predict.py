@@ -1,0 +1,233 @@
+"""Apply a study model (from `run_study`) to new spectra, and the input recipe both share.
+
+Why one module for both: a model is only as good as the match between the inputs it was
+trained on and the inputs it is given. `InputBuilder` is the one recipe (load -> canonical grid
+-> channels -> spectrogram), and the model file carries its settings, so `predict_files`
+rebuilds exactly the training inputs whatever the current config says.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence, TextIO
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import MRSDataError
+from .grid import CanonicalGrid, to_canonical
+from .spectrogram import SpectrogramConfig, SpectrogramTransform
+from .spectrum import Spectrum
+
+STUDY_FORMAT = "mrsfm-study-model-v1"
+
+
+# --------------------------------------------------------------------------- inputs
+@dataclass
+class Prepared:
+    """One spectrum turned into model inputs: the image and the canonical channel FIDs."""
+
+    image: torch.Tensor  # (C, H, W)
+    fids: np.ndarray  # (C, points) complex, canonical grid (for the non-deep baseline)
+
+
+class InputBuilder:
+    """load -> to_canonical -> select_channels -> SpectrogramTransform, as everywhere else."""
+
+    def __init__(self, grid: CanonicalGrid, spec_cfg: SpectrogramConfig, channels: Sequence[str]):
+        self.grid, self.spec_cfg, self.channels = grid, spec_cfg, list(channels)
+        self.transform = SpectrogramTransform(spec_cfg, grid)
+
+    @classmethod
+    def from_data_config(cls, data_cfg) -> "InputBuilder":
+        return cls(CanonicalGrid.from_config(data_cfg.grid), SpectrogramConfig.from_config(data_cfg.spectrogram),
+                   list(data_cfg.channels))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "InputBuilder":
+        """Rebuild from `to_dict()` output (stored in a model file)."""
+        return cls(CanonicalGrid.from_config(d["grid"]), SpectrogramConfig.from_config(d["spectrogram"]),
+                   list(d["channels"]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"grid": asdict(self.grid), "spectrogram": asdict(self.spec_cfg), "channels": self.channels}
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return len(self.channels), self.spec_cfg.height, self.spec_cfg.width
+
+    def prepare(self, spec: Spectrum) -> Prepared:
+        """Model inputs of one loaded spectrum; any failure is an MRSDataError naming its file."""
+        from .data import select_channels
+
+        source = spec.provenance.source
+        try:
+            canon = to_canonical(spec, self.grid)
+        except ValueError as exc:
+            raise MRSDataError(source, str(exc)) from None
+        try:
+            fids = select_channels(torch.from_numpy(canon.fid), canon.sub, self.channels)
+        except KeyError:
+            raise MRSDataError(source, f"has sub-spectra {list(canon.sub)}; the model needs channels "
+                                       f"{self.channels}") from None
+        image = self.transform(fids).float()
+        if not torch.isfinite(image).all():
+            raise MRSDataError(source, "spectrogram contains NaN or Inf values")
+        return Prepared(image=image, fids=fids.numpy())
+
+    def load(self, path: str | Path) -> Prepared:
+        from .io import load_spectrum
+
+        return self.prepare(load_spectrum(path))
+
+
+# --------------------------------------------------------------------------- the model file
+def save_study_model(model: nn.Module, path: Path, meta: dict[str, Any], card: dict[str, Any]) -> Path:
+    """MODEL.safetensors (weights + what prediction needs, in its metadata) and MODEL.json (the card)."""
+    from .train import save_weights
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_weights(model, path, {"format": STUDY_FORMAT, **meta})
+    path.with_suffix(".json").write_text(json.dumps(card, indent=1, default=str))
+    return path
+
+
+def read_study_meta(path: str | Path) -> dict[str, Any]:
+    """The prediction metadata of a study model; refuses any other file with a clear reason."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise MRSDataError(path, "model file not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types for bad headers
+        raise MRSDataError(path, f"not a model file from `mrsfm finetune --data` (not safetensors: "
+                                 f"{type(exc).__name__})") from None
+    if raw.get("format") == "mrsfm-encoder-v1":
+        raise MRSDataError(path, "this is a pretrained encoder, not a fine-tuned study model; "
+                                 "make one with `mrsfm finetune --data DIR --labels labels.csv --target COLUMN`")
+    try:
+        meta = {k: json.loads(v) for k, v in raw.items()}
+    except json.JSONDecodeError:
+        meta = {}
+    if meta.get("format") != STUDY_FORMAT:
+        raise MRSDataError(path, f"not a model file from `mrsfm finetune --data` (no {STUDY_FORMAT} metadata)")
+    return meta
+
+
+def build_study_net(meta: dict[str, Any]) -> nn.Module:
+    """The module layout `train_model` returns for this mode (full: the ViT; linear: ViT + BN + head)."""
+    from .export import build_vit
+    from .finetune import _Pooled
+    from .mae import MAEConfig
+
+    raw = dict(meta["mae_config"])
+    raw["img_size"], raw["patch_size"] = tuple(raw["img_size"]), tuple(raw["patch_size"])
+    mae_cfg = MAEConfig(**raw)
+    n_out = len(meta["labels"]) if meta["task"] == "classification" else 1
+    if meta["mode"] == "linear":
+        vit = build_vit(mae_cfg, num_classes=0)
+        head = nn.Sequential(nn.BatchNorm1d(vit.embed_dim, affine=False), nn.Linear(vit.embed_dim, n_out))
+        return nn.Sequential(_Pooled(vit), head)
+    return build_vit(mae_cfg, num_classes=n_out)
+
+
+def load_study_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """(model in eval mode, metadata) from a study model file."""
+    from safetensors.torch import load_file
+
+    meta = read_study_meta(path)
+    model = build_study_net(meta)
+    try:
+        model.load_state_dict(load_file(str(path)))
+    except (RuntimeError, KeyError) as exc:
+        raise MRSDataError(path, f"weights do not fit the model described in its metadata "
+                                 f"({str(exc).splitlines()[0][:160]})") from None
+    return model.eval(), meta
+
+
+# --------------------------------------------------------------------------- prediction
+def outputs_to_rows(out: torch.Tensor, meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """Raw model outputs -> one dict per spectrum: label + class probabilities, or a value."""
+    if meta["task"] == "classification":
+        probs = torch.softmax(out.float(), dim=1).numpy()
+        labels = meta["labels"]
+        return [{"prediction": labels[int(p.argmax())], **{f"prob_{lab}": float(p[j]) for j, lab in enumerate(labels)}}
+                for p in probs]
+    stats = meta["target_stats"]
+    values = out[:, 0].numpy() * stats["std"] + stats["mean"]
+    return [{"prediction": float(v)} for v in values]
+
+
+def _gather(inputs: Sequence[str | Path]) -> tuple[list[Spectrum], list[MRSDataError]]:
+    """Folders (every supported file, water references attached) and single files, in order."""
+    from .io import load_folder, load_spectrum
+
+    spectra: list[Spectrum] = []
+    errors: list[MRSDataError] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found, errs = load_folder(path)
+            spectra += found
+            errors += errs
+            if not found and not errs:
+                errors.append(MRSDataError(path, "folder holds no supported MRS files"))
+            continue
+        try:
+            spectra.append(load_spectrum(path))
+        except MRSDataError as err:
+            errors.append(err)
+    return spectra, errors
+
+
+def write_predictions(rows: list[dict[str, Any]], out: str | Path | TextIO) -> None:
+    """Rows as CSV (file, prediction, prob_<label>...) to a path or an open text stream (stdout)."""
+    if not isinstance(out, (str, Path)):
+        fields = list(dict.fromkeys(k for r in rows for k in r)) or ["file", "prediction"]
+        writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as f:
+        write_predictions(rows, f)
+
+
+@torch.no_grad()
+def predict_files(
+    model_path: str | Path, inputs: Sequence[str | Path], out_csv: str | Path | None = None,
+    device: torch.device | str = "cpu", batch_size: int = 32,
+) -> tuple[list[dict[str, Any]], list[MRSDataError]]:
+    """Predict every readable spectrum in `inputs` (files or folders); unreadable ones come back
+    as errors with their reason and do not stop the rest. Rows: file, prediction, prob_<label>."""
+    model, meta = load_study_model(model_path)
+    builder = InputBuilder.from_dict(meta["inputs"])
+    spectra, errors = _gather(inputs)
+    files, images = [], []
+    for spec in spectra:
+        try:
+            images.append(builder.prepare(spec).image)
+            files.append(spec.provenance.source)
+        except MRSDataError as err:
+            errors.append(err)
+    rows: list[dict[str, Any]] = []
+    device = torch.device(device)
+    model.to(device)
+    for i in range(0, len(images), batch_size):
+        out = model(torch.stack(images[i:i + batch_size]).to(device)).float().cpu()
+        rows += [{"file": f, **r} for f, r in zip(files[i:i + batch_size], outputs_to_rows(out, meta))]
+    if out_csv is not None:
+        write_predictions(rows, out_csv)
+    return rows, errors
+
+
+__all__ = ["InputBuilder", "Prepared", "STUDY_FORMAT", "save_study_model", "load_study_model", "read_study_meta",
+           "predict_files", "write_predictions", "outputs_to_rows"]

@@ -1,0 +1,210 @@
+"""Fine-tuning on a study's own labelled spectra: grouped CV, final model, predict, bad input.
+
+The study is built from files, as a user has it: simulated GE and Siemens MEGA-PRESS spectra
+written as NIfTI-MRS (10 subjects per vendor, 2 spectra per subject sharing a `group`) plus a
+real Siemens RDA file, with a labels.csv naming them.
+"""
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mrsfm_model.config import load_config
+from mrsfm_model.errors import MRSDataError
+from mrsfm_model.export import export_encoder
+from mrsfm_model.mae import SpectroMAE, mae_config
+from mrsfm_model.predict import predict_files
+from mrsfm_model.simulate import write_simulated
+from mrsfm_model.study import baseline_fit_predict, cv_folds, load_study, run_study
+
+RDA = Path(__file__).parent / "data" / "invivo" / "siemens" / "SVS_30.rda"
+# tiny training; water removal (HLSVD) off to keep loading fast: it is not what is tested here
+OVERRIDES = ["device=cpu", "data.grid.remove_water=false", "++study.folds=3", "++study.seeds=[0,1]",
+             "++study.steps=2", "++study.batch_size=8", "finetune.warmup_steps=1"]
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Micro models gain nothing from threads; on a shared CI box, idle-spinning threads cost 5-10x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config(OVERRIDES)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """DIR with 40 simulated spectra (20 subjects x 2) + 1 real RDA, and the rows of its labels.csv."""
+    root = tmp_path_factory.mktemp("study")
+    rows = []
+    for vendor, profile, seed in (("GE", "megapress_ge", 11), ("Siemens", "megapress_siemens", 12)):
+        for i, path in enumerate(write_simulated(profile, 20, root / "data" / vendor.lower(), seed=seed)):
+            truth = json.loads(path.with_name(path.name.replace(".nii.gz", ".json")).read_text())
+            rows.append({"file": f"{vendor.lower()}/{path.name}", "group": f"{vendor}-sub{i // 2:02d}",
+                         "vendor": vendor, "naa": f"{truth['concentrations_mM']['NAA']:.4f}"})
+    (root / "data" / "real").mkdir()
+    shutil.copy(RDA, root / "data" / "real" / RDA.name)
+    rows.append({"file": f"real/{RDA.name}", "group": "real-01", "vendor": "Siemens", "naa": ""})
+    return root, rows
+
+
+@pytest.fixture(scope="module")
+def encoder(cfg, tmp_path_factory):
+    """An untrained micro encoder for the configured image: only the plumbing is under test."""
+    torch.manual_seed(0)
+    spec = cfg.data.spectrogram
+    mae = SpectroMAE(mae_config("micro", img_size=(spec.height, spec.width), in_chans=len(cfg.data.channels)))
+    return export_encoder(mae, tmp_path_factory.mktemp("enc") / "encoder.safetensors", {"trained_steps": 0})
+
+
+def write_labels(path: Path, rows: list[dict], columns=("file", "group", "vendor", "naa")) -> Path:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_classification_grouped_cv_final_model_and_predict(cfg, study, encoder, tmp_path):
+    root, rows = study
+    logs: list[str] = []
+    res = run_study(cfg, encoder, root / "data", write_labels(tmp_path / "labels.csv", rows), "vendor",
+                    tmp_path / "out", CPU, log=logs.append)
+    assert res["task"] == "classification" and res["labels"] == ["GE", "Siemens"]
+    assert f"real/{RDA.name}" in res["files"] and res["data"]["spectra"] == 41  # the vendor file loads
+    assert res["data"]["vendors"] == {"GE": 20, "Siemens": 21}
+    # grouped: no group on both sides of any split; stratified: both classes in every test fold
+    groups, labels = np.array(res["groups"]), np.array([r["vendor"] for r in rows])
+    assert res["cv"]["folds"] == 3 and set(res["cv"]["assignments"]) == {"0", "1"}
+    for fold in map(np.array, res["cv"]["assignments"].values()):
+        assert all(len(set(fold[groups == g])) == 1 for g in set(groups))
+        assert all(set(labels[fold == f]) == {"GE", "Siemens"} for f in range(3))
+    assert not np.array_equal(*map(np.array, res["cv"]["assignments"].values()))  # seeds re-split
+    for arm in ("pretrained", "scratch", "baseline"):
+        assert set(res["arms"][arm]["metrics"]) == {"accuracy", "balanced_accuracy", "macro_f1"}
+        assert res["arms"][arm]["metrics"]["accuracy"]["n"] == 2
+    assert np.sum(res["arms"]["pretrained"]["confusion"]) == 41 * 2
+    assert res["arms"]["baseline"]["metrics"]["accuracy"]["mean"] > 0.6  # chance is 0.5
+    assert any(line.startswith("arm") and "balanced_accuracy" in line for line in logs)  # the table
+    out = tmp_path / "out"
+    assert (out / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((out / "study.json").read_text())["headline"] == "pretrained"
+    card = json.loads((out / "model.json").read_text())
+    assert card["encoder"]["sha256"] and card["labels"] == ["GE", "Siemens"] and card["inputs"]["channels"]
+    assert card["cv"]["headline"]["balanced_accuracy"]["n"] == 2 and card["data"]["class_counts"]["GE"] == 20
+
+    preds, errors = predict_files(out / "model.safetensors", [root / "data"], tmp_path / "p.csv", CPU)
+    assert errors == [] and len(preds) == 41
+    assert all(p["prediction"] in ("GE", "Siemens") for p in preds)
+    assert all(p["prob_GE"] + p["prob_Siemens"] == pytest.approx(1.0, abs=1e-5) for p in preds)
+    with open(tmp_path / "p.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 41 and list(table[0]) == ["file", "prediction", "prob_GE", "prob_Siemens"]
+
+
+def test_regression_on_a_numeric_column(cfg, study, tmp_path):
+    root, rows = study
+    logs: list[str] = []
+    res = run_study(cfg, None, root / "data", write_labels(tmp_path / "labels.csv", rows), "naa", tmp_path / "out",
+                    CPU, log=logs.append)
+    assert res["task"] == "regression" and set(res["arms"]) == {"scratch", "baseline"}
+    assert set(res["arms"]["scratch"]["metrics"]) == {"mae", "r2"}
+    assert any(RDA.name in w and "no value" in w for w in res["warnings"])  # its empty naa: dropped
+    assert res["data"]["spectra"] == 40 and res["encoder"]["init"].startswith("random")
+    preds, errors = predict_files(tmp_path / "out" / "model.safetensors", [root / "data" / "ge"], None, CPU)
+    assert len(preds) == 20 and not errors and all(np.isfinite(p["prediction"]) for p in preds)
+
+
+def _problem(cfg, root, tmp_path, rows, target="vendor", columns=("file", "group", "vendor", "naa")) -> str:
+    with pytest.raises(MRSDataError) as exc:
+        load_study(cfg, root / "data", write_labels(tmp_path / "labels.csv", rows, columns), target, log=lambda m: None)
+    return str(exc.value)
+
+
+def test_bad_rows_are_dropped_with_a_warning_each(cfg, study, tmp_path):
+    root, rows = study
+    base = rows[:6] + rows[20:26]  # 3 GE + 3 Siemens subjects
+    (root / "data" / "broken.nii.gz").write_bytes(b"not a spectrum")
+    bad = [{**rows[0], "file": "ge/missing.nii.gz"}, {**rows[1], "vendor": "NaN"}, {**rows[2], "vendor": ""},
+           dict(rows[3]), {"file": "broken.nii.gz", "group": "x", "vendor": "GE"}]
+    logs: list[str] = []
+    data = load_study(cfg, root / "data", write_labels(tmp_path / "labels.csv", base + bad), "vendor",
+                      log=logs.append)
+    text = "\n".join(logs)
+    assert "ge/missing.nii.gz" in text and "not found" in text  # missing file, named
+    assert "line 14" in text and "line 15" in text and "no value for 'vendor'" in text  # NaN / empty label
+    assert f"{rows[3]['file']!r} is listed 2 times" in text  # duplicate reported
+    assert "broken.nii.gz cannot be used" in text  # unreadable file, with the loader's reason
+    assert all(line.startswith("warning: ") for line in logs)
+    assert len(data) == 12 and sorted(data.labels) == ["GE", "Siemens"]  # the good rows are used
+    (root / "data" / "broken.nii.gz").unlink()
+
+
+def test_tables_that_cannot_work_are_refused_with_the_reason(cfg, study, tmp_path):
+    root, rows = study
+    msg = _problem(cfg, root, tmp_path, rows[:4], target="diagnosis")
+    assert "no column 'diagnosis'" in msg and "vendor, naa" in msg  # names it, lists the available ones
+    assert "single class ('GE'" in _problem(cfg, root, tmp_path, rows[:6])
+    assert "no 'file' column" in _problem(cfg, root, tmp_path, rows[:4], columns=("group", "vendor"))
+    assert "single subject/group" in _problem(cfg, root, tmp_path, rows[:4] + rows[20:22])
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(MRSDataError, match="is empty"):
+        load_study(cfg, root / "data", tmp_path / "empty.csv", "vendor", log=lambda m: None)
+    (tmp_path / "header.csv").write_text("file,vendor\n")
+    with pytest.raises(MRSDataError, match="no rows"):
+        load_study(cfg, root / "data", tmp_path / "header.csv", "vendor", log=lambda m: None)
+    all_missing = [{**r, "file": f"nope{i}.nii.gz"} for i, r in enumerate(rows[:4])]
+    assert "no usable rows" in _problem(cfg, root, tmp_path, all_missing)
+
+
+def test_predict_refuses_foreign_model_files_and_reports_unreadable_inputs(cfg, study, encoder, tmp_path):
+    root, rows = study
+    with pytest.raises(MRSDataError, match="pretrained encoder, not a fine-tuned study model"):
+        predict_files(encoder, [root / "data"], None, CPU)
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(MRSDataError, match="not a model file"):
+        predict_files(tmp_path / "junk.safetensors", [root / "data"], None, CPU)
+    with pytest.raises(MRSDataError, match="not found"):
+        predict_files(tmp_path / "none.safetensors", [root / "data"], None, CPU)
+    sub = rows[:6] + rows[20:26]
+    run_study(load_config(OVERRIDES + ["++study.seeds=[0]"]), None, root / "data",
+              write_labels(tmp_path / "labels.csv", sub), "vendor", tmp_path / "out", CPU, log=lambda m: None)
+    (tmp_path / "bad.rda").write_text("garbage")
+    good = root / "data" / sub[0]["file"]
+    preds, errors = predict_files(tmp_path / "out" / "model.safetensors", [good, tmp_path / "bad.rda"], None, CPU)
+    assert [p["file"] for p in preds] == [str(good)]
+    assert len(errors) == 1 and errors[0].path.endswith("bad.rda") and "RDA" in errors[0].problem
+
+
+def test_cv_folds_keep_groups_together_and_spread_classes():
+    y = np.repeat([0, 1, 2], 12)
+    groups = np.array([f"s{i // 3}" for i in range(36)])  # 12 subjects of 3 spectra
+    fold = cv_folds(y, groups, 4, seed=0)
+    assert all(len(set(fold[groups == g])) == 1 for g in set(groups))
+    assert all(np.bincount(y[fold == f], minlength=3).tolist() == [3, 3, 3] for f in range(4))
+    assert np.array_equal(fold, cv_folds(y, groups, 4, seed=0))
+    values = np.linspace(0, 1, 36)
+    fold_r = cv_folds(values, groups, 3, seed=1, task="regression")
+    assert all(len(set(fold_r[groups == g])) == 1 for g in set(groups)) and set(fold_r) == {0, 1, 2}
+
+
+def test_baseline_learns_a_separable_problem():
+    rng = np.random.default_rng(0)
+    y = np.arange(40) % 2
+    x = rng.normal(size=(40, 30))
+    x[:, 0] += 3 * (2 * y - 1)  # one informative feature among noise
+    prob = baseline_fit_predict(x[:30], y[:30], x[30:], "classification", 2, 0.01)
+    assert np.allclose(prob.sum(1), 1) and (prob.argmax(1) == y[30:]).mean() >= 0.8
+    pred = baseline_fit_predict(x[:30], 2 * x[:30, 1], x[30:], "regression", 0, 1e-4)
+    assert np.corrcoef(pred, 2 * x[30:, 1])[0, 1] > 0.9
