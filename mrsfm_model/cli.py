@@ -148,7 +148,7 @@ def cmd_predict(args: argparse.Namespace, overrides: list[str]) -> int:
 def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, overrides)
+    run_demo(args.out, overrides, rounds=args.rounds)
     return 0
 
 
@@ -195,8 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="predictions CSV (default: CSV on stdout)")
     p.set_defaults(func=cmd_predict)
 
-    p = subs.add_parser("demo", help="the main job on the shipped files (see README)")
+    p = subs.add_parser("demo", help="local federation (SuperLink + 3 SuperNodes) + fine-tune, on shipped files")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--rounds", type=int, default=2)
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -211,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MRSDataError as exc:
         print(f"mrsfm {args.command}: error: {exc}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError, KeyError) as exc:
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
         print(f"mrsfm {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,0 +1,142 @@
+"""`python -m client --site unicamp [overrides]`: a hospital joins the federation.
+
+Reads configs/site/<site>.yaml through Hydra (`site.*` words on the command line override it;
+any other `key=value` words are extra training overrides for this site), checks what would
+otherwise fail later and far from the cause (unknown site, SuperLink not reachable, data folder
+without usable spectra, missing certificate), then replaces itself with `flower-supernode`.
+Errors are one line on stderr and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+PROG = "python -m client"
+
+
+class SiteError(Exception):
+    """A problem the site operator can fix, said in one line."""
+
+
+def known_sites() -> list[str]:
+    from mrsfm_model.config import config_dir
+
+    return sorted(p.stem for p in (config_dir() / "site").glob("*.yaml"))
+
+
+def load_site(site: str, overrides: list[str]):
+    """The composed config with the site's settings under `cfg.site`."""
+    from mrsfm_model.config import load_config
+
+    if site not in (sites := known_sites()):
+        raise SiteError(f"unknown site {site!r}; known sites: {', '.join(sites) or '(none)'} (configs/site/*.yaml)")
+    site_words = [o for o in overrides if o.lstrip("+~").startswith("site.")]
+    train_words = [o for o in overrides if o not in site_words]
+    try:
+        cfg = load_config([f"+site={site}", *site_words])
+        load_config(list(cfg.site.get("overrides") or []) + train_words)  # fail here, not in round 1
+    except ValueError as exc:
+        raise SiteError(str(exc)) from None
+    return cfg, train_words
+
+
+def check_superlink(address: str, timeout_s: float = 5.0) -> None:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise SiteError(f"site.superlink must be host:port, got {address!r}")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise SiteError(f"cannot reach the SuperLink at {address} ({exc.strerror or exc}); is flower-superlink "
+                        "running there, and is the port open to this machine?") from None
+
+
+def check_data_dir(data_dir: str | None) -> str:
+    """'' for simulation only, else the folder, which must hold at least one usable spectrum."""
+    if not data_dir:
+        return ""
+    from mrsfm_model.errors import MRSDataError
+    from mrsfm_model.io import load_folder
+
+    folder = Path(data_dir).expanduser().resolve()
+    try:
+        spectra, errors = load_folder(folder)
+    except MRSDataError as exc:
+        raise SiteError(str(exc)) from None
+    if not spectra:
+        why = f" ({len(errors)} file(s) unreadable, e.g. {errors[0]})" if errors else ""
+        raise SiteError(f"{folder}: no usable spectra in the data folder{why}; set site.data_dir=null to train "
+                        "on simulated data only")
+    return str(folder)
+
+
+def _word(word: str) -> str:
+    """One override, quoted for shlex.split on the other side only when it must be."""
+    return f"'{word}'" if any(c.isspace() for c in word) and "'" not in word else word
+
+
+def _literal(key: str, value: str) -> str:
+    """A node-config value as Flower parses it: a TOML string without quotes or backslashes inside."""
+    if '"' in value or "\\" in value:
+        raise SiteError(f"{key} must not contain double quotes or backslashes: {value!r}")
+    return f'{key}="{value}"'
+
+
+def supernode_command(cfg, train_words: list[str], data_dir: str) -> list[str]:
+    s = cfg.site
+    cmd = ["flower-supernode", "--superlink", str(s.superlink), "--port", str(int(s.runtime_port))]
+    if s.insecure:
+        cmd.append("--insecure")
+    else:
+        if not s.root_certificates or not Path(str(s.root_certificates)).expanduser().is_file():
+            raise SiteError(f"site.insecure is false but site.root_certificates ({s.root_certificates}) is not a file")
+        cmd += ["--root-certificates", str(Path(str(s.root_certificates)).expanduser())]
+    if s.get("auth_private_key"):
+        key = Path(str(s.auth_private_key)).expanduser()
+        if not key.is_file():
+            raise SiteError(f"site.auth_private_key {key} is not a file")
+        cmd += ["--auth-supernode-private-key", str(key)]
+    local = list(s.get("overrides") or []) + train_words
+    node = {"site": str(s.name), "data-dir": data_dir, "state-dir": str(Path(str(s.state_dir)).expanduser()),
+            "device": str(s.device), "overrides": " ".join(_word(w) for w in local)}
+    return cmd + ["--node-config", " ".join(_literal(k, v) for k, v in node.items())]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=PROG, description="Join the federation as one site (flower-supernode).")
+    parser.add_argument("--site", required=True, help="name of configs/site/<name>.yaml")
+    parser.add_argument("--dry-run", action="store_true", help="check and print the flower-supernode command only")
+    parser.add_argument("overrides", nargs="*", help="site.key=value (site settings) or other Hydra overrides")
+    args = parser.parse_args(argv)
+    try:
+        cfg, train_words = load_site(args.site, args.overrides)  # local problems first, then the network
+        data_dir = check_data_dir(cfg.site.data_dir)
+        cmd = supernode_command(cfg, train_words, data_dir)
+        check_superlink(str(cfg.site.superlink))
+        if args.dry_run:
+            print(shlex.join(cmd))
+            return 0
+        path = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")  # the venv's bin first
+        exe = shutil.which("flower-supernode", path=path)
+        if exe is None:
+            raise SiteError("flower-supernode not found; install mrsfm (pip install -e .) in this environment")
+    except SiteError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    env = {**os.environ, "PATH": path}  # the SuperNode starts flower-superexec and flwr-clientapp from PATH
+    env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    print(f"{PROG}: site {cfg.site.name} -> SuperLink {cfg.site.superlink}, data "
+          f"{data_dir or '(simulation only)'}", file=sys.stderr, flush=True)
+    os.execve(exe, cmd, env)
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())

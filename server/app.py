@@ -1,0 +1,184 @@
+"""ServerApp: federated MAE pretraining, one checkpoint and one metrics line per round, resumable.
+
+Run config (`[tool.flwr.app.config]`, override with `flwr run . CONN --run-config 'k=v ...'`):
+`overrides` (Hydra overrides of configs/, e.g. "model=micro data.batch_size=8"), `num-rounds`,
+`local-steps`, `run-dir`, `min-sites`, `wait-timeout-s`, `wire-dtype` (bf16 | fp32), `strategy`
+(fedavg | fedprox | fedadam, settings in configs/fl/), `sites` (expected site names, comma
+separated; empty: every configs/site/*.yaml), `round-timeout-s`, `local-sleep-s` (benchmarks:
+sites sleep instead of training). Starting again with the same run-dir continues after the last
+completed round. Outputs mirror `mrsfm pretrain`: config.yaml, metrics.jsonl, training_curve.png,
+reconstruction.png, encoder.safetensors + encoder.json, plus rounds/round_XXXX.safetensors.
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+from dataclasses import dataclass, fields
+from datetime import datetime, timezone
+from logging import ERROR, INFO
+
+import torch
+from flwr.app import ConfigRecord, Context, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+from omegaconf import OmegaConf
+
+from mrsfm_model.config import config_dir, load_config
+from mrsfm_model.export import export_encoder
+from mrsfm_model.mae import build_mae
+from mrsfm_model.train import load_weights, save_weights
+
+from .grid import SitesMissingError, WireGrid
+from .rundir import RunDir
+from .strategy import STRATEGIES, make_strategy
+from .wire import WIRE_DTYPES, as_fp32_record, to_state
+
+app = ServerApp()
+
+
+@dataclass
+class RunSettings:
+    """`[tool.flwr.app.config]`, keys spelled with dashes there (num-rounds -> num_rounds)."""
+
+    overrides: str = ""
+    num_rounds: int = 3
+    local_steps: int = 20
+    run_dir: str = "runs/federated"
+    min_sites: int = 2
+    wait_timeout_s: float = 600.0
+    wire_dtype: str = "bf16"
+    strategy: str = "fedavg"
+    sites: str = ""
+    round_timeout_s: float = 3600.0
+    local_sleep_s: float = 0.0
+
+    @classmethod
+    def from_run_config(cls, rc) -> "RunSettings":
+        kwargs = {f.name: type(f.default)(rc[f.name.replace("_", "-")]) for f in fields(cls)
+                  if f.name.replace("_", "-") in rc}
+        s = cls(**kwargs)
+        if s.wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"wire-dtype must be one of {WIRE_DTYPES}, got {s.wire_dtype!r}")
+        if s.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {s.strategy!r}")
+        if s.num_rounds < 1 or s.local_steps < 1 or s.min_sites < 1:
+            raise ValueError("num-rounds, local-steps and min-sites must be >= 1")
+        return s
+
+    def expected_sites(self) -> list[str]:
+        if self.sites.strip():
+            return [x.strip() for x in self.sites.split(",") if x.strip()]
+        return sorted(p.stem for p in (config_dir() / "site").glob("*.yaml"))
+
+
+def say(msg: str) -> None:
+    log(INFO, "[mrsfm] %s", msg)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    try:
+        run_federation(grid, RunSettings.from_run_config(context.run_config))
+    except (SitesMissingError, ValueError, RuntimeError) as exc:
+        log(ERROR, "[mrsfm] federated run failed: %s", exc)
+        raise
+
+
+def run_federation(grid: Grid, s: RunSettings) -> dict:
+    """Rounds `last completed + 1 .. num-rounds` of federated MAE pretraining over `grid`."""
+    cfg = load_config([f"+fl={s.strategy}", *shlex.split(s.overrides)])
+    rd = RunDir(s.run_dir)
+    rd.rounds.mkdir(parents=True, exist_ok=True)
+    (rd.path / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    torch.manual_seed(cfg.seed)
+    model = build_mae(cfg.model, cfg.data)
+    done = rd.last_round()
+    if done:
+        try:
+            load_weights(model, rd.checkpoint(done))
+        except RuntimeError as exc:
+            raise RuntimeError(f"{rd.checkpoint(done)} is not a checkpoint of this model "
+                               f"({str(exc).splitlines()[0]}); use a new run-dir") from None
+        rd.trim_metrics(done)
+        say(f"resuming after round {done} from {rd.checkpoint(done)}")
+    n_params = sum(p.numel() for p in model.parameters())
+    say(f"{s.strategy}, rounds {done + 1}..{s.num_rounds} x {s.local_steps} local steps, {n_params / 1e6:.2f}M "
+        f"parameters, {s.wire_dtype} on the wire, at least {s.min_sites} site(s), run dir {rd.path}")
+    if done < s.num_rounds:
+        _rounds(grid, s, cfg, model, rd, done)
+    return _finish(s, cfg, model, rd)
+
+
+def _rounds(grid: Grid, s: RunSettings, cfg, model, rd: RunDir, done: int) -> None:
+    wgrid = WireGrid(grid, model.state_dict(), s.wire_dtype, s.min_sites, s.wait_timeout_s,
+                     s.expected_sites(), rd.load_sites(), logger=say)
+    strategy = make_strategy(s.strategy, cfg.fl, s.min_sites)
+    strategy.round_offset = done
+    strategy.load_state(rd.server_state(done))
+    train_config = ConfigRecord({
+        "overrides": s.overrides, "strategy": s.strategy, "local-steps": s.local_steps,
+        "total-steps": s.num_rounds * s.local_steps,
+        "wire-dtype": s.wire_dtype, "local-sleep-s": s.local_sleep_s, "run-key": rd.key()})
+    clock = [time.monotonic()]
+
+    def on_round_end(local_round: int, arrays) -> MetricRecord | None:
+        """Flower calls this after every round: checkpoint + metrics line (round 0: the start)."""
+        if local_round == 0:
+            clock[0] = time.monotonic()
+            return None
+        rnd = done + local_round
+        replies = wgrid.last_train
+        ok = [r for r in replies if r.ok]
+        if not ok:
+            raise RuntimeError(f"round {rnd}: no site returned weights ("
+                               + "; ".join(f"{r.site}: {r.error}" for r in replies) + ")")
+        model.load_state_dict(to_state(arrays))
+        weights = [float(r.metrics["num-examples"]) for r in ok]
+        loss = sum(float(r.metrics["loss"]) * w for r, w in zip(ok, weights)) / sum(weights)
+        now = time.monotonic()
+        record = {
+            "round": rnd, "step": rnd * s.local_steps, "loss": loss, "num_sites": len(ok),
+            "sites": [{"site": r.site, "node_id": r.node_id, "loss": float(r.metrics["loss"]),
+                       "num_examples": int(r.metrics["num-examples"]),
+                       "local_seconds": round(float(r.metrics.get("local-seconds", 0.0)), 3),
+                       "setup_seconds": round(float(r.metrics.get("setup-seconds", 0.0)), 3),
+                       "bytes_up": r.bytes_up, "bytes_down": r.bytes_down} for r in ok],
+            "dropped": [{"site": r.site, "node_id": r.node_id, "error": r.error} for r in replies if not r.ok],
+            "round_seconds": round(now - clock[0], 3), "wire_dtype": s.wire_dtype, "strategy": s.strategy,
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        clock[0] = now
+        strategy.save_state(rd.server_state(rnd))
+        rd.append_metrics(record)
+        save_weights(model, rd.checkpoint(rnd), {"round": rnd, "strategy": s.strategy})  # commit point
+        rd.save_sites(wgrid.sites)
+        per_site = ", ".join(f"{r.site} {float(r.metrics['loss']):.4f} ({r.bytes_up / 1e6:.2f} MB up)" for r in ok)
+        say(f"round {rnd}/{s.num_rounds} done in {record['round_seconds']:.1f} s: loss {loss:.4f} [{per_site}]"
+            + (f"; dropped: {', '.join(d['site'] for d in record['dropped'])}" if record["dropped"] else "")
+            + f" -> {rd.checkpoint(rnd)}")
+        return MetricRecord({"loss": loss})
+
+    strategy.start(wgrid, as_fp32_record(model.state_dict()), num_rounds=s.num_rounds - done,
+                   timeout=s.round_timeout_s, train_config=train_config, evaluate_fn=on_round_end)
+
+
+def _finish(s: RunSettings, cfg, model, rd: RunDir) -> dict:
+    """Encoder export, training curve and a reconstruction figure, as `mrsfm pretrain` leaves them."""
+    from mrsfm_model.data import build_stream
+    from mrsfm_model.pretrain import plot_curve, plot_reconstructions
+
+    rows = rd.read_metrics()
+    if rows:
+        plot_curve(rd.metrics, rd.path / "training_curve.png")
+    stream = build_stream(cfg.data, seed=cfg.seed, device="cpu")
+    plot_reconstructions(model, {"simulated": stream.sim_batch(10**6, k=len(stream.simulators) or 1).x[0]},
+                         rd.path / "reconstruction.png", seed=cfg.seed)
+    card = {"trained_rounds": rd.last_round(), "local_steps": s.local_steps,
+            "federated": {"strategy": s.strategy, "wire_dtype": s.wire_dtype,
+                          "sites": sorted({x["site"] for r in rows for x in r["sites"]})},
+            "grid": OmegaConf.to_container(cfg.data.grid), "spectrogram": OmegaConf.to_container(cfg.data.spectrogram),
+            "channels": list(cfg.data.channels), "final_loss": rows[-1]["loss"] if rows else None}
+    export_encoder(model, rd.path / "encoder.safetensors", card)
+    say(f"encoder -> {rd.path / 'encoder.safetensors'}")
+    return card

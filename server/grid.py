@@ -1,0 +1,159 @@
+"""The Grid as the strategy sees it: float32 weights in and out, 16-bit on the wire, named sites.
+
+Wrapping Flower's Grid (rather than each strategy) keeps every strategy untouched: FedAvg,
+FedProx and FedAdam average and update in float32, while this layer encodes what leaves the
+server, decodes what arrives, counts the bytes per site, remembers which node is which site,
+and bounds the wait for sites so that a missing hospital is named, never waited on forever.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Callable, Iterable, Mapping
+
+import torch
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from .wire import decode, encode, nbytes, to_state
+
+
+class SitesMissingError(RuntimeError):
+    """Fewer than min-sites SuperNodes connected within wait-timeout-s."""
+
+
+@dataclass
+class SiteReply:
+    node_id: int
+    site: str
+    ok: bool
+    metrics: dict = field(default_factory=dict)
+    bytes_down: int = 0
+    bytes_up: int = 0
+    error: str = ""
+
+
+class WireGrid(Grid):
+    """Delegates to Flower's Grid; see the module docstring for what it adds."""
+
+    def __init__(self, grid: Grid, template: Mapping[str, torch.Tensor], wire_dtype: str, min_sites: int,
+                 wait_timeout_s: float, expected_sites: Iterable[str] = (), sites: dict[int, str] | None = None,
+                 logger: Callable[[str], None] | None = None):
+        self.grid, self.template, self.wire_dtype = grid, template, wire_dtype
+        self.min_sites, self.wait_timeout_s = min_sites, wait_timeout_s
+        self.expected = list(expected_sites)
+        self.sites: dict[int, str] = dict(sites or {})  # node id -> site name, learnt from replies
+        self.say = logger or (lambda msg: log(INFO, msg))
+        self.last_train: list[SiteReply] = []
+
+    # -- plain delegation ------------------------------------------------------------------------
+    def set_run(self, run) -> None:  # type: ignore[override]
+        self.grid.set_run(run)
+
+    @property
+    def run(self):  # type: ignore[override]
+        return self.grid.run
+
+    def create_message(self, *args, **kwargs) -> Message:  # type: ignore[override]
+        return self.grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    # -- weights on the wire -----------------------------------------------------------------------
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        if not messages:
+            return []
+        is_train = messages[0].metadata.message_type.startswith(MessageType.TRAIN)
+        wire, sent, out = {}, {}, []
+        for msg in messages:
+            content = RecordDict(dict(msg.content.items()))
+            for key, rec in msg.content.array_records.items():
+                if id(rec) not in wire:  # the strategy sends one record to all: encode it once
+                    wire[id(rec)] = encode(to_state(rec), self.wire_dtype)
+                content[key] = wire[id(rec)]
+            node = msg.metadata.dst_node_id
+            sent[node] = sum(nbytes(r) for r in content.array_records.values())
+            out.append(Message(content=content, dst_node_id=node, message_type=msg.metadata.message_type,
+                               group_id=msg.metadata.group_id, ttl=msg.metadata.ttl))
+        replies = list(self.grid.send_and_receive(out, timeout=timeout))
+        to_node = {m.metadata.message_id: m.metadata.dst_node_id for m in out}  # ids are set once pushed
+        decoded, report = [], []
+        for reply in replies:  # an error reply comes from the SuperLink (node 1): map it back to its node
+            node = to_node.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            if reply.has_error():
+                report.append(SiteReply(node, self.sites.get(node, f"node {node}"), False, bytes_down=sent.get(node, 0),
+                                        error=reply.error.reason))
+                decoded.append(reply)
+                continue
+            content = reply.content
+            site = str(content.config_records["site"]["site"]) if "site" in content.config_records else f"node {node}"
+            self.sites[node] = site
+            up = sum(nbytes(r) for r in content.array_records.values())
+            for key, rec in list(content.array_records.items()):
+                content[key] = encode(decode(rec, self.template), "fp32")
+            metrics = {k: v for m in content.metric_records.values() for k, v in m.items()}
+            report.append(SiteReply(node, site, True, metrics, sent.get(node, 0), up))
+            decoded.append(reply)
+        for node in set(sent) - {r.node_id for r in report}:
+            report.append(SiteReply(node, self.sites.get(node, f"node {node}"), False, bytes_down=sent[node],
+                                    error=f"no reply within {timeout} s"))
+        for r in report:
+            if not r.ok:
+                who = f"node {r.node_id}" if r.site == f"node {r.node_id}" else f"site {r.site} (node {r.node_id})"
+                log(WARNING, f"[mrsfm] {who} dropped out of this round: {r.error}; "
+                             f"aggregating the {sum(x.ok for x in report)} other site(s)")
+        if is_train:
+            self.last_train = report
+        return decoded
+
+    # -- bounded wait for sites ---------------------------------------------------------------------
+    def wait_for_sites(self, poll_s: float = 1.0, log_every_s: float = 10.0) -> list[int]:
+        """Connected node ids once at least min-sites are online; SitesMissingError after the timeout."""
+        t0 = time.monotonic()
+        last_log = t0 - log_every_s / 2  # first word after a few seconds: sites still starting are normal
+        while True:
+            ids = list(self.grid.get_node_ids())
+            if len(ids) >= self.min_sites:
+                return ids
+            waited = time.monotonic() - t0
+            if waited >= self.wait_timeout_s or time.monotonic() - last_log >= log_every_s:
+                self.identify(ids, timeout=min(10.0, max(1.0, self.wait_timeout_s - waited)))
+                line = self.describe(ids)
+                if time.monotonic() - t0 >= self.wait_timeout_s:
+                    raise SitesMissingError(f"gave up after {self.wait_timeout_s:g} s (wait-timeout-s): {line}")
+                self.say(f"waiting for sites ({waited:.0f}/{self.wait_timeout_s:g} s): {line}")
+                last_log = time.monotonic()
+            time.sleep(poll_s)
+
+    def describe(self, ids: list[int]) -> str:
+        named = sorted(self.sites[i] for i in ids if i in self.sites)
+        unknown = sum(i not in self.sites for i in ids)
+        missing = [s for s in self.expected if s not in named]
+        text = f"{len(ids)} of the {self.min_sites} required site(s) connected"
+        if named or unknown:
+            text += " (" + ", ".join(named + ([f"{unknown} unidentified"] if unknown else [])) + ")"
+        if missing:
+            text += f"; missing: {', '.join(missing)}"
+        return text
+
+    def identify(self, ids: list[int], timeout: float) -> None:
+        """Ask connected nodes we cannot name yet for their site (a query message, no weights)."""
+        unknown = [i for i in ids if i not in self.sites]
+        if not unknown:
+            return
+        msgs = [Message(content=RecordDict({"config": ConfigRecord({"ask": "site"})}), dst_node_id=i,
+                        message_type=MessageType.QUERY) for i in unknown]
+        for reply in self.grid.send_and_receive(msgs, timeout=timeout):
+            if not reply.has_error() and "site" in reply.content.config_records:
+                self.sites[reply.metadata.src_node_id] = str(reply.content.config_records["site"]["site"])

@@ -1,0 +1,104 @@
+"""Flower's strategies with two additions a multi-hospital run needs: a bounded wait for sites
+before each round, and a global round number that survives a restart (resume)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from safetensors.torch import load_file, save_file
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam")
+
+
+class _Nodes:
+    """A frozen view of the connected nodes: Flower's node sampling then never blocks."""
+
+    def __init__(self, ids: list[int]):
+        self.ids = ids
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.ids)
+
+
+class Federated:
+    """Mixin for FedAvg-family strategies. `grid` is a server.grid.WireGrid."""
+
+    round_offset = 0  # rounds completed before this start (resume)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid) -> Iterable[Message]:
+        nodes = grid.wait_for_sites()  # bounded; raises SitesMissingError
+        return super().configure_train(server_round + self.round_offset, arrays, config, _Nodes(nodes))
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        arrays, metrics = super().aggregate_train(server_round + self.round_offset, replies)
+        if arrays is not None and any(a.dtype == "float64" for a in arrays.values()):  # FedAdam's numpy math
+            arrays = ArrayRecord({k: Array(a.numpy().astype(np.float32)) if a.dtype == "float64" else a
+                                  for k, a in arrays.items()})
+        return arrays, metrics
+
+    def save_state(self, path: Path) -> Path | None:
+        """Server optimizer state (none for FedAvg/FedProx)."""
+        return None
+
+    def load_state(self, path: Path) -> None:
+        pass
+
+
+class FedAvgFL(Federated, FedAvg):
+    pass
+
+
+class FedProxFL(Federated, FedProx):
+    pass
+
+
+class FedAdamFL(Federated, FedAdam):
+    """FedAdam whose moments are saved beside the round checkpoint (Flower does not save them)."""
+
+    def save_state(self, path: Path) -> Path | None:
+        if not self.m_t or not self.v_t:
+            return None
+        tensors = {f"m.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.m_t.items()}
+        tensors.update({f"v.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.v_t.items()})
+        tmp = path.with_suffix(".tmp")
+        save_file(tensors, str(tmp))
+        tmp.replace(path)
+        return path
+
+    def load_state(self, path: Path) -> None:
+        if not path.is_file():
+            return
+        state = load_file(str(path))
+        self.m_t = {k[2:]: v.numpy() for k, v in state.items() if k.startswith("m.")}
+        self.v_t = {k[2:]: v.numpy() for k, v in state.items() if k.startswith("v.")}
+
+
+def make_strategy(name: str, fl_cfg, min_sites: int) -> Federated:
+    """Strategy `name` with settings from configs/fl/<name>.yaml; never a client-side evaluate round."""
+    common = dict(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=min_sites, min_available_nodes=min_sites,
+                  train_metrics_aggr_fn=_mean_numeric_metrics)
+    if name == "fedavg":
+        return FedAvgFL(**common)
+    if name == "fedprox":
+        return FedProxFL(**common, proximal_mu=float(fl_cfg.proximal_mu))
+    if name == "fedadam":
+        return FedAdamFL(**common, eta=float(fl_cfg.eta), beta_1=float(fl_cfg.beta_1), beta_2=float(fl_cfg.beta_2),
+                         tau=float(fl_cfg.tau))
+    raise ValueError(f"strategy must be one of {STRATEGIES}, got {name!r}")
+
+
+def _mean_numeric_metrics(records, weight_key: str) -> MetricRecord:
+    """num-examples-weighted mean of the reply metrics (Flower's default, minus non-metric keys)."""
+    weights = [float(next(iter(r.metric_records.values()))[weight_key]) for r in records]
+    total = sum(weights) or 1.0
+    out: dict[str, float] = {}
+    for r, w in zip(records, weights):
+        for k, v in next(iter(r.metric_records.values())).items():
+            if k != weight_key and isinstance(v, (int, float)):
+                out[k] = out.get(k, 0.0) + float(v) * w / total
+    return MetricRecord(out)

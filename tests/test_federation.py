@@ -1,0 +1,273 @@
+"""Federated pretraining as it really runs: a SuperLink, one SuperNode per site and `flwr run`,
+as separate processes on loopback (CPU, micro MAE), plus the wire format and the site launcher.
+
+One federation (module fixture) goes through four phases, each checked by its own test:
+  1. 3 sites, 2 rounds: every round's checkpoint and metrics line, with 3 sites' metrics.
+  2. the same run dir to 4 rounds: resumes at round 3; one SuperNode is killed during round 3
+     (the round aggregates the other two); the SuperLink is killed during round 4.
+  3. SuperLink restarted (and the SuperNodes it forgot), a run that needs all 3 sites: fails
+     after wait-timeout-s naming the missing site (never a silent hang).
+  4. a run that needs 2 sites: resumes after round 3 and completes round 4.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+from server.grid import WireGrid
+from server.local import SITES, LocalFederation, prepare_site_data
+from server.rundir import RunDir
+from server.strategy import make_strategy
+from server.wire import as_fp32_record, decode, encode, nbytes, to_state
+
+REPO = Path(__file__).resolve().parents[1]
+RUN = {"overrides": "model=micro data.batch_size=4", "local-steps": 3, "sites": ",".join(SITES)}
+
+
+# -- weights on the wire (unit) -----------------------------------------------------------------------
+def test_bf16_wire_round_trips_within_bf16_precision_and_halves_the_bytes():
+    gen = torch.Generator().manual_seed(0)
+    state = {"w": torch.randn(64, 33, generator=gen) * 3, "b": torch.randn(7, generator=gen) * 1e-3,
+             "n": torch.tensor([3, 4], dtype=torch.int64)}
+    rec16, rec32 = encode(state, "bf16"), encode(state, "fp32")
+    assert rec16["w"].dtype == "int16" and rec16["n"].dtype == "int64"  # only floats travel as 16 bits
+    back = decode(rec16, state)
+    for k in ("w", "b"):
+        assert back[k].dtype == torch.float32
+        torch.testing.assert_close(back[k], state[k], rtol=2**-8, atol=0)  # bf16: 8 significant bits
+        assert torch.equal(back[k], state[k].to(torch.bfloat16).float())  # exactly bf16 rounding, no more
+    assert torch.equal(back["n"], state["n"])
+    assert torch.equal(decode(rec32, state)["w"], state["w"])
+    assert nbytes(rec16) < 0.55 * nbytes(rec32)
+    with pytest.raises(ValueError, match="shape"):
+        decode(rec16, {**state, "w": torch.zeros(3)})
+
+
+FL = {"fedavg": None, "fedadam": type("Fl", (), {"eta": 1e-3, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-6})}
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedadam"])
+def test_server_averages_decoded_float32_not_16_bit_views(monkeypatch, name):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+    gen = torch.Generator().manual_seed(1)
+    template = {"w": torch.zeros(500)}
+    sites = {11: ("unicamp", torch.randn(500, generator=gen), 30), 12: ("hcfmrp", -torch.rand(500, generator=gen), 10)}
+
+    class FakeGrid:  # plays SuperLink + two SuperNodes that reply with bf16 weights
+        def get_node_ids(self):
+            return list(sites)
+
+        def send_and_receive(self, messages, *, timeout=None):
+            replies = []
+            for m in messages:
+                assert m.content["arrays"]["w"].dtype == "int16"  # the server sends 16 bits too
+                m.metadata.__dict__["_message_id"] = m.object_id
+                name, w, n = sites[m.metadata.dst_node_id]
+                replies.append(Message(RecordDict({"arrays": encode({"w": w}, "bf16"),
+                                                   "metrics": MetricRecord({"num-examples": n, "loss": 1.0}),
+                                                   "site": ConfigRecord({"site": name})}), reply_to=m))
+            return replies
+
+    grid = WireGrid(FakeGrid(), template, "bf16", min_sites=2, wait_timeout_s=1)
+    strategy = make_strategy(name, FL[name], min_sites=2)
+    replies = grid.send_and_receive(strategy.configure_train(1, as_fp32_record(template), ConfigRecord(), grid))
+    arrays, _ = strategy.aggregate_train(1, replies)
+    got = to_state(arrays)["w"]
+    assert got.dtype == torch.float32  # FedAdam's numpy math is float64: cast back, never 16 bits
+    w16 = {k: v[1].to(torch.bfloat16).double() for k, v in sites.items()}
+    mean = (30 * w16[11] + 10 * w16[12]) / 40
+    if name == "fedavg":
+        torch.testing.assert_close(got.double(), mean, rtol=1e-6, atol=1e-7)
+    else:  # one Adam step of size ~eta from 0 along the sign of the averaged update
+        assert torch.equal(torch.sign(got), torch.sign(mean).float()) and got.abs().max() < 2e-3
+    assert sorted(r.site for r in grid.last_train) == ["hcfmrp", "unicamp"]
+    assert all(r.bytes_up == r.bytes_down == nbytes(encode(template, "bf16")) for r in grid.last_train)
+
+
+def test_fedadam_moments_survive_a_restart(tmp_path):
+    a = make_strategy("fedadam", FL["fedadam"], 2)
+    a.m_t, a.v_t = {"w": torch.randn(4, 3).numpy()}, {"w": torch.rand(4, 3).numpy()}
+    a.save_state(tmp_path / "s.safetensors")
+    b = make_strategy("fedadam", FL["fedadam"], 2)
+    b.load_state(tmp_path / "s.safetensors")
+    assert (b.m_t["w"] == a.m_t["w"]).all() and (b.v_t["w"] == a.v_t["w"]).all()
+
+
+def test_run_dir_resume_point_drops_uncommitted_metrics(tmp_path):
+    rd = RunDir(tmp_path)
+    rd.rounds.mkdir()
+    for r in (1, 2):
+        rd.checkpoint(r).write_bytes(b"x")
+    rd.server_state(2).write_bytes(b"x")  # not a checkpoint
+    for r in (1, 2, 3):  # round 3 crashed between its metrics line and its checkpoint
+        rd.append_metrics({"round": r})
+    assert rd.last_round() == 2
+    rd.trim_metrics(rd.last_round())
+    assert [r["round"] for r in rd.read_metrics()] == [1, 2]
+
+
+# -- the site launcher ----------------------------------------------------------------------------------
+def _client(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "client", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_launcher_unknown_site_is_one_clear_line():
+    res = _client("--site", "nosuch")
+    assert res.returncode != 0 and res.stdout == ""
+    assert res.stderr.strip().count("\n") == 0
+    assert "unknown site 'nosuch'" in res.stderr and all(s in res.stderr for s in SITES)
+
+
+def test_launcher_unreachable_superlink_is_one_clear_line():
+    res = _client("--site", "unicamp", f"site.superlink=127.0.0.1:{_closed_port()}")
+    assert res.returncode != 0 and res.stderr.strip().count("\n") == 0
+    assert "cannot reach the SuperLink at 127.0.0.1:" in res.stderr
+
+
+def test_launcher_data_dir_without_spectra_is_one_clear_line(tmp_path):
+    (tmp_path / "notes.txt").write_text("no spectra here")
+    res = _client("--site", "hcfmrp", f"site.data_dir={tmp_path}")
+    assert res.returncode != 0 and res.stderr.strip().count("\n") == 0
+    assert "no usable spectra" in res.stderr and str(tmp_path) in res.stderr
+
+
+# -- a real federation on loopback --------------------------------------------------------------------
+def _count(path: Path, text: str) -> int:
+    return path.read_text(errors="replace").count(text) if path.exists() else 0
+
+
+def _wait_for(cond, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout_s:g} s for {what}")
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    out = tmp_path_factory.mktemp("federation")
+    run_dir = out / "run"
+    rd, logs = RunDir(run_dir), out / "logs"
+    phases: dict = {"out": out, "rd": rd, "groups": []}
+    started = lambda site: _count(logs / f"supernode_{site}.log", "Receiving: train message")  # noqa: E731
+    fed = LocalFederation(out, SITES, log=lambda m: None)
+    try:
+        with fed:
+            fed.start_supernodes(prepare_site_data(out / "sites"))
+            t0 = time.monotonic()
+            phases[1] = fed.run({**RUN, "num-rounds": 2, "run-dir": str(run_dir), "min-sites": 3}, timeout_s=240)
+            phases["t1"] = time.monotonic() - t0
+
+            res2: dict = {}
+            runner = threading.Thread(target=lambda: res2.update(fed.run(
+                {**RUN, "num-rounds": 4, "run-dir": str(run_dir), "min-sites": 2}, timeout_s=240)))
+            runner.start()
+            _wait_for(lambda: started("hcfmrp") >= 3, 120, "round 3 to start at hcfmrp")
+            fed.stop("supernode_hcfmrp", sig=signal.SIGTERM, grace_s=5)  # a site dies mid-round
+            _wait_for(lambda: rd.last_round() >= 3, 120, "round 3 to complete without hcfmrp")
+            _wait_for(lambda: started("unicamp") >= 4, 60, "round 4 to start")
+            fed.stop("superlink", sig=signal.SIGKILL, grace_s=1)  # the server side crashes mid-round
+            runner.join(60)
+            phases[2] = res2
+
+            fed.start_superlink()  # same port, new (in-memory) state: the SuperNodes must register again
+            fed.restart_supernodes()
+            phases[3] = fed.run({**RUN, "num-rounds": 4, "run-dir": str(run_dir), "min-sites": 3,
+                                 "wait-timeout-s": 15}, timeout_s=120)
+            phases[4] = fed.run({**RUN, "num-rounds": 4, "run-dir": str(run_dir), "min-sites": 2}, timeout_s=180)
+            phases["t_all"] = time.monotonic() - t0
+    except Exception as exc:  # later tests report the phase that broke, with the logs to read
+        phases["error"] = f"{type(exc).__name__}: {exc} (logs in {logs})"
+    phases["groups"] = list(fed.pgids)
+    transcript = logs / "flwr_run.log"
+    phases["transcript"] = transcript.read_text(errors="replace") if transcript.exists() else ""
+    return phases
+
+
+def _phase(federation, n):
+    if n not in federation:
+        pytest.fail(f"phase {n} did not run: {federation.get('error')}")
+    return federation[n]
+
+
+def test_three_sites_two_rounds_checkpoint_and_metrics_every_round(federation):
+    res, rd = _phase(federation, 1), federation["rd"]
+    assert res["status"] == "finished:completed", res
+    rows = rd.read_metrics()
+    assert [r["round"] for r in rows[:2]] == [1, 2]
+    for r in rows[:2]:
+        assert rd.checkpoint(r["round"]).is_file()
+        assert sorted(s["site"] for s in r["sites"]) == sorted(SITES)
+        for s in r["sites"]:
+            assert s["num_examples"] == 3 * 4 and s["loss"] > 0 and s["local_seconds"] > 0
+            assert s["bytes_up"] == s["bytes_down"] > 0
+    assert (rd.path / "encoder.safetensors").is_file() and (rd.path / "training_curve.png").is_file()
+
+
+def test_site_killed_mid_round_the_round_aggregates_the_others(federation):
+    _phase(federation, 2)
+    rows = {r["round"]: r for r in federation["rd"].read_metrics()}
+    assert 3 in rows, "round 3 has no metrics line"
+    assert sorted(s["site"] for s in rows[3]["sites"]) == ["einstein", "unicamp"]
+    assert [d["site"] for d in rows[3]["dropped"]] == ["hcfmrp"]
+    assert federation["rd"].checkpoint(3).is_file()
+
+
+def test_missing_sites_fail_after_the_bounded_wait_naming_them(federation):
+    res = _phase(federation, 3)
+    assert res["status"] == "finished:failed", res
+    assert "gave up after 15 s (wait-timeout-s): 2 of the 3 required site(s) connected" in federation["transcript"]
+    assert "missing: hcfmrp" in federation["transcript"]
+
+
+def test_superlink_restart_resumes_from_the_last_completed_round(federation):
+    res, rd = _phase(federation, 4), federation["rd"]
+    assert res["status"] == "finished:completed", res
+    rows = rd.read_metrics()
+    assert [r["round"] for r in rows] == [1, 2, 3, 4]  # continued, never restarted or repeated
+    assert "resuming after round 2" in federation["transcript"]  # phase 2 continued the finished run
+    assert "resuming after round 3" in federation["transcript"]  # phase 4 after the SuperLink crash
+    assert all(rd.checkpoint(r).is_file() for r in (1, 2, 3, 4))
+    assert sorted(s["site"] for s in rows[3]["sites"]) == ["einstein", "unicamp"]
+
+
+def _live_members(pgid: int) -> list[str]:
+    """Processes of group `pgid` that are not zombies (a killed orphan waits for init to reap it)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            out.append(stat.parent.name)
+    return out
+
+
+def test_every_process_group_is_gone_afterwards(federation):
+    assert len(federation["groups"]) >= 5, federation.get("error")  # SuperLink x2, SuperNodes, restarts
+    deadline = time.monotonic() + 10
+    while (left := {g: m for g in federation["groups"] if (m := _live_members(g))}) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"processes left in groups: {left}"
