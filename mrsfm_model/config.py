@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-import torch
 from omegaconf import DictConfig
 
 
@@ -35,8 +34,11 @@ def load_config(overrides: Sequence[str] = (), name: str = "config") -> DictConf
             raise ValueError(f"bad config override {list(overrides)}: {exc}".splitlines()[0]) from None
 
 
-def resolve_device(name: str | None = "auto") -> torch.device:
-    """`auto` picks the GPU when there is one, else the CPU."""
+def resolve_device(name: str | None = "auto") -> "torch.device":
+    """`auto` picks the GPU when there is one, else the CPU (torch imported here: the site
+    launcher reads configs without paying for it)."""
+    import torch
+
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
