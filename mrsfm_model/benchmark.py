@@ -40,6 +40,7 @@ class Benchmark:
     test: torch.Tensor  # (N,) bool: held-out subjects
     ratios: torch.Tensor  # (N, len(QUANT_TARGETS))
     trivial: torch.Tensor  # (N, 4) length, max |fid|, noise level, total power
+    spectra: torch.Tensor  # (N, C * bins) magnitude spectra 0.2-4.2 ppm: the non-deep baseline's input
 
     def labelled_sample(self, n: int, seed: int) -> torch.Tensor:
         """Indices of a stratified (per vendor) random sample of n training spectra."""
@@ -50,6 +51,13 @@ class Benchmark:
         idx = [rng.choice(np.flatnonzero(train & (self.vendor.numpy() == c)), k, replace=False)
                for c, k in zip(classes, per)]
         return torch.from_numpy(np.sort(np.concatenate(idx)))
+
+
+def spectrum_features(fid: torch.Tensor, grid: CanonicalGrid, ppm: tuple[float, float] = (0.2, 4.2)) -> torch.Tensor:
+    """Magnitude spectra of every channel inside `ppm`, flattened: what a non-deep model sees."""
+    spec = torch.fft.fftshift(torch.fft.fft(fid, dim=-1), dim=-1).abs()
+    axis = torch.as_tensor(grid.ppm(), device=fid.device)
+    return spec[..., (axis >= ppm[0]) & (axis <= ppm[1])].flatten(1).float().cpu()
 
 
 def trivial_features(fid: torch.Tensor, grid: CanonicalGrid) -> torch.Tensor:
@@ -70,7 +78,7 @@ def build_benchmark(
     subjects_per_vendor: int = 60, scans_per_subject: int = 2, test_fraction: float = 0.5, seed: int = 0,
     device: torch.device | str = "cpu", profiles: Sequence[str] = VENDOR_PROFILES,
 ) -> Benchmark:
-    xs, vendors, subjects, ratios, trivial, tests = [], [], [], [], [], []
+    xs, vendors, subjects, ratios, trivial, tests, spectra = [], [], [], [], [], [], []
     rng = np.random.default_rng([seed, 7])
     for v, name in enumerate(profiles):
         sim = Simulator(load_profile(name), grid, device=device)
@@ -82,14 +90,16 @@ def build_benchmark(
         ratio = torch.stack([people.truth["GABA"] / tcr, people.truth["NAA"] / tcr], dim=1).float().cpu()
         for s in range(scans_per_subject):
             scan = sim.simulate(subjects_per_vendor, seed=base + 1 + s, fixed=fixed)
-            xs.append(transform(select_channels(scan.fid, scan.sub, channels)).float().cpu())
+            chans = select_channels(scan.fid, scan.sub, channels)
+            xs.append(transform(chans).float().cpu())
+            spectra.append(spectrum_features(chans, grid))
             trivial.append(trivial_features(scan.fid, grid))
             vendors.append(torch.full((subjects_per_vendor,), VENDORS.index(sim.vendor)))
             subjects.append(torch.arange(subjects_per_vendor) + v * subjects_per_vendor)
             ratios.append(ratio)
             tests.append(test)
     return Benchmark(torch.cat(xs), torch.cat(vendors), torch.cat(subjects), torch.cat(tests), torch.cat(ratios),
-                     torch.cat(trivial))
+                     torch.cat(trivial), torch.cat(spectra))
 
 
 def shortcut_accuracy(bench: Benchmark, steps: int = 500) -> float:

@@ -203,6 +203,7 @@ def run_benchmark(cfg, encoder: str | Path | None, out_dir: str | Path, device: 
                             ft.benchmark.test_fraction, ft.benchmark.seed, device)
     test = bench.test
     arms = [(init, mode) for init in (["pretrained"] if encoder else []) + ["scratch"] for mode in ft.modes]
+    arms.append(("baseline", "spectrum"))  # logistic / ridge regression on magnitude spectra: the yardstick
     rows = []
     for task in ft.tasks:
         for init, mode in arms:
@@ -212,6 +213,10 @@ def run_benchmark(cfg, encoder: str | Path | None, out_dir: str | Path, device: 
                 for seed in ft.seeds:
                     idx = bench.labelled_sample(int(n), int(seed))
                     y = bench.vendor if task == "vendor" else bench.ratios
+                    if init == "baseline":
+                        per_seed.append(_baseline(bench.spectra[idx], y[idx], bench.spectra[test], y[test], task,
+                                                  len(VENDORS), float(cfg.study.baseline_l2)))
+                        continue
                     per_seed.append(fit_and_evaluate(
                         bench.x[idx], y[idx], bench.x[test], y[test],
                         "classification" if task == "vendor" else "regression",
@@ -228,6 +233,21 @@ def run_benchmark(cfg, encoder: str | Path | None, out_dir: str | Path, device: 
     print_table(rows, log)
     plot_table(rows, out_dir / "finetune.png")
     return result
+
+
+def _baseline(f_train: torch.Tensor, y_train: torch.Tensor, f_test: torch.Tensor, y_test: torch.Tensor, task: str,
+              n_classes: int, l2: float) -> dict[str, float]:
+    """The non-deep arm (study.baseline_fit_predict) scored like the deep ones."""
+    from .benchmark import QUANT_TARGETS
+    from .study import baseline_fit_predict
+
+    a, b = f_train.numpy(), f_test.numpy()
+    if task == "vendor":
+        prob = baseline_fit_predict(a, y_train.numpy(), b, "classification", n_classes, l2)
+        return classification_metrics(y_test.numpy(), prob.argmax(1), n_classes)
+    pred = np.stack([baseline_fit_predict(a, y_train[:, j].numpy(), b, "regression", 0, l2)
+                     for j in range(y_train.shape[1])], axis=1)
+    return regression_metrics(y_test.numpy(), pred, QUANT_TARGETS)
 
 
 def print_table(rows: list[dict], log=print) -> None:

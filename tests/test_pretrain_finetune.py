@@ -38,6 +38,16 @@ def test_split_is_by_subject_and_samples_are_stratified(bench):
     assert torch.equal(idx, bench.labelled_sample(25, seed=3))
 
 
+def test_spectrum_baseline_beats_chance_on_the_vendor_task(bench):
+    """The yardstick: a linear model on magnitude spectra separates the vendors' basis sets."""
+    from mrsfm_model.finetune import _baseline
+
+    idx = bench.labelled_sample(90, seed=0)
+    m = _baseline(bench.spectra[idx], bench.vendor[idx], bench.spectra[bench.test], bench.vendor[bench.test],
+                  "vendor", 3, 0.01)
+    assert m["accuracy"] > 0.5
+
+
 def test_benchmark_seeds_are_outside_the_pretraining_stream():
     # MixedStream draws simulation seeds in [0, 2**31); the benchmark starts far above
     assert BENCH_SEED_BASE >= 2**31
@@ -79,7 +89,7 @@ def test_tiny_pretrain_resume_export_and_finetune(tmp_path):
                               "finetune.steps=3", "finetune.batch_size=6", "finetune.benchmark.subjects_per_vendor=6"])
     result = run_benchmark(cfg, run / "encoder.safetensors", tmp_path / "ft", torch.device("cpu"), log=logs.append)
     arms = {(r["task"], r["init"], r["mode"]) for r in result["rows"]}
-    assert len(arms) == 8  # 2 tasks x (pretrained, scratch) x (linear, full)
+    assert len(arms) == 10  # 2 tasks x ((pretrained, scratch) x (linear, full) + the spectrum baseline)
     for r in result["rows"]:
         if r["task"] == "vendor":
             assert 0 <= r["metrics"]["accuracy"]["mean"] <= 1 and r["metrics"]["accuracy"]["n"] == 2
