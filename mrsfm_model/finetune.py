@@ -226,7 +226,7 @@ def run_benchmark(cfg, encoder: str | Path | None, out_dir: str | Path, device: 
                 rows.append({"task": task, "init": init, "mode": mode, "n_labels": int(n), "metrics": summary,
                              "per_seed": per_seed})
                 h = summary[HEADLINE[task]]
-                log(f"  {task:<6} {init:<10} {mode:<6} n={n:<4} {HEADLINE[task]} {h['mean']:.3f} ± {h['ci95']:.3f}")
+                log(f"  {task:<6} {init:<10} {mode:<8} n={n:<4} {HEADLINE[task]} {h['mean']:.3f} ± {h['ci95']:.3f}")
     result = {"encoder": str(encoder) if encoder else None, "test_spectra": int(test.sum()),
               "test_subjects": int(bench.subject[test].unique().numel()), "seeds": list(ft.seeds), "rows": rows}
     (out_dir / "finetune.json").write_text(json.dumps(result, indent=1))
@@ -251,11 +251,11 @@ def _baseline(f_train: torch.Tensor, y_train: torch.Tensor, f_test: torch.Tensor
 
 
 def print_table(rows: list[dict], log=print) -> None:
-    log(f"{'task':<7}{'init':<11}{'mode':<7}{'labels':>7}  {'metric':<14}{'mean':>7}  {'95% CI':>8}")
+    log(f"{'task':<7}{'init':<11}{'mode':<9}{'labels':>7}  {'metric':<14}{'mean':>7}  {'95% CI':>8}")
     for r in rows:
         key = HEADLINE[r["task"]]
         m = r["metrics"][key]
-        log(f"{r['task']:<7}{r['init']:<11}{r['mode']:<7}{r['n_labels']:>7}  {key:<14}{m['mean']:>7.3f}  ±{m['ci95']:>7.3f}")
+        log(f"{r['task']:<7}{r['init']:<11}{r['mode']:<9}{r['n_labels']:>7}  {key:<14}{m['mean']:>7.3f}  ±{m['ci95']:>7.3f}")
 
 
 def plot_table(rows: list[dict], out: Path) -> Path:
