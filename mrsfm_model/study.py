@@ -291,11 +291,12 @@ class StudyData:
 
 
 def spectral_features(fids: np.ndarray, builder: InputBuilder, ppm: Sequence[float]) -> np.ndarray:
-    """Magnitude spectrum inside `ppm` of each channel, concatenated: the baseline's input."""
-    spec = np.abs(np.fft.fftshift(np.fft.fft(fids, axis=-1), axes=-1))
-    axis = builder.grid.ppm()
-    keep = (axis >= ppm[0]) & (axis <= ppm[1])
-    return spec[:, keep].reshape(-1).astype(np.float32)
+    """Magnitude spectrum inside `ppm` of each channel, concatenated: the baseline's input
+    (the same features as the built-in benchmark's baseline arm)."""
+    from .benchmark import spectrum_features
+
+    batch = torch.from_numpy(np.ascontiguousarray(fids))[None]
+    return spectrum_features(batch, builder.grid, (float(ppm[0]), float(ppm[1])))[0].numpy()
 
 
 def _suffix(name: str) -> str:
