@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 import zlib
 from pathlib import Path
+from typing import Callable, Mapping
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -33,64 +34,122 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    from server.wire import decode, encode, nbytes
+
+    conf = dict(msg.content["config"])
+    node = {k: str(v) for k, v in context.node_config.items()}
+    node.setdefault("site", f"node-{context.node_id}")
+    state, metrics = local_round(conf, node, lambda template: decode(msg.content["arrays"], template))
+    arrays = encode(state, str(conf["wire-dtype"]))
+    metrics["bytes-sent"] = nbytes(arrays)
+    return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics),
+                               "site": ConfigRecord({"site": node["site"]})}), reply_to=msg)
+
+
+def local_round(conf: Mapping, node: Mapping[str, str],
+                global_weights: Callable[[dict], dict]) -> tuple[dict, dict[str, float]]:
+    """One site's round: `conf` is the server's train config, `node` the site's node config,
+    `global_weights(template_state)` the round's global weights as a float32 state dict.
+    Returns the locally trained state dict and the metrics the server logs."""
     import shlex
 
     from mrsfm_model.config import load_config, resolve_device
     from mrsfm_model.data import build_stream
     from mrsfm_model.mae import build_mae, mae_loss
+    from mrsfm_model.privacy import DPConfig
     from mrsfm_model.train import OptimConfig, Trainer
-    from server.wire import decode, encode, nbytes
 
     t0 = time.perf_counter()
-    conf = msg.content["config"]
-    site = _node(context, "site", f"node-{context.node_id}")
+    site = node["site"]
     overrides = [f"+fl={conf['strategy']}", *shlex.split(str(conf["overrides"])),  # the coordinator's
-                 *shlex.split(_node(context, "overrides"))]  # then this site's (its vendor mix, ...)
+                 *shlex.split(node.get("overrides", ""))]  # then this site's (its vendor mix, privacy, ...)
     cfg = load_config(overrides)
-    device = resolve_device(_node(context, "device", "auto"))
+    device = resolve_device(node.get("device") or "auto")
     rnd, local_steps = int(conf["server-round"]), int(conf["local-steps"])
     model = build_mae(cfg.model, cfg.data)
-    model.load_state_dict(decode(msg.content["arrays"], model.state_dict()))
+    model.load_state_dict(global_weights(model.state_dict()))
     model.to(device)
 
     if float(conf.get("local-sleep-s", 0.0)) > 0:  # benchmarks: transport cost without training
         setup = time.perf_counter() - t0
         time.sleep(float(conf["local-sleep-s"]))
-        last, batch_size, seconds = {"loss": 0.0}, int(cfg.data.batch_size), float(conf["local-sleep-s"])
+        return model.state_dict(), {"num-examples": local_steps * int(cfg.data.batch_size), "loss": 0.0,
+                                    "local-seconds": float(conf["local-sleep-s"]), "setup-seconds": setup}
+    # each site draws its own simulated spectra (same config, different seed)
+    seed = int(node.get("seed") or cfg.seed + zlib.crc32(site.encode()) % 2**31)
+    data_dir = node.get("data-dir", "")
+    stream = build_stream(cfg.data, seed=seed, device=device, invivo_dir=data_dir or None)
+    n_invivo = 0 if stream.invivo is None else len(stream.invivo)
+    for err in [] if stream.invivo is None else stream.invivo.errors:
+        print(f"[mrsfm] {site}: skipped {err}", flush=True)
+    dp = DPConfig.from_config(cfg.privacy)
+    mu = float(conf.get("proximal-mu", 0.0))
+    loss_fn = _proximal(mae_loss, model, mu) if mu > 0 and not dp.enabled else mae_loss
+    trainer = Trainer(model, loss_fn, OptimConfig.from_config(cfg.train), int(conf["total-steps"]),
+                      stream.batch_size, device, progress=False)
+    state = Path(node.get("state-dir") or f"~/.mrsfm/state/{site}").expanduser() / str(conf["run-key"])
+    if (state / "trainer.pt").is_file():  # optimizer moments and RNG from this site's previous round
+        global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        trainer.load(state)
+        model.load_state_dict(global_state)
+    trainer.step = (rnd - 1) * local_steps  # the LR schedule continues across rounds
+    setup = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    if dp.enabled:
+        metrics = _private_round(trainer, stream, dp, state, site, local_steps, int(conf["total-steps"]), seed)
+        loss = metrics.pop("loss")
     else:
-        # each site draws its own simulated spectra (same config, different seed)
-        seed = int(context.node_config.get("seed", cfg.seed + zlib.crc32(site.encode()) % 2**31))
-        data_dir = _node(context, "data-dir")
-        stream = build_stream(cfg.data, seed=seed, device=device, invivo_dir=data_dir or None)
-        n_invivo = 0 if stream.invivo is None else len(stream.invivo)
-        for err in [] if stream.invivo is None else stream.invivo.errors:
-            print(f"[mrsfm] {site}: skipped {err}", flush=True)
-        mu = float(conf.get("proximal-mu", 0.0))
-        loss_fn = _proximal(mae_loss, model, mu) if mu > 0 else mae_loss
-        trainer = Trainer(model, loss_fn, OptimConfig.from_config(cfg.train), int(conf["total-steps"]),
-                          stream.batch_size, device, progress=False)
-        state = Path(_node(context, "state-dir", f"~/.mrsfm/state/{site}")).expanduser() / str(conf["run-key"])
-        if (state / "trainer.pt").is_file():  # optimizer moments and RNG from this site's previous round
-            global_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            trainer.load(state)
-            model.load_state_dict(global_weights)
-        trainer.step = (rnd - 1) * local_steps  # the LR schedule continues across rounds
-        setup = time.perf_counter() - t0
-        t1 = time.perf_counter()
         last = trainer.fit(stream(trainer.step), local_steps, log_every=local_steps, desc=f"{site} round {rnd}")
-        seconds = time.perf_counter() - t1
-        trainer.save(state)
-        batch_size = stream.batch_size
-        loss = last.get("mae_loss", last["loss"])
-        print(f"[mrsfm] {site} round {rnd}: {local_steps} steps in {seconds:.1f} s, loss {loss:.4f}, "
-              f"{n_invivo} in vivo spectra from {data_dir or '(none: simulation only)'} on {device}", flush=True)
+        loss, metrics = float(last.get("mae_loss", last["loss"])), {}
+    seconds = time.perf_counter() - t1
+    trainer.save(state)
+    dp_note = (f", epsilon {metrics['epsilon']:.2f} after {metrics['private-steps']:.0f} private step(s) this round"
+               if dp.enabled else "")
+    print(f"[mrsfm] {site} round {rnd}: {local_steps} steps in {seconds:.1f} s, loss {loss:.4f}, "
+          f"{n_invivo} in vivo spectra from {data_dir or '(none: simulation only)'} on {device}{dp_note}", flush=True)
+    return model.state_dict(), {"num-examples": local_steps * stream.batch_size, "loss": loss,
+                                "local-seconds": seconds, "setup-seconds": setup, **metrics}
 
-    arrays = encode(model.state_dict(), str(conf["wire-dtype"]))
-    metrics = MetricRecord({"num-examples": local_steps * batch_size, "loss": float(last.get("mae_loss", last["loss"])),
-                            "local-seconds": float(seconds), "setup-seconds": float(setup),
-                            "bytes-sent": nbytes(arrays)})
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics, "site": ConfigRecord({"site": site})}),
-                   reply_to=msg)
+
+def _private_round(trainer, stream, dp, state: Path, site: str, local_steps: int, total_steps: int,
+                   seed: int) -> dict[str, float]:
+    """DP-SGD on the private in vivo spectra, non-private steps on the shared simulated ones.
+
+    The private share of the steps is `data.invivo_fraction`; the accountant's history lives in
+    STATE/privacy.json, so epsilon is cumulative over every round of the run."""
+    import json
+
+    from mrsfm_model.privacy import PrivateSite
+
+    if stream.invivo is None:
+        raise ValueError(f"site {site}: privacy.enabled=true needs private in vivo spectra (site.data_dir); "
+                         "simulated data needs no privacy")
+    frac = stream.n_invivo / stream.batch_size if stream.simulators else 1.0
+    private = max(1, round(local_steps * frac)) if frac > 0 else 0
+    if dp.target_epsilon is not None and dp.planned_steps <= 0:  # plan over the whole run
+        dp.planned_steps = max(1, round(total_steps * frac))
+    path = state / "privacy.json"
+    saved = json.loads(path.read_text()) if path.is_file() else None
+    dp_site = PrivateSite(trainer, stream.invivo.x.to(trainer.device), dp, state=saved, seed=seed + trainer.step)
+    if saved is not None and abs(saved["noise_multiplier"] - dp_site.noise_multiplier) > 1e-9:
+        raise ValueError(f"site {site}: privacy settings changed during the run (noise multiplier "
+                         f"{saved['noise_multiplier']:.4g} -> {dp_site.noise_multiplier:.4g}); {path} holds the "
+                         "accountant of the old settings")
+    spent_before = not dp_site.budget_left()
+    public = (stream.sim_batch(trainer.step + i, k=stream.batch_size) for i in range(10**9))
+    out = dp_site.run_round(public, local_steps, private)
+    dp_site.close()
+    state.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(dp_site.state()))
+    tmp.replace(path)
+    if out["budget_spent"]:
+        print(f"[mrsfm] {site}: privacy budget spent (epsilon {out['epsilon']:.3f} of {dp.epsilon_budget}); "
+              + ("no private steps this round" if spent_before else "private steps stop here")
+              + ", training continues on shared simulated data only", flush=True)
+    return {"loss": out["loss"], "epsilon": out["epsilon"], "delta": out["delta"],
+            "private-steps": out["private_steps"], "noise-multiplier": out["noise_multiplier"],
+            "budget-spent": float(out["budget_spent"])}
 
 
 def _proximal(loss_fn, model, mu: float):

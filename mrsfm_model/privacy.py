@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from opacus import PrivacyEngine
@@ -144,14 +144,46 @@ class PrivateSite:
         done, it, last = 0, self.private_batches(), {}
         while done < steps and self.budget_left():
             batch = next(it)
-            if len(batch) == 0:  # Poisson sampling can draw an empty batch; it still counts
+            if len(batch) == 0:  # Poisson sampling can draw an empty batch: a noise-only step, still counted
                 self.dp_optimizer.zero_grad(set_to_none=True)
+                for p in self.dp_optimizer.params:
+                    p.grad_sample = p.new_zeros((0, *p.shape))
                 self.dp_optimizer.step()
             else:
                 last = self.trainer.train_step(batch)
             done += 1
         return {"private_steps": done, "epsilon": self.epsilon(), "budget_spent": not self.budget_left(),
                 **({"private_loss": float(last["loss"])} if last else {})}
+
+    def run_round(self, public_batches: Iterator[Any], steps: int, private_steps: int) -> dict:
+        """A site's local round: `private_steps` DP-SGD steps on the private set, spread evenly
+        among `steps` in all; the others (and any private step the budget no longer allows) are
+        non-private steps on `public_batches` (shared simulated data). Returns the round's metrics."""
+        private_steps = max(0, min(private_steps, steps))
+        losses, done, refused = [], 0, False
+        for i in range(steps):
+            private_turn = (i + 1) * private_steps // steps > i * private_steps // steps
+            if private_turn and not refused:
+                out = self.private_steps(1)
+                done += out["private_steps"]
+                refused = out["private_steps"] == 0
+                if "private_loss" in out:
+                    losses.append(out["private_loss"])
+                if not refused:
+                    continue
+            with self.public() as tr:
+                losses.append(float(tr.train_step(next(public_batches))["loss"]))
+        return {"loss": sum(losses) / max(1, len(losses)), "private_steps": done, "public_steps": steps - done,
+                "epsilon": self.epsilon(), "delta": self.cfg.delta, "noise_multiplier": self.noise_multiplier,
+                "sample_rate": self.sample_rate, "budget_spent": not self.budget_left()}
+
+    def close(self) -> Trainer:
+        """Remove the Opacus hooks and hand the trainer back as it was (plain model and optimizer),
+        e.g. to save it: its optimizer state is the original AdamW's."""
+        tr = self.trainer
+        tr.model = tr.forward_model = self.dp_model.to_standard_module()
+        tr.optimizer, tr.cfg.grad_clip = self.dp_optimizer.original_optimizer, self._clip
+        return tr
 
     @contextlib.contextmanager
     def public(self):

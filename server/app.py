@@ -143,7 +143,7 @@ def _rounds(grid: Grid, s: RunSettings, cfg, model, rd: RunDir, done: int) -> No
                        "num_examples": int(r.metrics["num-examples"]),
                        "local_seconds": round(float(r.metrics.get("local-seconds", 0.0)), 3),
                        "setup_seconds": round(float(r.metrics.get("setup-seconds", 0.0)), 3),
-                       "bytes_up": r.bytes_up, "bytes_down": r.bytes_down} for r in ok],
+                       "bytes_up": r.bytes_up, "bytes_down": r.bytes_down, **_privacy(r.metrics)} for r in ok],
             "dropped": [{"site": r.site, "node_id": r.node_id, "error": r.error} for r in replies if not r.ok],
             "round_seconds": round(now - clock[0], 3), "wire_dtype": s.wire_dtype, "strategy": s.strategy,
             "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -153,7 +153,9 @@ def _rounds(grid: Grid, s: RunSettings, cfg, model, rd: RunDir, done: int) -> No
         rd.append_metrics(record)
         save_weights(model, rd.checkpoint(rnd), {"round": rnd, "strategy": s.strategy})  # commit point
         rd.save_sites(wgrid.sites)
-        per_site = ", ".join(f"{r.site} {float(r.metrics['loss']):.4f} ({r.bytes_up / 1e6:.2f} MB up)" for r in ok)
+        per_site = ", ".join(f"{r.site} {float(r.metrics['loss']):.4f} ({r.bytes_up / 1e6:.2f} MB up"
+                             + (f", epsilon {float(r.metrics['epsilon']):.2f}" if "epsilon" in r.metrics else "")
+                             + (", privacy budget spent" if r.metrics.get("budget-spent") else "") + ")" for r in ok)
         say(f"round {rnd}/{s.num_rounds} done in {record['round_seconds']:.1f} s: loss {loss:.4f} [{per_site}]"
             + (f"; dropped: {', '.join(d['site'] for d in record['dropped'])}" if record["dropped"] else "")
             + f" -> {rd.checkpoint(rnd)}")
@@ -178,7 +180,37 @@ def _finish(s: RunSettings, cfg, model, rd: RunDir) -> dict:
             "federated": {"strategy": s.strategy, "wire_dtype": s.wire_dtype,
                           "sites": sorted({x["site"] for r in rows for x in r["sites"]})},
             "grid": OmegaConf.to_container(cfg.data.grid), "spectrogram": OmegaConf.to_container(cfg.data.spectrogram),
-            "channels": list(cfg.data.channels), "final_loss": rows[-1]["loss"] if rows else None}
+            "channels": list(cfg.data.channels), "final_loss": rows[-1]["loss"] if rows else None,
+            "privacy": privacy_summary(rows)}
     export_encoder(model, rd.path / "encoder.safetensors", card)
+    for site, p in card["privacy"].items():
+        say(f"privacy of {site}: " + (f"epsilon {p['epsilon']:.3f} at delta {p['delta']:g} after {p['private_steps']} "
+                                      f"private step(s) over {p['rounds']} round(s)"
+                                      + (", budget spent" if p["budget_spent"] else "") if p else
+                                      "no differential privacy (plain SGD on its private data, if any)"))
     say(f"encoder -> {rd.path / 'encoder.safetensors'}")
     return card
+
+
+def _privacy(metrics: dict) -> dict:
+    """A site's DP figures for its metrics line (none when the site trains without DP)."""
+    if "epsilon" not in metrics:
+        return {}
+    return {"epsilon": float(metrics["epsilon"]), "delta": float(metrics["delta"]),
+            "private_steps": int(metrics["private-steps"]), "budget_spent": bool(metrics["budget-spent"])}
+
+
+def privacy_summary(rows: list[dict]) -> dict[str, dict | None]:
+    """Per site: its latest (cumulative) epsilon, delta, private steps summed over rounds, budget
+    state; None for a site that never reported DP figures. From metrics.jsonl rows."""
+    out: dict[str, dict | None] = {}
+    for row in rows:
+        for x in row["sites"]:
+            prev = out.get(x["site"])
+            if "epsilon" not in x:
+                out.setdefault(x["site"], None)
+                continue
+            steps = (prev["private_steps"] if prev else 0) + x["private_steps"]
+            out[x["site"]] = {"epsilon": x["epsilon"], "delta": x["delta"], "private_steps": steps,
+                              "budget_spent": x["budget_spent"], "rounds": (prev["rounds"] if prev else 0) + 1}
+    return out

@@ -1,5 +1,7 @@
 """DP-SGD at a site: correct per-sample gradients, cumulative epsilon across rounds, budget stop."""
 
+import json
+
 import pytest
 import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
@@ -92,3 +94,67 @@ def test_rdp_accountant_is_selectable():
     ref = RDPAccountant()
     ref.history = [(1.0, 0.2, 2)]
     assert site.epsilon() == pytest.approx(ref.get_epsilon(1e-5), rel=1e-9)
+
+
+# -- the federated client's round with DP on (client.app.local_round, what the ClientApp runs) ----------
+def _round(tmp_path, rnd, extra=""):
+    from client.app import local_round
+
+    conf = {"strategy": "fedavg", "server-round": rnd, "local-steps": 4, "total-steps": 8, "wire-dtype": "bf16",
+            "run-key": "run", "overrides": "model=micro data.batch_size=4 data.invivo_fraction=0.5 "
+            "data.sim_profiles=[press_ge] privacy.enabled=true privacy.noise_multiplier=1.1 privacy.batch_size=2 "
+            + extra}
+    node = {"site": "einstein", "data-dir": str(tmp_path / "private"), "state-dir": str(tmp_path / "state"),
+            "device": "cpu", "overrides": ""}
+    return local_round(conf, node, lambda template: {k: v.clone() for k, v in template.items()})
+
+
+@pytest.fixture
+def private_folder(tmp_path):
+    from mrsfm_model.simulate import write_simulated
+
+    write_simulated("press_ge", 8, tmp_path / "private", seed=3)
+    return tmp_path
+
+
+def test_client_reports_cumulative_epsilon_equal_to_an_independent_accountant(private_folder):
+    _, m1 = _round(private_folder, 1)
+    state, m2 = _round(private_folder, 2)  # a fresh "process": only the state folder carries over
+    assert m1["private-steps"] == m2["private-steps"] == 2  # half of 4 steps (invivo_fraction 0.5)
+    independent = PRVAccountant()
+    for _ in range(4):
+        independent.step(noise_multiplier=1.1, sample_rate=2 / 8)
+    assert m2["epsilon"] == pytest.approx(independent.get_epsilon(1e-5), rel=1e-9) and m2["epsilon"] > m1["epsilon"]
+    assert m2["budget-spent"] == 0.0 and all(torch.isfinite(v).all() for v in state.values())
+    assert not any(k.startswith("_module") for k in state)  # the plain model's weights, not Opacus' wrapper
+    saved = json.loads((private_folder / "state" / "run" / "privacy.json").read_text())
+    assert saved["history"] == [[1.1, 0.25, 4]] and saved["accountant"] == "prv"
+
+
+def test_client_stops_private_steps_when_the_budget_is_spent_and_keeps_training(private_folder, capfd):
+    one = PRVAccountant()
+    one.step(noise_multiplier=1.1, sample_rate=2 / 8)
+    budget = one.get_epsilon(1e-5) * 1.01  # room for exactly one private step
+    _, m1 = _round(private_folder, 1, f"privacy.epsilon_budget={budget}")
+    _, m2 = _round(private_folder, 2, f"privacy.epsilon_budget={budget}")
+    assert (m1["private-steps"], m1["budget-spent"]) == (1, 1.0) and m1["epsilon"] <= budget
+    assert m2["private-steps"] == 0 and m2["epsilon"] == m1["epsilon"] and m2["num-examples"] == 16
+    assert "privacy budget spent" in capfd.readouterr().out
+
+
+def test_client_with_dp_but_no_private_data_says_why(tmp_path):
+    from client.app import local_round
+
+    conf = {"strategy": "fedavg", "server-round": 1, "local-steps": 2, "total-steps": 2, "wire-dtype": "bf16",
+            "run-key": "run", "overrides": "model=micro data.batch_size=4 privacy.enabled=true"}
+    with pytest.raises(ValueError, match="needs private in vivo spectra"):
+        local_round(conf, {"site": "x", "state-dir": str(tmp_path), "device": "cpu"}, lambda t: t)
+
+
+def test_an_empty_poisson_batch_is_a_counted_noise_only_step():
+    site = PrivateSite(_trainer(), torch.randn(8, 3, 64, 64), DPConfig(enabled=True, batch_size=2))
+    before = [p.detach().clone() for p in site.trainer.model.parameters()]
+    site.loader = [(torch.empty(0, 3, 64, 64),)]  # what Poisson sampling yields when it picks nobody
+    assert site.private_steps(1)["private_steps"] == 1 and site.state()["history"] == [[1.0, 0.25, 1]]
+    moved = [not torch.equal(a, b) for a, b in zip(before, site.trainer.model.parameters())]
+    assert any(moved) and all(torch.isfinite(p).all() for p in site.trainer.model.parameters())
