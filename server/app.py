@@ -3,11 +3,12 @@
 Run config (`[tool.flwr.app.config]`, override with `flwr run . CONN --run-config 'k=v ...'`):
 `overrides` (Hydra overrides of configs/, e.g. "model=micro data.batch_size=8"), `num-rounds`,
 `local-steps`, `run-dir`, `min-sites`, `wait-timeout-s`, `wire-dtype` (bf16 | fp32), `strategy`
-(fedavg | fedprox | fedadam, settings in configs/fl/), `sites` (expected site names, comma
-separated; empty: every configs/site/*.yaml), `round-timeout-s`, `local-sleep-s` (benchmarks:
-sites sleep instead of training). Starting again with the same run-dir continues after the last
-completed round. Outputs mirror `mrsfm pretrain`: config.yaml, metrics.jsonl, training_curve.png,
-reconstruction.png, encoder.safetensors + encoder.json, plus rounds/round_XXXX.safetensors.
+(fedavg | fedprox | fedadam | fedmedian | fedtrimmedavg, settings in configs/fl/), `sites`
+(expected site names, comma separated; empty: every configs/site/*.yaml), `round-timeout-s`,
+`local-sleep-s` (benchmarks: sites sleep instead of training). Starting again with the same
+run-dir continues after the last completed round. Outputs mirror `mrsfm pretrain`: config.yaml,
+metrics.jsonl, training_curve.png, reconstruction.png, encoder.safetensors + encoder.json, plus
+rounds/round_XXXX.safetensors.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def run_federation(grid: Grid, s: RunSettings) -> dict:
 
 def _rounds(grid: Grid, s: RunSettings, cfg, model, rd: RunDir, done: int) -> None:
     wgrid = WireGrid(grid, model.state_dict(), s.wire_dtype, s.min_sites, s.wait_timeout_s,
-                     s.expected_sites(), rd.load_sites(), logger=say)
+                     s.expected_sites(), rd.load_sites(), logger=say, validation=cfg.validation)
     strategy = make_strategy(s.strategy, cfg.fl, s.min_sites)
     strategy.round_offset = done
     strategy.load_state(rd.server_state(done))
@@ -131,7 +132,7 @@ def _rounds(grid: Grid, s: RunSettings, cfg, model, rd: RunDir, done: int) -> No
         replies = wgrid.last_train
         ok = [r for r in replies if r.ok]
         if not ok:
-            raise RuntimeError(f"round {rnd}: no site returned weights ("
+            raise RuntimeError(f"round {rnd}: no site update to aggregate ("
                                + "; ".join(f"{r.site}: {r.error}" for r in replies) + ")")
         model.load_state_dict(to_state(arrays))
         weights = [float(r.metrics["num-examples"]) for r in ok]

@@ -3,7 +3,9 @@
 Wrapping Flower's Grid (rather than each strategy) keeps every strategy untouched: FedAvg,
 FedProx and FedAdam average and update in float32, while this layer encodes what leaves the
 server, decodes what arrives, counts the bytes per site, remembers which node is which site,
-and bounds the wait for sites so that a missing hospital is named, never waited on forever.
+validates every update before the strategy sees it (server/validate.py: a rejected one is left
+out of the round, named with its reason), and bounds the wait for sites so that a missing
+hospital is named, never waited on forever.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from .validate import UpdateValidator, ValidationSettings
 from .wire import decode, encode, nbytes, to_state
 
 
@@ -41,13 +44,16 @@ class WireGrid(Grid):
 
     def __init__(self, grid: Grid, template: Mapping[str, torch.Tensor], wire_dtype: str, min_sites: int,
                  wait_timeout_s: float, expected_sites: Iterable[str] = (), sites: dict[int, str] | None = None,
-                 logger: Callable[[str], None] | None = None):
+                 logger: Callable[[str], None] | None = None,
+                 validation: ValidationSettings | Mapping | None = None):
+        """`validation`: configs/validation (`cfg.validation`) or ValidationSettings; None: its defaults."""
         self.grid, self.template, self.wire_dtype = grid, template, wire_dtype
         self.min_sites, self.wait_timeout_s = min_sites, wait_timeout_s
         self.expected = list(expected_sites)
         self.sites: dict[int, str] = dict(sites or {})  # node id -> site name, learnt from replies
         self.say = logger or (lambda msg: log(INFO, msg))
         self.last_train: list[SiteReply] = []
+        self.validate = UpdateValidator(template, wire_dtype, validation, say=self.say)
 
     # -- plain delegation ------------------------------------------------------------------------
     def set_run(self, run) -> None:  # type: ignore[override]
@@ -71,11 +77,13 @@ class WireGrid(Grid):
 
     # -- weights on the wire -----------------------------------------------------------------------
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """Encode what leaves, decode and validate what arrives (train replies: a rejected update is
+        left out of what the strategy aggregates), and report every site in `last_train`."""
         messages = list(messages)
         if not messages:
             return []
         is_train = messages[0].metadata.message_type.startswith(MessageType.TRAIN)
-        wire, sent, out = {}, {}, []
+        wire, sent, globals_, out = {}, {}, {}, []
         for msg in messages:
             content = RecordDict(dict(msg.content.items()))
             for key, rec in msg.content.array_records.items():
@@ -84,38 +92,53 @@ class WireGrid(Grid):
                 content[key] = wire[id(rec)]
             node = msg.metadata.dst_node_id
             sent[node] = sum(nbytes(r) for r in content.array_records.values())
+            globals_[node] = dict(msg.content.array_records)  # float32: what validation compares with
             out.append(Message(content=content, dst_node_id=node, message_type=msg.metadata.message_type,
                                group_id=msg.metadata.group_id, ttl=msg.metadata.ttl))
         replies = list(self.grid.send_and_receive(out, timeout=timeout))
         to_node = {m.metadata.message_id: m.metadata.dst_node_id for m in out}  # ids are set once pushed
-        decoded, report = [], []
-        for reply in replies:  # an error reply comes from the SuperLink (node 1): map it back to its node
-            node = to_node.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        # an error reply comes from the SuperLink (node 1): map it back to its node
+        nodes = [to_node.get(r.metadata.reply_to_message_id, r.metadata.src_node_id) for r in replies]
+        answered = {node: r.content for node, r in zip(nodes, replies) if not r.has_error()}
+        for node, content in answered.items():
+            self.sites[node] = (str(content.config_records["site"]["site"]) if "site" in content.config_records
+                                else f"node {node}")
+        if is_train:
+            updates, rejected = self.validate(answered, {node: globals_.get(node, {}) for node in answered})
+        else:  # no checks on other replies (none carry weights today: evaluation is off)
+            rejected = {}
+            updates = {n: {k: decode(r, self.template) for k, r in c.array_records.items()}
+                       for n, c in answered.items()}
+        kept, report = [], []
+        for node, reply in zip(nodes, replies):
+            site, down = self.sites.get(node, f"node {node}"), sent.get(node, 0)
             if reply.has_error():
-                report.append(SiteReply(node, self.sites.get(node, f"node {node}"), False, bytes_down=sent.get(node, 0),
-                                        error=reply.error.reason))
-                decoded.append(reply)
+                report.append(SiteReply(node, site, False, bytes_down=down, error=reply.error.reason))
+                kept.append(reply)
                 continue
             content = reply.content
-            site = str(content.config_records["site"]["site"]) if "site" in content.config_records else f"node {node}"
-            self.sites[node] = site
-            up = sum(nbytes(r) for r in content.array_records.values())
-            for key, rec in list(content.array_records.items()):
-                content[key] = encode(decode(rec, self.template), "fp32")
             metrics = {k: v for m in content.metric_records.values() for k, v in m.items()}
-            report.append(SiteReply(node, site, True, metrics, sent.get(node, 0), up))
-            decoded.append(reply)
+            up = sum(nbytes(r) for r in content.array_records.values())
+            if node in rejected:
+                report.append(SiteReply(node, site, False, metrics, down, up, error=f"rejected: {rejected[node]}"))
+                continue
+            for key, state in updates[node].items():
+                content[key] = encode(state, "fp32")
+            report.append(SiteReply(node, site, True, metrics, down, up))
+            kept.append(reply)
         for node in set(sent) - {r.node_id for r in report}:
             report.append(SiteReply(node, self.sites.get(node, f"node {node}"), False, bytes_down=sent[node],
                                     error=f"no reply within {timeout} s"))
+        n_ok = sum(r.ok for r in report)
         for r in report:
             if not r.ok:
                 who = f"node {r.node_id}" if r.site == f"node {r.node_id}" else f"site {r.site} (node {r.node_id})"
-                log(WARNING, f"[mrsfm] {who} dropped out of this round: {r.error}; "
-                             f"aggregating the {sum(x.ok for x in report)} other site(s)")
+                what = "sent an update that was" if r.error.startswith("rejected") else "dropped out of this round:"
+                rest = f"aggregating the {n_ok} other site(s)" if n_ok else "no site left to aggregate"
+                log(WARNING, f"[mrsfm] {who} {what} {r.error}; {rest}")
         if is_train:
             self.last_train = report
-        return decoded
+        return kept
 
     # -- bounded wait for sites ---------------------------------------------------------------------
     def wait_for_sites(self, poll_s: float = 1.0, log_every_s: float = 10.0) -> list[int]:

@@ -1,5 +1,12 @@
-"""Flower's strategies with two additions a multi-hospital run needs: a bounded wait for sites
-before each round, and a global round number that survives a restart (resume)."""
+"""Flower's strategies with what a multi-hospital run needs: a bounded wait for sites before each
+round, a global round number that survives a restart (resume), and rounds whose sites report
+different metrics (a DP site reports epsilon, the others do not).
+
+fedavg, fedprox and fedadam average (FedAdam: then take an Adam step on the server); fedmedian
+and fedtrimmedavg are Flower's robust aggregators (coordinate-wise median, trimmed mean), which
+one site's runaway weights cannot drag far. Both are unweighted (num-examples is ignored) and
+keep float32 (numpy's median and mean of float32 stay float32). Updates that are broken outright
+(NaN, wrong shapes, norm outliers) never reach any of them: server/validate.py rejects those."""
 
 from __future__ import annotations
 
@@ -9,10 +16,10 @@ from typing import Iterable
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
 from safetensors.torch import load_file, save_file
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg")
 
 
 class _Nodes:
@@ -41,6 +48,12 @@ class Federated:
                                   for k, a in arrays.items()})
         return arrays, metrics
 
+    def _check_and_log_replies(self, replies: Iterable[Message], is_train: bool, validate: bool = True):
+        """Flower's reply check without its consistency test: WireGrid has checked every reply
+        (server/validate.py), and Flower's test fails the whole round when the sites' metrics
+        differ in keys, as they do when one site trains with DP (epsilon, ...) and another not."""
+        return super()._check_and_log_replies(replies, is_train, validate=False)
+
     def save_state(self, path: Path) -> Path | None:
         """Server optimizer state (none for FedAvg/FedProx)."""
         return None
@@ -54,6 +67,14 @@ class FedAvgFL(Federated, FedAvg):
 
 
 class FedProxFL(Federated, FedProx):
+    pass
+
+
+class FedMedianFL(Federated, FedMedian):
+    pass
+
+
+class FedTrimmedAvgFL(Federated, FedTrimmedAvg):
     pass
 
 
@@ -89,16 +110,23 @@ def make_strategy(name: str, fl_cfg, min_sites: int) -> Federated:
     if name == "fedadam":
         return FedAdamFL(**common, eta=float(fl_cfg.eta), beta_1=float(fl_cfg.beta_1), beta_2=float(fl_cfg.beta_2),
                          tau=float(fl_cfg.tau))
+    if name == "fedmedian":
+        return FedMedianFL(**common)
+    if name == "fedtrimmedavg":
+        return FedTrimmedAvgFL(**common, beta=float(fl_cfg.beta))
     raise ValueError(f"strategy must be one of {STRATEGIES}, got {name!r}")
 
 
 def _mean_numeric_metrics(records, weight_key: str) -> MetricRecord:
-    """num-examples-weighted mean of the reply metrics (Flower's default, minus non-metric keys)."""
-    weights = [float(next(iter(r.metric_records.values()))[weight_key]) for r in records]
-    total = sum(weights) or 1.0
-    out: dict[str, float] = {}
-    for r, w in zip(records, weights):
-        for k, v in next(iter(r.metric_records.values())).items():
+    """num-examples-weighted mean of the reply metrics (Flower's default, minus non-metric keys),
+    each over the sites that report it (only DP sites report epsilon)."""
+    sums: dict[str, float] = {}
+    totals: dict[str, float] = {}
+    for r in records:
+        metrics = next(iter(r.metric_records.values()))
+        w = float(metrics[weight_key])
+        for k, v in metrics.items():
             if k != weight_key and isinstance(v, (int, float)):
-                out[k] = out.get(k, 0.0) + float(v) * w / total
-    return MetricRecord(out)
+                sums[k] = sums.get(k, 0.0) + float(v) * w
+                totals[k] = totals.get(k, 0.0) + w
+    return MetricRecord({k: v / (totals[k] or 1.0) for k, v in sums.items()})

@@ -1,0 +1,204 @@
+"""Server-side checks on every site's update before it is aggregated.
+
+One broken site must not spoil the global model of all the others: a single NaN spreads through
+FedAvg's mean into every weight of every site in one round; weights of another model (a
+different `model=` override) cannot be averaged at all and would crash the round; and a site
+whose optimizer diverged, or that trained with a wrong learning rate, drags the mean with it.
+So `WireGrid` asks `UpdateValidator` about each round's replies before the strategy sees them:
+a reply with a reason is left out (logged with its site, listed under "dropped" in
+metrics.jsonl) and the round aggregates the others.
+
+Checks (configs/validation): the array records and model keys that were sent, shapes and wire
+dtypes, the metrics the server logs, finite values, and the update's norm
+||w_site - w_global|| against the median of the other sites' norms. With `enabled: false` only
+what decoding needs (records, keys, shapes, metrics) is checked: a reply that cannot be decoded
+is still rejected, never a crash of the round.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Callable, Hashable, Iterable, Mapping, TypeVar
+
+import torch
+from flwr.app import ArrayRecord, RecordDict
+
+from .wire import decode, to_state
+
+K = TypeVar("K", bound=Hashable)
+REQUIRED_METRICS = ("num-examples", "loss")  # FedAvg weighs by the first; metrics.jsonl logs both
+State = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ValidationSettings:
+    """configs/validation/default.yaml."""
+
+    enabled: bool = True
+    max_norm_ratio: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.max_norm_ratio > 1:
+            raise ValueError(f"validation.max_norm_ratio must be > 1 (a multiple of the other sites' median "
+                             f"update norm), got {self.max_norm_ratio}")
+
+    @classmethod
+    def of(cls, cfg: "ValidationSettings | Mapping | None") -> "ValidationSettings":
+        """From the composed config's `validation` group (a DictConfig or dict); None: the defaults."""
+        if cfg is None:
+            return cls()
+        if isinstance(cfg, cls):
+            return cfg
+        return cls(bool(cfg.get("enabled", cls.enabled)), float(cfg.get("max_norm_ratio", cls.max_norm_ratio)))
+
+
+def wire_dtype_of(ref: torch.Tensor, wire_dtype: str) -> str:
+    """The numpy dtype a site sends for a model entry: floats as bf16 bits (int16) or float32,
+    anything else (int buffers) as itself."""
+    if ref.is_floating_point():
+        return "int16" if wire_dtype == "bf16" else "float32"
+    return str(torch.empty(0, dtype=ref.dtype).numpy().dtype)
+
+
+def _few(keys: Iterable[str], n: int = 3) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def array_problem(record: ArrayRecord, template: Mapping[str, torch.Tensor], wire_dtype: str,
+                  dtypes: bool = True) -> str | None:
+    """Why `record` is not this model's weights as sent on the wire (keys, shapes and, with
+    `dtypes`, dtypes), or None. Reads only the arrays' headers, never their data."""
+    missing, extra = set(template) - set(record), set(record) - set(template)
+    if missing or extra:
+        return "keys do not match the model: " + "; ".join(
+            [f"missing {_few(missing)}"] * bool(missing) + [f"unexpected {_few(extra)}"] * bool(extra))
+    for key, ref in template.items():
+        arr = record[key]
+        if tuple(arr.shape) != tuple(ref.shape):
+            return f"{key} has shape {tuple(arr.shape)}, the model {tuple(ref.shape)} (same model= on every site?)"
+        if dtypes and arr.dtype != (want := wire_dtype_of(ref, wire_dtype)):
+            why = ("as in the model" if not ref.is_floating_point() else
+                   "bf16 bits, bf16 on the wire" if wire_dtype == "bf16" else f"{wire_dtype} on the wire")
+            return f"{key} has dtype {arr.dtype}, expected {want} ({why})"
+    return None
+
+
+def reply_problem(content: RecordDict, sent_keys: Iterable[str], template: Mapping[str, torch.Tensor],
+                  wire_dtype: str, dtypes: bool = True) -> str | None:
+    """Why a reply cannot be aggregated at all: not the array records that were sent, or not
+    this model's weights (`array_problem`), or no MetricRecord with the metrics the server needs
+    (Flower's aggregation and the metrics line would raise on those, failing the whole round)."""
+    got, want = sorted(content.array_records), sorted(sent_keys)
+    if got != want:
+        return f"array records {got}, expected {want}"
+    metrics = list(content.metric_records.values())
+    if len(metrics) != 1:
+        return f"{len(metrics)} MetricRecords, expected one"
+    if bad := [k for k in REQUIRED_METRICS if not isinstance(metrics[0].get(k), (int, float))]:
+        return f"no numeric {', '.join(bad)} in its metrics"
+    if float(metrics[0]["num-examples"]) <= 0:
+        return f"num-examples is {metrics[0]['num-examples']}"
+    return next((why for key in want if (why := array_problem(content[key], template, wire_dtype, dtypes))), None)
+
+
+def nonfinite_problem(state: Mapping[str, torch.Tensor]) -> str | None:
+    """'non-finite values in KEY (12 NaN, 1 Inf)' for the first tensor with NaN or Inf, or None."""
+    bad = [k for k, t in state.items() if t.is_floating_point() and not bool(t.isfinite().all())]
+    if not bad:
+        return None
+    t = state[bad[0]]
+    counts = ", ".join(f"{n} {what}" for n, what in ((int(t.isnan().sum()), "NaN"), (int(t.isinf().sum()), "Inf"))
+                       if n)
+    more = f" and {len(bad) - 1} other tensor(s)" if len(bad) > 1 else ""
+    return f"non-finite values in {bad[0]} ({counts}){more}"
+
+
+def values_problem(states: Mapping[str, State], metrics: Mapping) -> str | None:
+    """NaN/Inf in any decoded array record (`nonfinite_problem`) or in the reported loss, or None."""
+    why = next((w for state in states.values() if (w := nonfinite_problem(state))), None)
+    loss = float(metrics["loss"])
+    return why or (None if math.isfinite(loss) else f"non-finite loss ({loss})")
+
+
+def update_norm(state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> float:
+    """||w_site - w_global|| in float32 over the floating-point tensors (int buffers are counts,
+    not weights). Per-tensor norms are combined in double, so only a tensor whose own norm
+    overflows float32 gives inf."""
+    return math.hypot(*(float(torch.linalg.vector_norm(t.float() - reference[k].float()))
+                        for k, t in state.items() if t.is_floating_point()))
+
+
+def norm_outliers(norms: Mapping[K, float], max_ratio: float) -> dict[K, str]:
+    """Sites whose update norm exceeds `max_ratio` x the median of the OTHER sites' norms.
+
+    The median of the others, not of all: one huge update then cannot raise its own yardstick,
+    and with three sites a good site is judged against a good one and the outlier (their mean,
+    larger than the good norm) while the outlier is judged against the two good ones. Needs at
+    least 2 other sites (fewer: no judgement, returns {}), and others that moved at all (a zero
+    median, e.g. sites that only slept in a benchmark, gives no yardstick). Only too-large updates
+    are outliers: a site that barely moved is no threat to the mean."""
+    if len(norms) < 3:
+        return {}
+    out = {}
+    for k, norm in norms.items():
+        med = statistics.median(v for j, v in norms.items() if j != k)
+        if med > 0 and not norm <= max_ratio * med:  # `not <=`: a NaN norm is an outlier too
+            ratio = norm / med
+            size = f"{ratio:.3g}x" if ratio < 1e3 else f"{ratio:.0f}x" if math.isfinite(ratio) else "beyond float32,"
+            out[k] = (f"update norm {norm:.3g} is {size} the median of the other sites ({med:.3g}); "
+                      f"validation.max_norm_ratio is {max_ratio:g}")
+    return out
+
+
+class UpdateValidator:
+    """One round's replies in, the decoded float32 updates that may be aggregated out, with a
+    one-line reason for every reply that may not. See the module docstring for the checks."""
+
+    def __init__(self, template: Mapping[str, torch.Tensor], wire_dtype: str,
+                 settings: ValidationSettings | Mapping | None = None, say: Callable[[str], None] = print):
+        self.template, self.wire_dtype, self.settings = template, wire_dtype, ValidationSettings.of(settings)
+        self.say = say
+        self._said_few = False  # the "too few sites to judge norms" note, once per run
+
+    def __call__(self, replies: Mapping[K, RecordDict], sent: Mapping[K, Mapping[str, ArrayRecord]]
+                 ) -> tuple[dict[K, dict[str, State]], dict[K, str]]:
+        """`replies`: each site's reply content; `sent`: the array records sent to it (the global
+        weights, float32). Returns ({site: {record key: float32 state}}, {site: reason})."""
+        on = self.settings.enabled
+        decoded: dict[K, dict[str, State]] = {}
+        reasons: dict[K, str] = {}
+        for k, content in replies.items():
+            why = reply_problem(content, sent[k], self.template, self.wire_dtype, dtypes=on)
+            if why is None:
+                try:
+                    decoded[k] = {key: decode(content[key], self.template) for key in sent[k]}
+                except ValueError as exc:  # reply_problem should have said why; never fail the round
+                    why = str(exc)
+            if why is None and on:
+                why = values_problem(decoded[k], next(iter(content.metric_records.values())))
+            if why:
+                reasons[k] = why
+                decoded.pop(k, None)
+        if on and decoded:
+            for k, why in self._norm_outliers(decoded, sent).items():
+                reasons[k] = why
+                del decoded[k]
+        return decoded, reasons
+
+    def _norm_outliers(self, decoded: Mapping[K, dict[str, State]], sent: Mapping[K, Mapping[str, ArrayRecord]]
+                       ) -> dict[K, str]:
+        if len(decoded) < 3:
+            if not self._said_few:
+                self.say(f"update validation: {len(decoded)} site update(s) in this round, too few to judge "
+                         "update norms (each needs at least 2 other sites to compare with); key, shape, dtype "
+                         "and NaN/Inf checks still apply")
+                self._said_few = True
+            return {}
+        records = {id(rec): rec for k in decoded for rec in sent[k].values()}  # usually one, sent to all
+        globals_ = {i: to_state(rec) for i, rec in records.items()}
+        norms = {k: math.hypot(*(update_norm(s, globals_[id(sent[k][key])]) for key, s in states.items()))
+                 for k, states in decoded.items()}
+        return norm_outliers(norms, self.settings.max_norm_ratio)

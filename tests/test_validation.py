@@ -1,0 +1,314 @@
+"""Server-side update validation and robust aggregation (server/validate.py, server/grid.py,
+server/strategy.py): unit tests through WireGrid + real Flower strategies over a fake Grid, and
+one real federation (SuperLink, 3 SuperNodes, `flwr run`) where one site's client sends NaN."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from safetensors.torch import load_file
+
+from mrsfm_model.config import load_config
+from server.app import RunSettings, run_federation
+from server.grid import WireGrid
+from server.local import SITES, LocalFederation, prepare_site_data, stage_app
+from server.rundir import RunDir
+from server.strategy import STRATEGIES, make_strategy
+from server.validate import ValidationSettings, array_problem, norm_outliers
+from server.wire import as_fp32_record, encode, to_state
+
+TEMPLATE = {"w": torch.zeros(6, 8), "b": torch.zeros(8)}
+BF16_NAN = 0x7FC0  # a bf16 NaN's bits, as they travel (int16 view)
+Reply = Callable[[dict], RecordDict]  # global float32 state -> the site's reply content
+
+
+@pytest.fixture(autouse=True)
+def _message_identity(monkeypatch):
+    """Flower Messages need a run/node/task identity outside a real SuperLink."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+
+
+def reply(site: str, state: dict, n: int = 10, loss: float = 1.0) -> RecordDict:
+    return RecordDict({"arrays": encode(state, "bf16"), "metrics": MetricRecord({"num-examples": n, "loss": loss}),
+                       "site": ConfigRecord({"site": site})})
+
+
+class FakeGrid:
+    """Plays the SuperLink and one SuperNode per node id: `sites[node](global state)` is its reply."""
+
+    def __init__(self, sites: dict[int, Reply]):
+        self.sites = sites
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.sites)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        out = []
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = m.object_id
+            arrays = m.content["arrays"].items()
+            state = {k: torch.from_numpy(a.numpy()).view(torch.bfloat16).float() for k, a in arrays}
+            out.append(Message(self.sites[m.metadata.dst_node_id](state), reply_to=m))
+        return out
+
+
+def trained(seed: int, scale: float = 0.1) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(v.shape, generator=gen) * scale for k, v in TEMPLATE.items()}
+
+
+GOOD = {11: ("unicamp", trained(1), 30), 12: ("hcfmrp", trained(2), 10), 13: ("sirio", trained(3), 20)}
+
+
+def one_round(bad: Reply | None, strategy: str = "fedavg", validation: dict | None = None, fl=None,
+              good: dict = GOOD, rounds: int = 1, say: Callable[[str], None] = lambda m: None):
+    """`rounds` round(s) of `strategy` over the good sites and, as node 14 (einstein), `bad`;
+    returns (the aggregated float32 state, None if nothing was aggregated; the WireGrid)."""
+    sites: dict[int, Reply] = {k: (lambda g, s=s, w=w, n=n: reply(s, w, n)) for k, (s, w, n) in good.items()}
+    if bad is not None:
+        sites[14] = bad
+    grid = WireGrid(FakeGrid(sites), TEMPLATE, "bf16", min_sites=len(sites), wait_timeout_s=1, logger=say,
+                    validation=validation)
+    strat = make_strategy(strategy, fl, min_sites=len(sites))
+    arrays = as_fp32_record(TEMPLATE)
+    for rnd in range(1, rounds + 1):
+        replies = grid.send_and_receive(strat.configure_train(rnd, arrays, ConfigRecord(), grid))
+        arrays, _ = strat.aggregate_train(rnd, replies)
+    return (None if arrays is None else to_state(arrays)), grid
+
+
+def bf16(state: dict) -> dict:
+    return {k: v.to(torch.bfloat16).double() for k, v in state.items()}
+
+
+def weighted_mean(good: dict) -> dict:
+    total = sum(n for _, _, n in good.values())
+    return {k: sum(bf16(w)[k] * n for _, w, n in good.values()) / total for k in TEMPLATE}
+
+
+def _with(mutate: Callable[[ArrayRecord], None], state: dict | None = None, **kw) -> Reply:
+    """einstein's reply: trained weights (or `state`), bf16 on the wire, then `mutate`d."""
+    def make(global_state):
+        content = reply("einstein", state or trained(4), **kw)
+        mutate(content["arrays"])
+        return content
+    return make
+
+
+def _nan(rec):
+    a = rec["w"].numpy().copy()
+    a[0, :3] = BF16_NAN
+    rec["w"] = Array(a)
+
+
+def _inf(rec):
+    a = rec["b"].numpy().copy()
+    a[5] = 0x7F80  # bf16 +Inf
+    rec["b"] = Array(a)
+
+
+BROKEN = {  # kind -> (einstein's reply, the reason it must be rejected with)
+    "nan": (_with(_nan), r"non-finite values in w \(3 NaN\)$"),
+    "inf": (_with(_inf), r"non-finite values in b \(1 Inf\)$"),
+    "missing key": (_with(lambda r: r.pop("b")), r"keys do not match the model: missing b$"),
+    "unexpected key": (_with(lambda r: r.__setitem__("extra", Array(np.zeros(2, np.int16)))),
+                       r"keys do not match the model: unexpected extra$"),
+    "shape": (_with(lambda r: r.__setitem__("w", Array(np.zeros((8, 6), np.int16)))),
+              r"w has shape \(8, 6\), the model \(6, 8\)"),
+    "dtype": (_with(lambda r: r.__setitem__("w", Array(np.zeros((6, 8), np.float64)))),
+              r"w has dtype float64, expected int16 \(bf16 bits, bf16 on the wire\)$"),
+    "norm": (_with(lambda r: None, state=trained(4, scale=100.0)),
+             r"update norm [\d.e+]+ is \d+x the median of the other sites \([\d.]+\)"),
+    "nan loss": (_with(lambda r: None, loss=float("nan")), r"non-finite loss \(nan\)$"),
+    "no weight": (lambda g: RecordDict({"arrays": encode(trained(4)), "metrics": MetricRecord({"loss": 1.0}),
+                                        "site": ConfigRecord({"site": "einstein"})}),
+                  r"no numeric num-examples in its metrics$"),
+    "no arrays": (lambda g: RecordDict({"metrics": MetricRecord({"num-examples": 5, "loss": 1.0}),
+                                        "site": ConfigRecord({"site": "einstein"})}),
+                  r"array records \[\], expected \['arrays'\]$"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BROKEN))
+def test_a_broken_update_is_rejected_with_its_reason_and_the_others_averaged(kind, caplog):
+    bad, reason = BROKEN[kind]
+    with caplog.at_level(logging.WARNING):
+        got, grid = one_round(bad)
+    rejected = [r for r in grid.last_train if not r.ok]
+    assert [r.site for r in rejected] == ["einstein"] and sorted(r.site for r in grid.last_train if r.ok) == [
+        "hcfmrp", "sirio", "unicamp"]
+    assert rejected[0].error.startswith("rejected: ")
+    assert re.search(reason, rejected[0].error), rejected[0].error
+    assert rejected[0].bytes_down > 0 and rejected[0].node_id == 14
+    for k, mean in weighted_mean(GOOD).items():  # exactly FedAvg of the three good sites
+        assert got[k].dtype == torch.float32
+        torch.testing.assert_close(got[k].double(), mean, rtol=1e-6, atol=1e-7)
+    warning = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(f"site einstein (node 14) sent an update that was {rejected[0].error}; aggregating the 3 other"
+               in w for w in warning), warning
+
+
+def test_validation_off_keeps_only_what_decoding_needs():
+    off = {"enabled": False, "max_norm_ratio": 10.0}
+    got, grid = one_round(BROKEN["nan"][0], validation=off)  # accepted: the NaN reaches the mean
+    assert all(r.ok for r in grid.last_train) and got["w"].isnan().any()
+    got, grid = one_round(BROKEN["dtype"][0], validation=off)  # decodable (float64 -> float32): accepted
+    assert all(r.ok for r in grid.last_train) and got["w"].isfinite().all()
+    for kind in ("shape", "missing key", "no arrays"):  # cannot be decoded or aggregated: still a rejection
+        got, grid = one_round(BROKEN[kind][0], validation=off)
+        assert [r.site for r in grid.last_train if not r.ok] == ["einstein"], kind
+        torch.testing.assert_close(got["w"].double(), weighted_mean(GOOD)["w"], rtol=1e-6, atol=1e-7)
+
+
+def test_sites_with_different_metrics_are_aggregated_together():
+    """A DP site reports epsilon, the others do not: Flower's own consistency check would fail the round."""
+    def dp_site(global_state):
+        content = reply("einstein", trained(4), n=40)
+        content["metrics"] = MetricRecord({"num-examples": 40, "loss": 1.0, "epsilon": 2.0})
+        return content
+
+    got, grid = one_round(dp_site)
+    assert all(r.ok for r in grid.last_train)
+    everyone = {**GOOD, 14: ("einstein", trained(4), 40)}
+    torch.testing.assert_close(got["w"].double(), weighted_mean(everyone)["w"], rtol=1e-6, atol=1e-7)
+
+
+def test_two_sites_no_norm_test_said_once():
+    said: list[str] = []
+    good = {11: GOOD[11]}
+    got, grid = one_round(BROKEN["norm"][0], good=good, rounds=2, say=said.append)
+    assert all(r.ok for r in grid.last_train)  # cannot tell which of two is the odd one
+    assert sum("too few to judge update norms" in m for m in said) == 1, said
+
+
+def test_norm_outliers_judge_each_site_by_the_median_of_the_others():
+    got = norm_outliers({"a": 15.0, "b": 15.4, "c": 1.3e4}, 10.0)
+    assert list(got) == ["c"]
+    assert got["c"].startswith("update norm 1.3e+04 is 855x the median of the other sites (15.2)")
+    assert norm_outliers({"a": 15.0, "c": 1.3e4}, 10.0) == {}  # 2 sites: no judgement
+    assert norm_outliers({"a": 1.0, "b": 2.0, "c": 9.0, "d": 1e3}, 10.0).keys() == {"d"}
+    assert norm_outliers({"a": 0.0, "b": 0.0, "c": 3.0}, 10.0) == {}  # others did not move: no yardstick
+    assert "beyond float32" in norm_outliers({"a": 1.0, "b": 1.0, "c": math.inf}, 10.0)["c"]
+
+
+def test_dtype_rules_int_entries_and_bf16_bits():
+    template = {"w": torch.zeros(3), "n": torch.zeros(2, dtype=torch.int64)}
+    bits, ints = Array(np.zeros(3, np.int16)), Array(np.zeros(2, np.int64))
+    assert array_problem(ArrayRecord({"w": bits, "n": ints}), template, "bf16") is None
+    assert array_problem(ArrayRecord({"w": Array(np.zeros(3, np.float32)), "n": ints}), template, "fp32") is None
+    assert "n has dtype float32, expected int64 (as in the model)" == array_problem(
+        ArrayRecord({"w": bits, "n": Array(np.zeros(2, np.float32))}), template, "bf16")
+    assert "w has dtype int16, expected float32 (fp32 on the wire)" == array_problem(
+        ArrayRecord({"w": bits, "n": ints}), template, "fp32")  # 16 bits where floats were sent
+    with pytest.raises(ValueError, match="max_norm_ratio must be > 1"):
+        ValidationSettings.of({"enabled": True, "max_norm_ratio": 0.5})
+
+
+# -- robust aggregation -----------------------------------------------------------------------------
+def _fl(name: str):
+    return load_config([f"+fl={name}"]).fl
+
+
+@pytest.mark.parametrize("name", ["fedmedian", "fedtrimmedavg"])
+def test_robust_strategies_resist_one_site_with_huge_weights(name):
+    huge = lambda g: reply("einstein", {k: torch.full_like(v, 1e6) for k, v in TEMPLATE.items()})  # noqa: E731
+    good = {11: GOOD[11], 12: GOOD[12]}  # 3 sites: median = trimmed mean (beta 0.34) = the middle value
+    off = {"enabled": False}  # validation would reject it first; here the strategy alone must resist
+    got, grid = one_round(huge, name, validation=off, fl=_fl(name), good=good)
+    assert all(r.ok for r in grid.last_train)
+    for k in TEMPLATE:  # per weight the middle of (good, good, 1e6) is the larger good value
+        assert got[k].dtype == torch.float32
+        assert torch.equal(got[k], torch.maximum(bf16(good[11][1])[k], bf16(good[12][1])[k]).float())
+    avg, _ = one_round(huge, "fedavg", validation=off, good=good)
+    assert avg["w"].min() > 1e5  # what FedAvg makes of the same round
+
+
+def test_robust_strategies_are_run_settings_and_the_trimmed_default_trims_with_3_sites():
+    assert {"fedmedian", "fedtrimmedavg"} <= set(STRATEGIES)
+    assert RunSettings.from_run_config({"strategy": "fedtrimmedavg"}).strategy == "fedtrimmedavg"
+    beta = float(_fl("fedtrimmedavg").beta)
+    assert int(beta * 3) == 1 and 0 <= beta < 0.5  # Flower's 0.2 would trim nothing with 3 sites
+    assert make_strategy("fedtrimmedavg", _fl("fedtrimmedavg"), 2).beta == beta
+
+
+def test_every_update_rejected_fails_the_round_naming_each_site_and_reason(tmp_path):
+    def nan_site(site: str) -> Reply:
+        def make(global_state):
+            return reply(site, {k: torch.full_like(v, math.nan) for k, v in global_state.items()})
+        return make
+
+    settings = RunSettings(overrides="model=micro", num_rounds=1, local_steps=1, run_dir=str(tmp_path / "run"),
+                           sites="unicamp,hcfmrp")
+    with pytest.raises(RuntimeError) as err:
+        run_federation(FakeGrid({11: nan_site("unicamp"), 12: nan_site("hcfmrp")}), settings)
+    msg = str(err.value)  # sites in the order Flower sampled them
+    assert re.fullmatch(r"round 1: no site update to aggregate \((\w+): rejected: (non-finite values in [^;]+); "
+                        r"(\w+): rejected: \2\)", msg), msg
+    assert {m.group(1) for m in re.finditer(r"(\w+): rejected", msg)} == {"unicamp", "hcfmrp"}
+    assert not RunDir(tmp_path / "run").checkpoint(1).exists()
+
+
+# -- a real federation with a broken client ----------------------------------------------------------
+BROKEN_CLIENT = '''"""Test only (written by tests/test_validation.py into a staged app): client.app's
+ClientApp, except that einstein's trained weights come back with 12 NaN."""
+
+import numpy as np
+from flwr.app import Array
+from flwr.clientapp import ClientApp
+
+from client.app import query, train
+
+app = ClientApp()
+app.query()(query)
+
+
+@app.train()
+def broken_train(msg, context):
+    reply = train(msg, context)
+    if context.node_config.get("site") == "einstein":
+        arrays = reply.content["arrays"]
+        key = next(iter(arrays))
+        a = arrays[key].numpy().copy()
+        a.reshape(-1)[:12] = 0x7FC0 if a.dtype == np.int16 else np.nan  # 0x7FC0: a bf16 NaN's bits
+        arrays[key] = Array(a)
+    return reply
+'''
+
+
+def test_a_site_sending_nan_is_dropped_and_the_run_completes(tmp_path):
+    app = stage_app(tmp_path)
+    (app / "client" / "broken.py").write_text(BROKEN_CLIENT)
+    pyproject = app / "pyproject.toml"
+    text = pyproject.read_text()
+    assert 'clientapp = "client.app:app"' in text
+    pyproject.write_text(text.replace('clientapp = "client.app:app"', 'clientapp = "client.broken:app"'))
+    run_dir = tmp_path / "run"
+    config = {"overrides": "model=micro data.batch_size=4", "num-rounds": 1, "local-steps": 2,
+              "run-dir": str(run_dir), "min-sites": 3, "sites": ",".join(SITES)}
+    with LocalFederation(tmp_path, SITES, log=lambda m: None) as fed:
+        res = fed.run(config, timeout_s=180, app=app,
+                      meanwhile=lambda: fed.start_supernodes(prepare_site_data(tmp_path / "sites")))
+    logs = tmp_path / "logs"
+    assert res["status"] == "finished:completed", (res, (logs / "flwr_run.log").read_text()[-3000:])
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1] and rows[0]["num_sites"] == 2
+    assert sorted(s["site"] for s in rows[0]["sites"]) == ["hcfmrp", "unicamp"]
+    [dropped] = rows[0]["dropped"]
+    assert dropped["site"] == "einstein", rows[0]["dropped"]
+    assert dropped["error"].startswith("rejected: non-finite values in ") and "(12 NaN)" in dropped["error"]
+    weights = load_file(str(RunDir(run_dir).checkpoint(1)))
+    assert weights and all(t.isfinite().all() for t in weights.values())
+    transcript = (logs / "flwr_run.log").read_text(errors="replace")
+    assert "site einstein (node " in transcript and "sent an update that was rejected: non-finite" in transcript
+    print(f"federation with a broken client: {res['seconds']} s")  # noqa: T201 (pytest -s shows it)
