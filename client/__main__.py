@@ -3,7 +3,8 @@
 Reads configs/site/<site>.yaml through Hydra (`site.*` words on the command line override it;
 any other `key=value` words are extra training overrides for this site), checks what would
 otherwise fail later and far from the cause (unknown site, SuperLink not reachable, data folder
-without usable spectra, missing certificate), then replaces itself with `flower-supernode`.
+without usable spectra, missing or unreadable certificate or key, a key flower-supernode cannot
+parse), then replaces itself with `flower-supernode`.
 Errors are one line on stderr and a non-zero exit code.
 """
 
@@ -89,6 +90,38 @@ def _literal(key: str, value: str) -> str:
     return f'{key}="{value}"'
 
 
+def _read(key: str, path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise SiteError(f"{key} {path} cannot be read ({exc.strerror or exc}); check its owner and mode") from None
+
+
+def check_tls_files(cfg) -> None:
+    """The certificate and key contents, which flower-supernode would refuse without naming the file."""
+    from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+    s = cfg.site
+    if not s.insecure:
+        path = Path(str(s.root_certificates)).expanduser()
+        try:
+            x509.load_pem_x509_certificates(_read("site.root_certificates", path))
+        except ValueError:
+            raise SiteError(f"site.root_certificates {path} is not a PEM certificate; use the lab's ca.crt") from None
+    if s.get("auth_private_key"):
+        path = Path(str(s.auth_private_key)).expanduser()
+        try:
+            key = load_ssh_private_key(_read("site.auth_private_key", path), None)
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            key = None
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise SiteError(f"site.auth_private_key {path} is not an unencrypted OpenSSH EC private key; make one "
+                            f"with `python -m server.pki site {s.name}`")
+
+
 def supernode_command(cfg, train_words: list[str], data_dir: str) -> list[str]:
     s = cfg.site
     cmd = ["flower-supernode", "--superlink", str(s.superlink), "--port", str(int(s.runtime_port))]
@@ -98,10 +131,12 @@ def supernode_command(cfg, train_words: list[str], data_dir: str) -> list[str]:
         if not s.root_certificates or not Path(str(s.root_certificates)).expanduser().is_file():
             raise SiteError(f"site.insecure is false but site.root_certificates ({s.root_certificates}) is not a file")
         cmd += ["--root-certificates", str(Path(str(s.root_certificates)).expanduser())]
+        _read("site.root_certificates", Path(str(s.root_certificates)).expanduser())
     if s.get("auth_private_key"):
         key = Path(str(s.auth_private_key)).expanduser()
         if not key.is_file():
             raise SiteError(f"site.auth_private_key {key} is not a file")
+        _read("site.auth_private_key", key)
         cmd += ["--auth-supernode-private-key", str(key)]
     local = list(s.get("overrides") or []) + train_words
     node = {"site": str(s.name), "data-dir": data_dir, "state-dir": str(Path(str(s.state_dir)).expanduser()),
@@ -119,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg, train_words = load_site(args.site, args.overrides)  # local problems first, then the network
         data_dir = check_data_dir(cfg.site.data_dir)
         cmd = supernode_command(cfg, train_words, data_dir)
+        if not args.dry_run:  # --dry-run checks that the files are there and readable, not what they hold
+            check_tls_files(cfg)
         check_superlink(str(cfg.site.superlink))
         if args.dry_run:
             print(shlex.join(cmd))

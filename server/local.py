@@ -5,6 +5,10 @@ Every process starts in its own process group (SuperNodes and the SuperLink spaw
 every group is stopped on the way out, also on Ctrl-C or SIGTERM. Flower's home (connections,
 state) is a folder of the run, so nothing touches ~/.flwr, and app dependencies are never
 installed at run time. Sites start through `python -m client --site X`, exactly as a hospital does.
+
+`secure=True` is the documented deployment (deploy/README.md) on loopback: a PKI under OUT/pki made
+with server.pki (CA, SuperLink certificate, one key pair per site), a SuperLink with TLS and
+`--enable-supernode-auth`, every site's key registered, and every SuperNode on TLS with its key.
 """
 
 from __future__ import annotations
@@ -97,7 +101,12 @@ class LocalFederation:
     """Start/stop the processes of a loopback federation; `run()` one `flwr run` on it."""
 
     def __init__(self, out_dir: str | Path, sites: Sequence[str] = SITES, data_dirs: dict[str, Path] | None = None,
-                 log: Callable[[str], None] = print, threads_per_site: int | None = None):
+                 log: Callable[[str], None] = print, threads_per_site: int | None = None, secure: bool = False,
+                 database: str | Path | None = None):
+        """`secure`: TLS + SuperNode authentication with a PKI under OUT/pki (made once, then reused).
+        `database`: the SuperLink's SQLite state file (default: in memory); registered site keys live in
+        the state, so with a database they survive a SuperLink restart, without one they are registered
+        again on every `start_superlink`."""
         self.out = Path(out_dir).resolve()
         self.sites, self.data_dirs, self.log = list(sites), dict(data_dirs or {}), log
         self.home, self.logs = self.out / "flwr_home", self.out / "logs"
@@ -108,21 +117,52 @@ class LocalFederation:
         self.pgids: list[int] = []  # every process group ever started here
         self.lock, self._closing, self._watchdog = threading.Lock(), threading.Event(), None
         self.app: Path | None = None  # the staged Flower app, made on the first run
+        self.secure, self.database = secure, (Path(database).resolve() if database else None)
+        self.pki = self.out / "pki"
+        self.registration = None  # server.pki.Registration of the last start_superlink (secure)
+        if secure:
+            self._make_pki()
         bin_dir = str(Path(sys.executable).parent)
         threads = threads_per_site or max(1, (os.cpu_count() or 1) // max(1, len(self.sites)))
         self.env = {**os.environ, "FLWR_HOME": str(self.home),
                     "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1",
                     "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        tls = f'root-certificates = "{self.pki / "ca.crt"}"\n' if secure else "insecure = true\n"
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
+            f'address = "127.0.0.1:{self.port}"\n{tls}')
+
+    def _make_pki(self) -> None:
+        """OUT/pki as `python -m server.pki` makes it for a SuperLink on loopback; existing files are kept."""
+        from . import pki
+
+        lay = pki.Layout(self.pki)
+        if not lay.ca_crt.exists():
+            pki.make_ca(self.pki)
+        if not lay.superlink_crt.exists():
+            pki.make_superlink(self.pki, hosts=[], ips=[])  # DNS:localhost, IP:127.0.0.1 and ::1 always
+        for site in self.sites:
+            if not lay.site_key(site).exists():
+                pki.make_site(self.pki, site)
+
+    def register_sites(self, sites: Sequence[str] | None = None):
+        """`flwr supernode register` every site's public key (server.pki.register); already registered
+        keys (a SuperLink with a database) are fine. Raises RuntimeError naming the ones that failed."""
+        from . import pki
+
+        res = pki.register(self.pki, CONNECTION, list(sites or self.sites), env=self.env)
+        if not res.ok:
+            raise RuntimeError("SuperNode registration failed: " +
+                               "; ".join(f"{site}: {why}" for site, why in res.failed.items()))
+        self.registration = res
+        return res
 
     # -- processes -----------------------------------------------------------------------------------
-    def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         out = open(self.logs / f"{name}.log", "ab")
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=self.out,
-                                start_new_session=True)  # own process group: stop() reaches its helpers
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**self.env, **(env or {})},
+                                cwd=self.out, start_new_session=True)  # own process group: stop() reaches its helpers
         out.close()
         with self.lock:
             self.procs[name] = proc
@@ -130,26 +170,47 @@ class LocalFederation:
         return proc
 
     def start_superlink(self, timeout_s: float = 30.0) -> None:
-        """In-memory state: 1.41's SQLite state (--database) stores the weights too and fails with
-        'database is locked' under ViT-B-sized transfers; SuperNodes re-register instead (supervise)."""
-        self._spawn("superlink", ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
-                                  "--disable-runtime-dependency-installation"])
+        """In-memory state by default: 1.41's SQLite state (--database) stores the weights too and fails
+        with 'database is locked' under ViT-B-sized transfers; SuperNodes re-register instead (supervise).
+        Secure: TLS + --enable-supernode-auth, and the sites' keys registered once the port is open."""
+        cmd = ["flower-superlink", "--host", "127.0.0.1", "--port", str(self.port),
+               "--disable-runtime-dependency-installation"]
+        if self.secure:
+            cmd += ["--ssl-ca-certfile", str(self.pki / "ca.crt"), "--ssl-certfile", str(self.pki / "superlink.crt"),
+                    "--ssl-keyfile", str(self.pki / "superlink.key"), "--enable-supernode-auth"]
+        else:
+            cmd.append("--insecure")
+        if self.database is not None:
+            cmd += ["--database", str(self.database)]
+        self._spawn("superlink", cmd)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.procs["superlink"].poll() is not None:
                 raise RuntimeError(f"flower-superlink exited; see {self.logs / 'superlink.log'}")
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                if self.secure:
+                    self.register_sites()
                 return
             time.sleep(0.2)
         raise RuntimeError(f"flower-superlink did not open port {self.port} in {timeout_s:g} s")
 
-    def start_supernode(self, site: str) -> None:
-        """`python -m client --site SITE` with this federation's address, data and state folders."""
+    def start_supernode(self, site: str, name: str | None = None, env: dict[str, str] | None = None,
+                        **settings) -> None:
+        """`python -m client --site SITE` with this federation's address, data and state folders (and, when
+        secure, its CA certificate and the site's key). `settings` replace `site.*` values, e.g.
+        `insecure=True` or `auth_private_key=PATH`; `name` (default supernode_SITE) names the process and
+        its log; a name outside the federation's sites is never restarted by the supervisor; `env` adds
+        environment variables (e.g. FLWR_LOG_LEVEL=DEBUG)."""
         data = self.data_dirs.get(site)
-        cmd = [sys.executable, "-m", "client", "--site", site, f"site.superlink=127.0.0.1:{self.port}",
-               f"site.data_dir={data if data else 'null'}", f"site.state_dir={self.out / 'state' / site}",
-               f"site.runtime_port={free_port()}"]
-        self._spawn(f"supernode_{site}", cmd)
+        values: dict = {"superlink": f"127.0.0.1:{self.port}", "data_dir": data, "state_dir": self.out / "state" / site,
+                        "runtime_port": free_port()}
+        if self.secure:
+            values.update(insecure=False, root_certificates=self.pki / "ca.crt",
+                          auth_private_key=self.pki / "sites" / f"{site}.key")
+        values.update(settings)
+        words = [f"site.{k}={'null' if v is None else str(v).lower() if isinstance(v, bool) else v}"
+                 for k, v in values.items()]
+        self._spawn(name or f"supernode_{site}", [sys.executable, "-m", "client", "--site", site, *words], env)
 
     def restart_supernodes(self) -> None:
         """Start the running SuperNodes again, e.g. after a SuperLink restart (it forgot them)."""
@@ -331,7 +392,7 @@ def _sigterm_as_interrupt():
 def run_local_federation(out_dir: str | Path, sites: Sequence[str] = SITES, rounds: int = 2, local_steps: int = 5,
                          overrides: Iterable[str] = ("model=micro", "data.batch_size=8"), strategy: str = "fedavg",
                          wire_dtype: str = "bf16", min_sites: int | None = None, timeout_s: float = 900.0,
-                         log: Callable[[str], None] = print, **run_config) -> dict:
+                         log: Callable[[str], None] = print, secure: bool = False, **run_config) -> dict:
     """Federated MAE pretraining of `sites` on loopback; everything lands under `out_dir`.
 
     out_dir/run/ the run directory (rounds/, metrics.jsonl, encoder.safetensors, ...),
@@ -339,6 +400,7 @@ def run_local_federation(out_dir: str | Path, sites: Sequence[str] = SITES, roun
     (prepare_site_data), out_dir/state/<site>/ its optimizer state, out_dir/flwr_home/ Flower's
     connection and app store, out_dir/app/ the Flower app as submitted. Returns {run_id, status,
     seconds, run_dir, rounds (the metrics.jsonl rows), encoder, total_seconds}.
+    `secure`: TLS + SuperNode authentication, the PKI in out_dir/pki/ (see LocalFederation).
     Extra keyword arguments are run-config keys with '_' for '-' (e.g. wait_timeout_s=60).
     Raises RuntimeError when the run does not finish as completed.
     """
@@ -355,8 +417,9 @@ def run_local_federation(out_dir: str | Path, sites: Sequence[str] = SITES, roun
         log(f"[2/3] private data for {', '.join(sites)} under {out / 'sites'}; one SuperNode per site")
         fed.start_supernodes(prepare_site_data(out / "sites", sites))
 
-    with _sigterm_as_interrupt(), LocalFederation(out, sites, log=log) as fed:
-        log(f"[1/3] SuperLink on 127.0.0.1:{fed.port}; flwr run: {rounds} round(s) x {local_steps} local steps, "
+    with _sigterm_as_interrupt(), LocalFederation(out, sites, log=log, secure=secure) as fed:
+        tls = " (TLS; registered site keys only)" if secure else ""
+        log(f"[1/3] SuperLink on 127.0.0.1:{fed.port}{tls}; flwr run: {rounds} round(s) x {local_steps} local steps, "
             f"{strategy}, {wire_dtype} on the wire; logs in {fed.logs}")
         result = fed.run(config, timeout_s=timeout_s, meanwhile=sites_join)
         log(f"[3/3] run {result['run_id']}: {result['status']}")
