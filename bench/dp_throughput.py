@@ -36,13 +36,14 @@ def _time(step, steps: int, cuda: bool) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--size", default="small")
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--size", help="model size (default: small on a GPU, micro on the CPU)")
+    ap.add_argument("--batch", type=int, help="batch (default: 64 on a GPU, 16 on the CPU)")
+    ap.add_argument("--steps", type=int, help="timed steps (default: 10 on a GPU, 3 on the CPU)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
-    size, batch, steps = (args.size, args.batch, args.steps) if cuda else ("micro", 16, 3)
+    size, batch, steps = ("small", 64, 10) if cuda else ("micro", 16, 3)
+    size, batch, steps = args.size or size, args.batch or batch, args.steps or steps
     results = {}
     for variant in ("non_dp", "dp_hooks"):
         torch.manual_seed(0)

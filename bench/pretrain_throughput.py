@@ -2,7 +2,7 @@
 
 Prints one JSON line per (configuration, variant):
   config  vit_b16_224: ViT-B/16 MAE at 224x224, 3 channels (the classic MAE setting)
-          spectrogram:  the default spectrogram configuration (configs/: 3x192x208, patch 16)
+          spectrogram:  the default spectrogram configuration (configs/: 3x64x32, patch 8)
   variant reference: fp16 autocast + GradScaler, eager, unfused attention, foreach AdamW
                      (how facebookresearch/mae runs)
           project:   the project's Trainer: bf16 autocast, fused SDPA attention, fused AdamW
@@ -89,11 +89,12 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     size, batch, steps = (args.size, args.batch, args.steps) if device.type == "cuda" else ("micro", 8, 2)
-    data = load_config([]).data
+    cfg = load_config([])
+    data = cfg.data
     configs = {
         "vit_b16_224": dict(size=size, img_size=(224, 224), patch_size=(16, 16), in_chans=3),
         "spectrogram": dict(size=size, img_size=(data.spectrogram.height, data.spectrogram.width),
-                            patch_size=(16, 16), in_chans=len(data.channels)),
+                            patch_size=tuple(cfg.model.patch_size), in_chans=len(data.channels)),
     }
     peak = matmul_peak(device) if device.type == "cuda" else None
     print(json.dumps({"name": "matmul_peak", "bf16_tflops": peak and round(peak, 1),

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from functools import partial
 from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from timm.layers import LayerNorm
 from timm.models.vision_transformer import VisionTransformer
 
 from .errors import MRSDataError
@@ -52,6 +54,7 @@ def read_encoder_config(path: str | Path) -> MAEConfig:
         raise MRSDataError(path, "not an mrsfm encoder (no mrsfm-encoder-v1 metadata)")
     raw = json.loads(meta["mae_config"])
     raw["img_size"], raw["patch_size"] = tuple(raw["img_size"]), tuple(raw["patch_size"])
+    raw.setdefault("embed_norm", False)  # encoders exported before the option existed had none
     return MAEConfig(**raw)
 
 
@@ -61,6 +64,7 @@ def build_vit(cfg: MAEConfig, num_classes: int = 0, global_pool: str = "avg") ->
         img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, num_classes=num_classes,
         embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
         qkv_bias=True, class_token=True, global_pool=global_pool, fc_norm=False,
+        embed_norm_layer=partial(LayerNorm, eps=1e-6) if cfg.embed_norm else None,
     )
     from .mae import _sincos
 

@@ -2,7 +2,7 @@
 
 Read top to bottom like facebookresearch/mae's models_mae.py (forward_encoder /
 forward_decoder / forward_loss), with three changes: non-square images and patch grids
-(spectrograms are 192 x 208 by default), fixed 2-D sin-cos position embeddings kept as
+(spectrograms are 64 x 32 by default), fixed 2-D sin-cos position embeddings kept as
 buffers, and the learned tokens living in tiny single-input submodules so that Opacus can
 compute per-sample gradients with hooks (no functorch, whose vmap rejects random masking).
 """
@@ -10,6 +10,7 @@ compute per-sample gradients with hooks (no functorch, whose vmap rejects random
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import torch
 from timm.layers import LayerNorm, PatchEmbed
@@ -20,8 +21,8 @@ from torch import nn
 
 @dataclass(frozen=True)
 class MAEConfig:
-    img_size: tuple[int, int] = (192, 208)
-    patch_size: tuple[int, int] = (16, 16)
+    img_size: tuple[int, int] = (64, 32)
+    patch_size: tuple[int, int] = (8, 8)
     in_chans: int = 3
     embed_dim: int = 768
     depth: int = 12
@@ -32,6 +33,10 @@ class MAEConfig:
     mlp_ratio: float = 4.0
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True
+    # LayerNorm on each patch embedding (timm's embed_norm_layer): spectrogram pixels are small
+    # (std ~0.05 after max-normalisation), so without it the sin-cos position embedding drowns
+    # the content; measured: pretrained full fine-tune 0.40 -> 0.73 vendor accuracy (100 labels)
+    embed_norm: bool = True
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -97,7 +102,8 @@ class SpectroMAE(nn.Module):
         self.cfg = cfg
         n = cfg.grid_size[0] * cfg.grid_size[1]
         # encoder (names match timm's VisionTransformer, so export is a rename of two keys)
-        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim)
+        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim,
+                                      norm_layer=partial(LayerNorm, eps=1e-6) if cfg.embed_norm else None)
         self.cls_token = PrependToken(cfg.embed_dim)
         self.register_buffer("pos_embed", _sincos(cfg.grid_size, cfg.embed_dim), persistent=False)
         self.blocks = nn.ModuleList(
@@ -204,7 +210,7 @@ class SpectroMAE(nn.Module):
 def build_mae(model_cfg, data_cfg) -> SpectroMAE:
     """MAE for the configured image: input size and channels come from the data config."""
     spec = data_cfg.spectrogram
-    extra = {k: model_cfg[k] for k in ("patch_size", "mask_ratio", "norm_pix_loss") if k in model_cfg}
+    extra = {k: model_cfg[k] for k in ("patch_size", "mask_ratio", "norm_pix_loss", "embed_norm") if k in model_cfg}
     cfg = mae_config(model_cfg.size, img_size=(spec.height, spec.width), in_chans=len(data_cfg.channels), **extra)
     return SpectroMAE(cfg)
 

@@ -11,9 +11,11 @@ simulator draws phase0 over 360 degrees. Measured on the vendor benchmark: a lin
 real-part spectrograms is at chance (0.31 with 100 labels), on magnitude ones 0.77 (0.96 with
 300). `part: real` restores the recipe exactly.
 
-Instead of Spectro-ViT's 224x224 zero-padded canvas (content 204x206), the default keeps
-192 ppm rows (0 to ~11.7 ppm; nothing above) and pads 206 frames to 208, so a 16x16 patch
-grid of 12x13 tokens covers content only.
+Instead of Spectro-ViT's 224x224 zero-padded canvas (content 204x206), the default keeps the
+part of the plane where the metabolites are: 64 ppm rows from 0.2 ppm (to ~4.1 ppm) and the
+first 32 frames (160 ms, after which the FID has decayed into noise); an 8x8 patch grid of
+8x4 tokens. configs/data/default.yaml says what was measured; the recipe's whole plane is
+ppm_min=0, height=192, width=208.
 """
 
 from __future__ import annotations
@@ -33,9 +35,9 @@ class SpectrogramConfig:
     nperseg: int = 256
     hop: int = 10
     window: str = "hann"
-    ppm_min: float = 0.0
-    height: int = 192  # ppm rows kept (those nearest ppm_min)
-    width: int = 208  # time frames kept (zero-padded on the right if fewer)
+    ppm_min: float = 0.2
+    height: int = 64  # ppm rows kept (those nearest ppm_min)
+    width: int = 32  # time frames kept (zero-padded on the right if fewer)
     part: str = "abs"  # abs (phase-invariant) | real (Spectro-ViT; needs phased spectra) | imag
     norm: str = "sample"  # sample: one max over all channels | channel: each channel alone
 

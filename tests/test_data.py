@@ -31,7 +31,7 @@ def test_invivo_folder_loads_every_real_file(invivo):
     vendors = sorted(s.provenance.vendor for s in invivo.spectra)
     # Philips PRESS (+ its water reference attached), Philips MM, Siemens RDA and IMA
     assert vendors == ["Philips", "Philips", "Siemens", "Siemens"]
-    assert invivo.x.shape == (4, 3, 192, 208) and torch.isfinite(invivo.x).all()
+    assert invivo.x.shape == (4, 3, 64, 32) and torch.isfinite(invivo.x).all()
     assert invivo.errors == []
     assert sorted(invivo.vendor.tolist()) == [1, 1, 2, 2]
 
@@ -47,7 +47,7 @@ def _stream(invivo, seed=0, batch=8, frac=0.25):
 def test_stream_is_deterministic_and_mixes_at_the_configured_ratio(invivo):
     a, b = _stream(invivo).batch(3), _stream(invivo).batch(3)
     assert torch.equal(a.x, b.x) and torch.equal(a.vendor, b.vendor)
-    assert int(a.invivo.sum()) == 2 and a.x.shape == (8, 3, 192, 208)
+    assert int(a.invivo.sum()) == 2 and a.x.shape == (8, 3, 64, 32)
     assert not torch.equal(_stream(invivo).batch(4).x, a.x)
     assert not torch.equal(_stream(invivo, seed=1).batch(3).x, a.x)
     sim_vendors = set(a.vendor[~a.invivo].tolist())
@@ -66,4 +66,4 @@ def test_build_stream_reads_the_configured_folder():
                        "data.sim_profiles=[press_siemens]"])
     stream = build_stream(cfg.data, seed=0)
     assert len(stream.invivo) == 2 and stream.n_invivo == 1
-    assert stream.batch(0).x.shape == (4, 3, 192, 208)
+    assert stream.batch(0).x.shape == (4, 3, 64, 32)

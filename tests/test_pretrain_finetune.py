@@ -83,7 +83,7 @@ def test_tiny_pretrain_resume_export_and_finetune(tmp_path):
     card = json.loads((run / "encoder.json").read_text())
     assert card["trained_steps"] == 6 and card["data"]["invivo_spectra"] == 2
     vit = load_encoder(run / "encoder.safetensors", num_classes=3)
-    assert vit(torch.zeros(1, 3, 192, 208)).shape == (1, 3)
+    assert vit(torch.zeros(1, 3, 64, 32)).shape == (1, 3)
 
     cfg = load_config(over + ["finetune.tasks=[vendor,quant]", "finetune.label_sizes=[6]", "finetune.seeds=[0,1]",
                               "finetune.steps=3", "finetune.batch_size=6", "finetune.benchmark.subjects_per_vendor=6"])

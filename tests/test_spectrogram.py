@@ -19,7 +19,7 @@ def _fids(n, c, points=2048, seed=0):
     rng = np.random.default_rng(seed)
     t = np.arange(points) / GRID.bandwidth_hz
     # decaying lines at random frequencies + noise: realistic dynamic range, not just noise
-    f = rng.uniform(-600, 300, size=(n, c, 1))
+    f = rng.uniform(-540, -60, size=(n, c, 1))  # lines at 0.4-4.2 ppm, inside the default image
     fid = np.exp((2j * np.pi * f - 8.0) * t) + 0.05 * (rng.standard_normal((n, c, points)) + 1j * rng.standard_normal((n, c, points)))
     return fid.astype(np.complex64)
 
@@ -41,17 +41,18 @@ def test_torch_matches_scipy_recipe(cfg):
     assert np.abs(ours - ref).max() < 1e-5
 
 
-def test_default_size_has_no_padding_rows_and_little_padding_width():
+def test_default_size_is_the_metabolite_band_without_padding():
     cfg = SpectrogramConfig()
     img = SpectrogramTransform(cfg, GRID)(torch.from_numpy(_fids(1, 1)))[0, 0]
-    assert img.shape == (192, 208)
-    # 2048 points, hop 10 -> 206 frames: only the last 2 columns are padding
-    nonzero_cols = (img.abs().sum(0) > 0).sum().item()
-    assert nonzero_cols == 206
-    assert (img.abs().sum(1) > 0).all()  # every ppm row carries signal
+    assert img.shape == (64, 32)
     ppm, t = spectrogram_axes(cfg, GRID)
-    assert ppm[-1] == pytest.approx(0.0, abs=0.07) and ppm[0] > 11.5
-    assert np.all(np.diff(ppm) < 0)  # ppm falls from top to bottom
+    assert 0.2 <= np.nanmin(ppm) < 0.3 and 4.0 < np.nanmax(ppm) < 4.2 and not np.isnan(ppm).any()
+    assert t[-1] == pytest.approx(0.155)  # the first 160 ms of the FID
+    assert (img.abs().sum(0) > 0).all() and (img.abs().sum(1) > 0).all()  # content everywhere, no padding
+
+    whole = SpectrogramConfig(ppm_min=0.0, height=192, width=208)  # the recipe's plane stays available
+    img = SpectrogramTransform(whole, GRID)(torch.from_numpy(_fids(1, 1)))[0, 0]
+    assert img.shape == (192, 208) and (img.abs().sum(0) > 0).sum().item() == 206  # 2 padding columns
 
 
 def test_peak_lands_on_its_ppm_row():
