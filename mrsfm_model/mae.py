@@ -182,20 +182,25 @@ class SpectroMAE(nn.Module):
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]
 
-    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean squared error on removed patches, per-patch normalised targets (MAE's norm_pix_loss)."""
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor,
+                     per_sample: bool = False) -> torch.Tensor:
+        """Mean squared error on removed patches, per-patch normalised targets (MAE's norm_pix_loss).
+        `per_sample`: one loss per image (B,), whose mean is the batch loss (DP ghost clipping)."""
         target = self.patchify(imgs)
         if self.cfg.norm_pix_loss:
             mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1e-6) ** 0.5
         loss = ((pred.float() - target.float()) ** 2).mean(dim=-1)
+        if per_sample:  # every image has the same number of masked patches
+            return (loss * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1)
         return (loss * mask).sum() / mask.sum().clamp_min(1)
 
-    def forward(self, imgs: torch.Tensor, mask_ratio: float | None = None, generator: torch.Generator | None = None):
+    def forward(self, imgs: torch.Tensor, mask_ratio: float | None = None, generator: torch.Generator | None = None,
+                per_sample: bool = False):
         ratio = self.cfg.mask_ratio if mask_ratio is None else mask_ratio
         latent, mask, ids_restore = self.forward_encoder(imgs, ratio, generator)
         pred = self.forward_decoder(latent, ids_restore)
-        return self.forward_loss(imgs, pred, mask), pred, mask
+        return self.forward_loss(imgs, pred, mask, per_sample), pred, mask
 
     def reconstruct(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Image of the prediction in the input's units (undoing per-patch normalisation), visible patches kept."""

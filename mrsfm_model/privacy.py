@@ -24,7 +24,9 @@ from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.grad_sample import register_grad_sampler
 from opacus.grad_sample.layer_norm import compute_layer_norm_grad_sample
+from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from timm.layers import LayerNorm as TimmLayerNorm
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from .mae import MaskTokenFill, PrependToken
@@ -42,6 +44,7 @@ class DPConfig:
     epsilon_budget: float | None = None  # stop private steps once epsilon would exceed this
     batch_size: int = 16  # expected private batch (Poisson sampling)
     accountant: str = "prv"  # prv (tight, Gopi et al. 2021) | rdp (looser, classic)
+    clipping: str = "flat"  # flat: per-sample gradients (hooks) | ghost: per-sample norms only (less memory)
 
     @classmethod
     def from_config(cls, cfg) -> "DPConfig":
@@ -96,6 +99,9 @@ class PrivateSite:
             sigma = noise_for_target(cfg, self.sample_rate)
         if sigma is None:
             raise ValueError("set privacy.noise_multiplier or privacy.target_epsilon")
+        if cfg.clipping not in ("flat", "ghost"):
+            raise ValueError(f"privacy.clipping must be flat or ghost, got {cfg.clipping!r}")
+        self.ghost = cfg.clipping == "ghost"
         self.noise_multiplier = float(sigma)
         loader = DataLoader(TensorDataset(private_x), batch_size=min(cfg.batch_size, n),
                             generator=torch.Generator().manual_seed(seed))
@@ -104,16 +110,28 @@ class PrivateSite:
             self.engine.accountant.history = [tuple(h) for h in state["history"]]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # secure-RNG advice: we document the choice
-            model, optimizer, self.loader = self.engine.make_private(
+            model, optimizer, *rest = self.engine.make_private(
                 module=trainer.model, optimizer=trainer.optimizer, data_loader=loader,
                 noise_multiplier=self.noise_multiplier, max_grad_norm=cfg.max_grad_norm, poisson_sampling=True,
-                grad_sample_mode="hooks",
+                grad_sample_mode="ghost" if self.ghost else "hooks",
+                **({"criterion": nn.MSELoss()} if self.ghost else {}),  # Opacus wants one; ours: _ghost_loss
             )
+        self.loader = rest[-1]
         self.dp_model, self.dp_optimizer = model, optimizer
+        self._loss_fn = trainer.loss_fn
         trainer.model = trainer.forward_model = model
         trainer.optimizer = optimizer
+        if self.ghost:
+            trainer.loss_fn = self._ghost_loss
         self._clip = trainer.cfg.grad_clip
         trainer.cfg.grad_clip = None  # Opacus clips per sample
+
+    def _ghost_loss(self, model: nn.Module, batch) -> tuple[DPTensorFastGradientClipping, dict]:
+        """Ghost clipping needs one loss per sample: its backward runs twice (norms, then the
+        norm-weighted loss), so per-sample gradients are never materialised."""
+        x = batch.x if hasattr(batch, "x") else batch
+        per_sample = model(x, per_sample=True)[0]
+        return DPTensorFastGradientClipping(model, self.dp_optimizer, per_sample, "mean"), {}
 
     # -- accounting ------------------------------------------------------------------------
     def epsilon(self) -> float:
@@ -147,7 +165,10 @@ class PrivateSite:
             if len(batch) == 0:  # Poisson sampling can draw an empty batch: a noise-only step, still counted
                 self.dp_optimizer.zero_grad(set_to_none=True)
                 for p in self.dp_optimizer.params:
-                    p.grad_sample = p.new_zeros((0, *p.shape))
+                    if self.ghost:
+                        p.grad = torch.zeros_like(p)
+                    else:
+                        p.grad_sample = p.new_zeros((0, *p.shape))
                 self.dp_optimizer.step()
             else:
                 last = self.trainer.train_step(batch)
@@ -182,7 +203,7 @@ class PrivateSite:
         e.g. to save it: its optimizer state is the original AdamW's."""
         tr = self.trainer
         tr.model = tr.forward_model = self.dp_model.to_standard_module()
-        tr.optimizer, tr.cfg.grad_clip = self.dp_optimizer.original_optimizer, self._clip
+        tr.optimizer, tr.cfg.grad_clip, tr.loss_fn = self.dp_optimizer.original_optimizer, self._clip, self._loss_fn
         return tr
 
     @contextlib.contextmanager
@@ -190,9 +211,11 @@ class PrivateSite:
         """Non-private steps on shared simulated data: hooks off, the plain optimizer, normal clipping."""
         tr = self.trainer
         self.dp_model.disable_hooks()
-        tr.optimizer, tr.cfg.grad_clip = self.dp_optimizer.original_optimizer, self._clip
+        tr.optimizer, tr.cfg.grad_clip, tr.loss_fn = self.dp_optimizer.original_optimizer, self._clip, self._loss_fn
         try:
             yield tr
         finally:
             self.dp_model.enable_hooks()
             tr.optimizer, tr.cfg.grad_clip = self.dp_optimizer, None
+            if self.ghost:
+                tr.loss_fn = self._ghost_loss

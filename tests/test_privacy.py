@@ -117,9 +117,10 @@ def private_folder(tmp_path):
     return tmp_path
 
 
-def test_client_reports_cumulative_epsilon_equal_to_an_independent_accountant(private_folder):
-    _, m1 = _round(private_folder, 1)
-    state, m2 = _round(private_folder, 2)  # a fresh "process": only the state folder carries over
+@pytest.mark.parametrize("clipping", ["flat", "ghost"])
+def test_client_reports_cumulative_epsilon_equal_to_an_independent_accountant(private_folder, clipping):
+    _, m1 = _round(private_folder, 1, f"privacy.clipping={clipping}")
+    state, m2 = _round(private_folder, 2, f"privacy.clipping={clipping}")  # fresh "process": only state carries over
     assert m1["private-steps"] == m2["private-steps"] == 2  # half of 4 steps (invivo_fraction 0.5)
     independent = PRVAccountant()
     for _ in range(4):
@@ -158,3 +159,23 @@ def test_an_empty_poisson_batch_is_a_counted_noise_only_step():
     assert site.private_steps(1)["private_steps"] == 1 and site.state()["history"] == [[1.0, 0.25, 1]]
     moved = [not torch.equal(a, b) for a, b in zip(before, site.trainer.model.parameters())]
     assert any(moved) and all(torch.isfinite(p).all() for p in site.trainer.model.parameters())
+
+
+def test_ghost_clipping_gives_the_same_clipped_gradient_as_per_sample_gradients():
+    """Noise off and a clipping norm every sample exceeds: both modes must apply the same
+    per-sample clipping (which differs from clipping the batch gradient)."""
+    x = torch.randn(6, 3, 64, 64)
+    grads = {}
+    for mode in ("flat", "ghost"):
+        tr = _trainer(0)
+        PrivateSite(tr, torch.randn(12, 3, 64, 64),
+                           DPConfig(enabled=True, noise_multiplier=0.0, batch_size=6, max_grad_norm=0.05, clipping=mode))
+        torch.manual_seed(1)  # the same masks
+        tr.train_step(x)  # a DP-SGD step on a fixed batch (no epsilon: sigma 0 makes it infinite)
+        grads[mode] = torch.cat([p.grad.flatten() for p in tr.model.parameters()])
+    plain = _trainer(0)
+    torch.manual_seed(1)
+    mae_loss(plain.model, x)[0].backward()
+    batch_grad = torch.cat([p.grad.flatten() for p in plain.model.parameters()])
+    assert torch.allclose(grads["ghost"], grads["flat"], atol=1e-6, rtol=1e-4)
+    assert grads["flat"].norm() < 0.05 + 1e-6 < batch_grad.norm()  # clipping was active
