@@ -44,7 +44,7 @@ class DPConfig:
     epsilon_budget: float | None = None  # stop private steps once epsilon would exceed this
     batch_size: int = 16  # expected private batch (Poisson sampling)
     accountant: str = "prv"  # prv (tight, Gopi et al. 2021) | rdp (looser, classic)
-    clipping: str = "flat"  # flat: per-sample gradients (hooks) | ghost: per-sample norms only (less memory)
+    clipping: str = "ghost"  # ghost: per-sample norms only (faster, less memory) | flat: per-sample gradients
 
     @classmethod
     def from_config(cls, cfg) -> "DPConfig":
