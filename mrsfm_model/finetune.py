@@ -93,7 +93,7 @@ def train_model(
         Trainer(head, _loss_fn(task), opt, cfg.steps, cfg.batch_size, device, progress=False).fit(
             iter(LabelledBatches(feats, y, cfg.batch_size, seed, device)), cfg.steps, log_every=cfg.steps)
         vit.reset_classifier(0)
-        return nn.Sequential(_Pooled(vit), head).eval()
+        return nn.Sequential(PooledFeatures(vit), head).eval()
     opt = OptimConfig(blr=cfg.blr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
                       layer_decay=cfg.layer_decay if encoder else None, grad_clip=cfg.grad_clip)
     Trainer(vit, _loss_fn(task), opt, cfg.steps, cfg.batch_size, device, progress=False).fit(
@@ -101,7 +101,7 @@ def train_model(
     return vit.eval()
 
 
-class _Pooled(nn.Module):
+class PooledFeatures(nn.Module):
     """Frozen ViT -> pooled pre-logit features."""
 
     def __init__(self, vit: nn.Module):

@@ -519,7 +519,8 @@ def load_spectrum(path: str | Path, *, keep_transients: bool = False) -> Spectru
     return spec
 
 
-def _supported_files(folder: Path) -> list[Path]:
+def supported_files(folder: Path) -> list[Path]:
+    """Data files under `folder` that a reader exists for (sorted, recursive; no hidden files, no sidecars)."""
     files = []
     for p in sorted(folder.rglob("*")):
         if p.name.startswith(".") or not p.is_file():
@@ -541,7 +542,7 @@ def load_folder(folder: str | Path, *, keep_transients: bool = False) -> tuple[l
     folder = Path(folder)
     if not folder.is_dir():
         raise MRSDataError(folder, "folder does not exist")
-    files = _supported_files(folder)
+    files = supported_files(folder)
     listings = {d: _listing(d) for d in {f.parent for f in files}}
     refs = {c for f in files for c in reference_candidates(f, listings[f.parent])}
     spectra, errors = [], []

@@ -124,7 +124,7 @@ def read_study_meta(path: str | Path) -> dict[str, Any]:
 def build_study_net(meta: dict[str, Any]) -> nn.Module:
     """The module layout `train_model` returns for this mode (full: the ViT; linear: ViT + BN + head)."""
     from .export import build_vit
-    from .finetune import _Pooled
+    from .finetune import PooledFeatures
     from .mae import MAEConfig
 
     raw = dict(meta["mae_config"])
@@ -134,7 +134,7 @@ def build_study_net(meta: dict[str, Any]) -> nn.Module:
     if meta["mode"] == "linear":
         vit = build_vit(mae_cfg, num_classes=0)
         head = nn.Sequential(nn.BatchNorm1d(vit.embed_dim, affine=False), nn.Linear(vit.embed_dim, n_out))
-        return nn.Sequential(_Pooled(vit), head)
+        return nn.Sequential(PooledFeatures(vit), head)
     return build_vit(mae_cfg, num_classes=n_out)
 
 

@@ -213,10 +213,10 @@ def _existing(rows: list[LabelRow], data_dir: Path, labels_csv: Path, warn: Log)
 
 def _unlisted(data_dir: Path, listed: set[Path]) -> list[str]:
     """Spectra files in DIR that labels.csv does not name (water references of named files aside)."""
-    from .io import _supported_files, reference_candidates
+    from .io import supported_files, reference_candidates
 
     refs = {c.resolve() for p in listed if p.is_file() for c in reference_candidates(p)}
-    return [str(f.relative_to(data_dir)) for f in _supported_files(data_dir) if f.resolve() not in listed | refs]
+    return [str(f.relative_to(data_dir)) for f in supported_files(data_dir) if f.resolve() not in listed | refs]
 
 
 # --------------------------------------------------------------------------- task and targets
