@@ -22,31 +22,21 @@ def _split_overrides(words: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def _data_setup(overrides: Sequence[str]):
+    """The composed config and its spectrum -> image recipe (data.InputBuilder)."""
     from .config import load_config
-    from .grid import CanonicalGrid
-    from .spectrogram import SpectrogramConfig, SpectrogramTransform
+    from .data import InputBuilder
 
     cfg = load_config(overrides)
-    grid = CanonicalGrid.from_config(cfg.data.grid)
-    transform = SpectrogramTransform(SpectrogramConfig.from_config(cfg.data.spectrogram), grid)
-    return cfg, grid, transform
+    return cfg, InputBuilder.from_data_config(cfg.data)
 
 
 def cmd_inspect(args: argparse.Namespace, overrides: list[str]) -> int:
-    import numpy as np
-    import torch
-
-    from .data import select_channels
-    from .grid import to_canonical
     from .io import load_spectrum
     from .spectrum import peak_ppm
 
-    cfg, grid, transform = _data_setup(overrides)
+    cfg, builder = _data_setup(overrides)
     spec = load_spectrum(args.file)
-    try:
-        canon = to_canonical(spec, grid)
-    except ValueError as exc:
-        raise MRSDataError(args.file, str(exc)) from None
+    canon = builder.canonical(spec)
     p = spec.provenance
     info = {
         "file": str(args.file),
@@ -70,9 +60,8 @@ def cmd_inspect(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.png:
         from .plots import plot_spectrum_and_spectrogram
 
-        channels = list(cfg.data.channels)
-        image = transform(select_channels(torch.from_numpy(canon.fid), canon.sub, channels)).numpy()
-        out = plot_spectrum_and_spectrogram(canon, np.asarray(image), channels, transform.cfg, grid, args.png)
+        image = builder.prepare(spec).image.numpy()
+        out = plot_spectrum_and_spectrogram(canon, image, builder.channels, builder.spec_cfg, builder.grid, args.png)
         print(f"wrote {out}", file=sys.stderr)
     return 0
 
@@ -92,9 +81,9 @@ def cmd_simulate(args: argparse.Namespace, overrides: list[str]) -> int:
     from .config import resolve_device
     from .simulate import write_simulated
 
-    cfg, grid, _ = _data_setup(overrides)
+    cfg, builder = _data_setup(overrides)
     device = resolve_device(args.device or cfg.device)
-    paths = write_simulated(args.profile, args.n, args.out, seed=args.seed, grid=grid, device=device)
+    paths = write_simulated(args.profile, args.n, args.out, seed=args.seed, grid=builder.grid, device=device)
     print(f"wrote {len(paths)} NIfTI-MRS files (+ JSON ground truth) to {args.out}")
     return 0
 

@@ -9,9 +9,9 @@ private data in its own sampler.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -56,33 +56,94 @@ class Batch:
     invivo: torch.Tensor  # (B,) bool: drawn from the private in vivo set
 
 
+@dataclass
+class Prepared:
+    """One spectrum turned into model inputs: the image, the canonical channel FIDs (for the
+    non-deep baseline) and the canonical spectrum itself."""
+
+    image: torch.Tensor  # (C, H, W)
+    fids: np.ndarray  # (C, points) complex, canonical grid
+    canonical: Spectrum
+
+
+class InputBuilder:
+    """The one recipe from a loaded spectrum to a model input: to_canonical -> select_channels ->
+    SpectrogramTransform. Pretraining, fine-tuning, prediction and `mrsfm inspect` all use it,
+    and a study model stores its settings (`to_dict`) so that prediction rebuilds the same inputs."""
+
+    def __init__(self, grid: CanonicalGrid, spec_cfg: SpectrogramConfig, channels: Sequence[str]):
+        self.grid, self.spec_cfg, self.channels = grid, spec_cfg, list(channels)
+        self.transform = SpectrogramTransform(spec_cfg, grid)
+
+    @classmethod
+    def from_data_config(cls, data_cfg) -> "InputBuilder":
+        return cls(CanonicalGrid.from_config(data_cfg.grid), SpectrogramConfig.from_config(data_cfg.spectrogram),
+                   list(data_cfg.channels))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "InputBuilder":
+        """Rebuild from `to_dict()` output (stored in a model file)."""
+        return cls(CanonicalGrid.from_config(d["grid"]), SpectrogramConfig.from_config(d["spectrogram"]),
+                   list(d["channels"]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"grid": asdict(self.grid), "spectrogram": asdict(self.spec_cfg), "channels": self.channels}
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return len(self.channels), self.spec_cfg.height, self.spec_cfg.width
+
+    def canonical(self, spec: Spectrum) -> Spectrum:
+        """The spectrum on the canonical grid; a failure is an MRSDataError naming its file."""
+        try:
+            return to_canonical(spec, self.grid)
+        except ValueError as exc:
+            raise MRSDataError(spec.provenance.source, str(exc)) from None
+
+    def prepare(self, spec: Spectrum) -> Prepared:
+        """Model inputs of one loaded spectrum; any failure is an MRSDataError naming its file."""
+        source = spec.provenance.source
+        canon = self.canonical(spec)
+        try:
+            fids = select_channels(torch.from_numpy(canon.fid), canon.sub, self.channels)
+        except KeyError:
+            raise MRSDataError(source, f"has sub-spectra {list(canon.sub)}; the model needs channels "
+                                       f"{self.channels}") from None
+        image = self.transform(fids).float()
+        if not torch.isfinite(image).all():
+            raise MRSDataError(source, "spectrogram contains NaN or Inf values")
+        return Prepared(image=image, fids=fids.numpy(), canonical=canon)
+
+    def load(self, path: str | Path) -> Prepared:
+        from .io import load_spectrum
+
+        return self.prepare(load_spectrum(path))
+
+
 class InVivoSet:
     """A site's private folder, loaded once onto the canonical grid and turned into images."""
 
-    def __init__(
-        self,
-        spectra: list[Spectrum],
-        grid: CanonicalGrid,
-        transform: SpectrogramTransform,
-        channels: Sequence[str],
-        errors: Sequence[MRSDataError] = (),
-    ):
+    def __init__(self, spectra: list[Spectrum], builder: InputBuilder, errors: Sequence[MRSDataError] = ()):
         self.errors = list(errors)
-        self.spectra = [to_canonical(s, grid) for s in spectra]
+        prepared = []
+        for s in spectra:
+            try:
+                prepared.append(builder.prepare(s))
+            except MRSDataError as exc:  # e.g. sub-spectra the channels cannot be made from
+                self.errors.append(exc)
+        self.spectra = [p.canonical for p in prepared]
         self.vendor = torch.tensor([vendor_index(s.provenance.vendor) for s in self.spectra], dtype=torch.long)
-        images = [transform(select_channels(torch.from_numpy(s.fid), s.sub, channels)) for s in self.spectra]
-        self.x = torch.stack(images) if images else torch.empty(0)
+        self.x = torch.stack([p.image for p in prepared]) if prepared else torch.empty(0)
 
     @classmethod
-    def from_folder(cls, folder: str | Path, grid: CanonicalGrid, transform: SpectrogramTransform,
-                    channels: Sequence[str]) -> "InVivoSet":
+    def from_folder(cls, folder: str | Path, builder: InputBuilder) -> "InVivoSet":
         from .io import load_folder
 
         folder = Path(folder)
         if not folder.is_dir():
             raise MRSDataError(folder, "in vivo data folder does not exist")
         spectra, errors = load_folder(folder)
-        return cls(spectra, grid, transform, channels, errors)
+        return cls(spectra, builder, errors)
 
     def __len__(self) -> int:
         return len(self.spectra)
@@ -174,10 +235,9 @@ def build_stream(data_cfg, seed: int = 0, device: torch.device | str = "cpu",
     """The stream described by a `configs/data/*.yaml` node (shared by every trainer)."""
     from .simulate import Simulator, load_profile
 
-    grid = CanonicalGrid.from_config(data_cfg.grid)
-    transform = SpectrogramTransform(SpectrogramConfig.from_config(data_cfg.spectrogram), grid)
+    builder = InputBuilder.from_data_config(data_cfg)
     folder = invivo_dir if invivo_dir is not None else data_cfg.get("invivo_dir")
-    invivo = InVivoSet.from_folder(folder, grid, transform, data_cfg.channels) if folder else None
-    sims = [Simulator(load_profile(p), grid, device=device) for p in data_cfg.sim_profiles]
-    return MixedStream(sims, transform, data_cfg.channels, data_cfg.batch_size, invivo,
+    invivo = InVivoSet.from_folder(folder, builder) if folder else None
+    sims = [Simulator(load_profile(p), builder.grid, device=device) for p in data_cfg.sim_profiles]
+    return MixedStream(sims, builder.transform, data_cfg.channels, data_cfg.batch_size, invivo,
                        data_cfg.invivo_fraction, seed, device)

@@ -1,88 +1,25 @@
-"""Apply a study model (from `run_study`) to new spectra, and the input recipe both share.
+"""Apply a study model (from `run_study`) to new spectra.
 
-Why one module for both: a model is only as good as the match between the inputs it was
-trained on and the inputs it is given. `InputBuilder` is the one recipe (load -> canonical grid
--> channels -> spectrogram), and the model file carries its settings, so `predict_files`
-rebuilds exactly the training inputs whatever the current config says.
+A model is only as good as the match between the inputs it was trained on and the inputs it
+is given: the model file carries the settings of `data.InputBuilder` (the one recipe: load ->
+canonical grid -> channels -> spectrogram), so `predict_files` rebuilds exactly the training
+inputs whatever the current config says.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence, TextIO
 
-import numpy as np
 import torch
 from torch import nn
 
+from .data import InputBuilder, Prepared  # noqa: F401  (the recipe a study model file stores)
 from .errors import MRSDataError
-from .grid import CanonicalGrid, to_canonical
-from .spectrogram import SpectrogramConfig, SpectrogramTransform
-from .spectrum import Spectrum
 
 STUDY_FORMAT = "mrsfm-study-model-v1"
-
-
-# --------------------------------------------------------------------------- inputs
-@dataclass
-class Prepared:
-    """One spectrum turned into model inputs: the image and the canonical channel FIDs."""
-
-    image: torch.Tensor  # (C, H, W)
-    fids: np.ndarray  # (C, points) complex, canonical grid (for the non-deep baseline)
-
-
-class InputBuilder:
-    """load -> to_canonical -> select_channels -> SpectrogramTransform, as everywhere else."""
-
-    def __init__(self, grid: CanonicalGrid, spec_cfg: SpectrogramConfig, channels: Sequence[str]):
-        self.grid, self.spec_cfg, self.channels = grid, spec_cfg, list(channels)
-        self.transform = SpectrogramTransform(spec_cfg, grid)
-
-    @classmethod
-    def from_data_config(cls, data_cfg) -> "InputBuilder":
-        return cls(CanonicalGrid.from_config(data_cfg.grid), SpectrogramConfig.from_config(data_cfg.spectrogram),
-                   list(data_cfg.channels))
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "InputBuilder":
-        """Rebuild from `to_dict()` output (stored in a model file)."""
-        return cls(CanonicalGrid.from_config(d["grid"]), SpectrogramConfig.from_config(d["spectrogram"]),
-                   list(d["channels"]))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"grid": asdict(self.grid), "spectrogram": asdict(self.spec_cfg), "channels": self.channels}
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return len(self.channels), self.spec_cfg.height, self.spec_cfg.width
-
-    def prepare(self, spec: Spectrum) -> Prepared:
-        """Model inputs of one loaded spectrum; any failure is an MRSDataError naming its file."""
-        from .data import select_channels
-
-        source = spec.provenance.source
-        try:
-            canon = to_canonical(spec, self.grid)
-        except ValueError as exc:
-            raise MRSDataError(source, str(exc)) from None
-        try:
-            fids = select_channels(torch.from_numpy(canon.fid), canon.sub, self.channels)
-        except KeyError:
-            raise MRSDataError(source, f"has sub-spectra {list(canon.sub)}; the model needs channels "
-                                       f"{self.channels}") from None
-        image = self.transform(fids).float()
-        if not torch.isfinite(image).all():
-            raise MRSDataError(source, "spectrogram contains NaN or Inf values")
-        return Prepared(image=image, fids=fids.numpy())
-
-    def load(self, path: str | Path) -> Prepared:
-        from .io import load_spectrum
-
-        return self.prepare(load_spectrum(path))
 
 
 # --------------------------------------------------------------------------- the model file

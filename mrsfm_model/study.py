@@ -31,7 +31,8 @@ import torch
 from .errors import MRSDataError
 from .finetune import FinetuneConfig, classification_metrics, mean_ci95, predict, regression_metrics, train_model
 from .mae import MAEConfig
-from .predict import InputBuilder, save_study_model
+from .data import InputBuilder
+from .predict import save_study_model
 
 TASKS = ("classification", "regression")
 MISSING_VALUES = {"", "nan", "na", "n/a", "null", "none", "?"}

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from mrsfm_model.config import load_config
-from mrsfm_model.data import InVivoSet, build_stream, select_channels
+from mrsfm_model.data import InputBuilder, InVivoSet, build_stream, select_channels
 from mrsfm_model.grid import CanonicalGrid
-from mrsfm_model.spectrogram import SpectrogramTransform
+from mrsfm_model.spectrogram import SpectrogramConfig
 
 DATA = Path(__file__).parent / "data"
 CHANNELS = ["OFF", "ON", "DIFF"]
@@ -24,7 +24,7 @@ def test_select_channels_diff_is_on_minus_off_and_zero_when_unedited():
 
 @pytest.fixture(scope="module")
 def invivo():
-    return InVivoSet.from_folder(DATA / "invivo", CanonicalGrid(), SpectrogramTransform(), CHANNELS)
+    return InVivoSet.from_folder(DATA / "invivo", InputBuilder(CanonicalGrid(), SpectrogramConfig(), CHANNELS))
 
 
 def test_invivo_folder_loads_every_real_file(invivo):
