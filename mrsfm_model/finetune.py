@@ -203,18 +203,21 @@ def run_benchmark(cfg, encoder: str | Path | None, out_dir: str | Path, device: 
                             ft.benchmark.test_fraction, ft.benchmark.seed, device)
     test = bench.test
     arms = [(init, mode) for init in (["pretrained"] if encoder else []) + ["scratch"] for mode in ft.modes]
-    arms.append(("baseline", "spectrum"))  # logistic / ridge regression on magnitude spectra: the yardstick
+    # the yardsticks: logistic / ridge regression on the magnitude spectra, and on the very image the ViT sees
+    arms += [("baseline", "spectrum"), ("baseline", "pixels")]
     rows = []
     for task in ft.tasks:
         for init, mode in arms:
-            fcfg = FinetuneConfig.from_config({**ft, "mode": mode})
+            steps = ft.quant_steps if task == "quant" else ft.steps
+            fcfg = FinetuneConfig.from_config({**ft, "mode": mode, "steps": steps})
             for n in ft.label_sizes:
                 per_seed = []
                 for seed in ft.seeds:
                     idx = bench.labelled_sample(int(n), int(seed))
                     y = bench.vendor if task == "vendor" else bench.ratios
                     if init == "baseline":
-                        per_seed.append(_baseline(bench.spectra[idx], y[idx], bench.spectra[test], y[test], task,
+                        feats = bench.spectra if mode == "spectrum" else bench.x.flatten(1)
+                        per_seed.append(_baseline(feats[idx], y[idx], feats[test], y[test], task,
                                                   len(VENDORS), float(cfg.study.baseline_l2)))
                         continue
                     per_seed.append(fit_and_evaluate(

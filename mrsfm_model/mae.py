@@ -33,10 +33,10 @@ class MAEConfig:
     mlp_ratio: float = 4.0
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True
-    # LayerNorm on each patch embedding (timm's embed_norm_layer): spectrogram pixels are small
-    # (std ~0.05 after max-normalisation), so without it the sin-cos position embedding drowns
-    # the content; measured: pretrained full fine-tune 0.40 -> 0.73 vendor accuracy (100 labels)
-    embed_norm: bool = True
+    # LayerNorm on each patch embedding (timm's embed_norm_layer). It rescued unscaled spectrograms
+    # (pixel std ~0.1, drowned by the position embedding) but also discards each patch's intensity;
+    # scaling the input (data.spectrogram.scale) does better (configs/data/default.yaml).
+    embed_norm: bool = False
 
     @property
     def grid_size(self) -> tuple[int, int]:

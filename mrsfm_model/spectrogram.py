@@ -15,7 +15,8 @@ Instead of Spectro-ViT's 224x224 zero-padded canvas (content 204x206), the defau
 part of the plane where the metabolites are: 64 ppm rows from 0.2 ppm (to ~4.1 ppm) and the
 first 32 frames (160 ms, after which the FID has decayed into noise); an 8x8 patch grid of
 8x4 tokens. configs/data/default.yaml says what was measured; the recipe's whole plane is
-ppm_min=0, height=192, width=208.
+ppm_min=0, height=192, width=208. The max-normalised image is then multiplied by `scale`, so
+that the ViT sees pixels of roughly unit spread (the recipe's scale is 1).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class SpectrogramConfig:
     width: int = 32  # time frames kept (zero-padded on the right if fewer)
     part: str = "abs"  # abs (phase-invariant) | real (Spectro-ViT; needs phased spectra) | imag
     norm: str = "sample"  # sample: one max over all channels | channel: each channel alone
+    scale: float = 1.0  # multiplies the max-normalised image (ViT inputs want pixels of ~unit spread)
 
     @classmethod
     def from_config(cls, cfg) -> "SpectrogramConfig":
@@ -48,7 +50,7 @@ class SpectrogramConfig:
         out = from_section(cls, cfg, "data.spectrogram")
         if out.part not in ("real", "imag", "abs") or out.norm not in ("sample", "channel"):
             raise ValueError(f"config data.spectrogram: part must be real|imag|abs and norm sample|channel, got {out}")
-        if min(out.nperseg, out.hop, out.height, out.width) <= 0:
+        if min(out.nperseg, out.hop, out.height, out.width, out.scale) <= 0:
             raise ValueError(f"config data.spectrogram: sizes must be positive, got {out}")
         return out
 
@@ -76,7 +78,7 @@ def _finish(spec: torch.Tensor, cfg: SpectrogramConfig, eps: float = 1e-12) -> t
     """Normalise by max |S| and take the configured part; spec is (..., C, H, W, 2) re/im."""
     mag2 = spec.square().sum(-1)
     dims = (-3, -2, -1) if cfg.norm == "sample" else (-2, -1)
-    inv = mag2.amax(dim=dims, keepdim=True).clamp_min(eps * eps).rsqrt()
+    inv = mag2.amax(dim=dims, keepdim=True).clamp_min(eps * eps).rsqrt() * cfg.scale
     if cfg.part == "abs":
         return mag2.sqrt() * inv
     return spec[..., 0] * inv if cfg.part == "real" else spec[..., 1] * -inv  # input was conjugated
@@ -167,5 +169,5 @@ def reference_spectrogram(fid: np.ndarray, cfg: SpectrogramConfig, grid: Canonic
         out[c, cfg.height - z.shape[0] :, : z.shape[1]] = z
     mag = np.abs(out)
     scale = mag.max() if cfg.norm == "sample" else mag.max(axis=(-2, -1), keepdims=True)
-    out = out / np.maximum(scale, 1e-12)
+    out = out / np.maximum(scale, 1e-12) * cfg.scale
     return {"real": out.real, "imag": out.imag, "abs": np.abs(out)}[cfg.part]

@@ -103,7 +103,11 @@ def test_param_groups_and_schedule(model):
     assert warmup_cosine(100, 10, 100) == pytest.approx(0.0, abs=1e-9)
 
 
-def test_exported_encoder_is_a_timm_vit_with_the_same_features(model, tmp_path):
+@pytest.mark.parametrize("embed_norm", [False, True])
+def test_exported_encoder_is_a_timm_vit_with_the_same_features(model, tmp_path, embed_norm):
+    if embed_norm:
+        torch.manual_seed(1)
+        model = SpectroMAE(mae_config("micro", img_size=(192, 208), patch_size=(16, 16), embed_norm=True))
     model.eval()
     path = export_encoder(model, tmp_path / "enc.safetensors", {"note": "test"})
     assert path.with_suffix(".json").exists()

@@ -86,10 +86,10 @@ def test_tiny_pretrain_resume_export_and_finetune(tmp_path):
     assert vit(torch.zeros(1, 3, 64, 32)).shape == (1, 3)
 
     cfg = load_config(over + ["finetune.tasks=[vendor,quant]", "finetune.label_sizes=[6]", "finetune.seeds=[0,1]",
-                              "finetune.steps=3", "finetune.batch_size=6", "finetune.benchmark.subjects_per_vendor=6"])
+                              "finetune.steps=3", "finetune.quant_steps=3", "finetune.batch_size=6", "finetune.benchmark.subjects_per_vendor=6"])
     result = run_benchmark(cfg, run / "encoder.safetensors", tmp_path / "ft", torch.device("cpu"), log=logs.append)
     arms = {(r["task"], r["init"], r["mode"]) for r in result["rows"]}
-    assert len(arms) == 10  # 2 tasks x ((pretrained, scratch) x (linear, full) + the spectrum baseline)
+    assert len(arms) == 12  # 2 tasks x ((pretrained, scratch) x (linear, full) + spectrum and pixel baselines)
     for r in result["rows"]:
         if r["task"] == "vendor":
             assert 0 <= r["metrics"]["accuracy"]["mean"] <= 1 and r["metrics"]["accuracy"]["n"] == 2

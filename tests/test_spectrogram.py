@@ -31,6 +31,7 @@ def _fids(n, c, points=2048, seed=0):
         SpectrogramConfig(hop=16, height=160, width=128, norm="channel"),
         SpectrogramConfig(height=224, width=224, part="abs"),  # Spectro-ViT's padded canvas
         SpectrogramConfig(nperseg=128, hop=8, ppm_min=1.0, height=64, width=256, part="imag"),
+        SpectrogramConfig(scale=20.0),  # the config's default input scale
     ],
 )
 def test_torch_matches_scipy_recipe(cfg):
@@ -39,6 +40,16 @@ def test_torch_matches_scipy_recipe(cfg):
     ref = np.stack([reference_spectrogram(x, cfg, GRID) for x in fid])
     assert ours.shape == (3, 3, cfg.height, cfg.width)
     assert np.abs(ours - ref).max() < 1e-5
+
+
+def test_scale_multiplies_the_max_normalised_image():
+    fid = torch.from_numpy(_fids(2, 3))
+    plain = SpectrogramTransform(SpectrogramConfig(), GRID)(fid)
+    scaled = SpectrogramTransform(SpectrogramConfig(scale=20.0), GRID)(fid)
+    assert plain.amax().item() == pytest.approx(1.0, abs=1e-6)
+    assert torch.allclose(scaled, 20.0 * plain, atol=1e-5)
+    with pytest.raises(ValueError, match="positive"):
+        SpectrogramConfig.from_config({"scale": 0.0})
 
 
 def test_default_size_is_the_metabolite_band_without_padding():
