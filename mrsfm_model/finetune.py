@@ -193,6 +193,14 @@ def run_benchmark(cfg, encoder: str | Path | None, out_dir: str | Path, device: 
                                 or mae_cfg.in_chans != len(cfg.data.channels)):
         raise ValueError(f"{encoder}: encoder expects {mae_cfg.in_chans}x{mae_cfg.img_size} images but the data "
                          f"config makes {len(cfg.data.channels)}x{(spec_cfg.height, spec_cfg.width)}")
+    if encoder:
+        from .data import InputBuilder
+        from .study import input_differences
+
+        differ = input_differences(Path(encoder), InputBuilder(grid, spec_cfg, list(cfg.data.channels)))
+        if differ:
+            log(f"warning: {encoder} was pretrained with other data.{'/'.join(differ)} settings than this run's; "
+                "its inputs will differ from what it learned on")
     if mae_cfg is None:
         from .mae import build_mae
 

@@ -569,14 +569,14 @@ def architecture(cfg, encoder: Path | None, builder: InputBuilder, warn: Log) ->
     if tuple(mae_cfg.img_size) != (h, w) or mae_cfg.in_chans != c:
         raise ValueError(f"{encoder}: encoder expects {mae_cfg.in_chans}x{tuple(mae_cfg.img_size)} images but the "
                          f"data config makes {c}x{(h, w)}")
-    differ = _input_differences(encoder, builder)
+    differ = input_differences(encoder, builder)
     if differ:
         warn(f"the encoder was pretrained with other data.{'/'.join(differ)} settings than this run's; "
              "its inputs will differ from what it learned on")
     return mae_cfg
 
 
-def _input_differences(encoder: Path, builder: InputBuilder) -> list[str]:
+def input_differences(encoder: Path, builder: InputBuilder) -> list[str]:
     """data.* sections in which the encoder's pretraining (per its card) differs from this run."""
     card_path = encoder.with_suffix(".json")
     card = json.loads(card_path.read_text()) if card_path.is_file() else {}

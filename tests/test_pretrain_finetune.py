@@ -97,6 +97,14 @@ def test_tiny_pretrain_resume_export_and_finetune(tmp_path):
             assert "mae_GABA/tCr" in r["metrics"] and "r2_NAA/tCr" in r["metrics"]
     assert (tmp_path / "ft" / "finetune.json").exists() and (tmp_path / "ft" / "finetune.png").exists()
     assert any(line.startswith("task") for line in logs)  # the printed table
+    assert not any("warning" in line for line in logs)
+    # the same encoder on differently scaled images: said before the numbers, which would be meaningless
+    logs.clear()
+    run_benchmark(load_config(over + ["finetune.tasks=[vendor]", "finetune.modes=[linear]", "finetune.label_sizes=[6]",
+                                      "finetune.seeds=[0]", "finetune.steps=2", "finetune.benchmark.subjects_per_vendor=6",
+                                      "data.spectrogram.scale=1.0"]),
+                  run / "encoder.safetensors", tmp_path / "ft2", torch.device("cpu"), log=logs.append)
+    assert any("warning" in line and "data.spectrogram" in line for line in logs)
 
 
 def test_encoder_that_does_not_fit_the_data_config_is_refused(tmp_path):
