@@ -34,12 +34,16 @@ class FinetuneConfig:
     warmup_steps: int = 20
     linear_lr: float = 0.1
     grad_clip: float | None = 1.0
+    global_pool: str = "avg"  # avg (mean of patch tokens, MAE's fine-tuning) | token ([CLS])
 
     @classmethod
     def from_config(cls, cfg) -> "FinetuneConfig":
         from .config import from_section
 
-        return from_section(cls, cfg, "finetune")
+        out = from_section(cls, cfg, "finetune")
+        if out.global_pool not in ("avg", "token"):
+            raise ValueError(f"config finetune.global_pool: expected avg|token, got {out.global_pool!r}")
+        return out
 
 
 class LabelledBatches:
@@ -67,8 +71,10 @@ def _loss_fn(task: str):
     return loss
 
 
-def _model(encoder: str | Path | None, mae_cfg: MAEConfig, n_out: int) -> nn.Module:
-    return load_encoder(encoder, num_classes=n_out) if encoder else build_vit(mae_cfg, num_classes=n_out)
+def _model(encoder: str | Path | None, mae_cfg: MAEConfig, n_out: int, pool: str) -> nn.Module:
+    if encoder:
+        return load_encoder(encoder, num_classes=n_out, global_pool=pool)
+    return build_vit(mae_cfg, num_classes=n_out, global_pool=pool)
 
 
 @torch.no_grad()
@@ -84,7 +90,7 @@ def train_model(
 ) -> nn.Module:
     """Train on (x, y) and return a module mapping images to outputs (logits or standardised values)."""
     torch.manual_seed(seed)
-    vit = _model(encoder, mae_cfg, n_out)
+    vit = _model(encoder, mae_cfg, n_out, cfg.global_pool)
     if cfg.mode == "linear":
         dim = vit.embed_dim
         head = nn.Sequential(nn.BatchNorm1d(dim, affine=False), nn.Linear(dim, n_out))

@@ -68,11 +68,12 @@ def build_study_net(meta: dict[str, Any]) -> nn.Module:
     raw["img_size"], raw["patch_size"] = tuple(raw["img_size"]), tuple(raw["patch_size"])
     mae_cfg = MAEConfig(**raw)
     n_out = len(meta["labels"]) if meta["task"] == "classification" else 1
+    pool = meta.get("global_pool", "avg")  # study models saved before the option pooled by average
     if meta["mode"] == "linear":
-        vit = build_vit(mae_cfg, num_classes=0)
+        vit = build_vit(mae_cfg, num_classes=0, global_pool=pool)
         head = nn.Sequential(nn.BatchNorm1d(vit.embed_dim, affine=False), nn.Linear(vit.embed_dim, n_out))
         return nn.Sequential(PooledFeatures(vit), head)
-    return build_vit(mae_cfg, num_classes=n_out)
+    return build_vit(mae_cfg, num_classes=n_out, global_pool=pool)
 
 
 def load_study_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:

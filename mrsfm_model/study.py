@@ -719,7 +719,7 @@ def _result(scfg: StudyConfig, setup: DeepSetup, data: StudyData, target: str, k
 def _save_final(model: torch.nn.Module, stats: dict[str, float], result: dict[str, Any], setup: DeepSetup,
                 builder: InputBuilder, scfg: StudyConfig, path: Path) -> Path:
     meta = {"task": result["task"], "target": result["target"], "labels": result["labels"], "mode": scfg.mode,
-            "target_stats": stats, "mae_config": setup.mae_cfg.to_dict(), "inputs": builder.to_dict()}
+            "global_pool": setup.ft.global_pool, "target_stats": stats, "mae_config": setup.mae_cfg.to_dict(), "inputs": builder.to_dict()}
     headline = result["arms"][result["headline"]]["metrics"]
     card = {
         "format": "mrsfm-study-model-v1", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -126,6 +126,26 @@ def test_regression_on_a_numeric_column(cfg, study, tmp_path):
     assert len(preds) == 20 and not errors and all(np.isfinite(p["prediction"]) for p in preds)
 
 
+def test_token_pooling_is_kept_in_the_study_model(study, tmp_path):
+    from mrsfm_model.predict import load_study_model
+
+    root, rows = study
+    cfg = load_config(OVERRIDES + ["++study.seeds=[0]", "finetune.global_pool=token"])
+    run_study(cfg, None, root / "data", write_labels(tmp_path / "labels.csv", rows), "vendor", tmp_path / "out", CPU,
+              log=lambda m: None)
+    model, meta = load_study_model(tmp_path / "out" / "model.safetensors")
+    assert meta["global_pool"] == "token" and model.global_pool == "token"
+    x = torch.randn(2, 3, cfg.data.spectrogram.height, cfg.data.spectrogram.width)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        assert torch.allclose(model(x), model.head(feats[:, 0]), atol=1e-6)  # the [CLS] token, not the mean
+        assert not torch.allclose(model(x), model.head(feats[:, 1:].mean(1)), atol=1e-3)
+    from mrsfm_model.finetune import FinetuneConfig
+
+    with pytest.raises(ValueError, match="global_pool"):
+        FinetuneConfig.from_config({"global_pool": "max"})
+
+
 def _problem(cfg, root, tmp_path, rows, target="vendor", columns=("file", "group", "vendor", "naa")) -> str:
     with pytest.raises(MRSDataError) as exc:
         load_study(cfg, root / "data", write_labels(tmp_path / "labels.csv", rows, columns), target, log=lambda m: None)
