@@ -10,16 +10,19 @@ regression standardises targets on the training set and reports MAE and R² per 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from .data import InputBuilder
+from .errors import MRSDataError
 from .export import build_vit, load_encoder, read_encoder_config
-from .mae import MAEConfig
+from .mae import MAEConfig, configured_mae
 from .train import OptimConfig, Trainer
 
 
@@ -172,8 +175,37 @@ def fit_and_evaluate(
     return regression_metrics(y_test.numpy(), pred.numpy(), target_names)
 
 
-def encoder_config(encoder: str | Path) -> MAEConfig:
-    return read_encoder_config(encoder)
+def architecture(cfg, encoder: Path | None, builder: InputBuilder, warn: Callable[[str], None]) -> MAEConfig:
+    """The ViT config: the encoder's own, checked against the inputs; else the configured size.
+    Inputs made with other settings than the encoder's pretraining are warned about, not refused."""
+    if encoder is None:
+        return configured_mae(cfg.model, cfg.data)
+    if not encoder.is_file():
+        raise MRSDataError(encoder, "encoder file not found")
+    c, h, w = builder.image_shape
+    mae_cfg = read_encoder_config(encoder)
+    if tuple(mae_cfg.img_size) != (h, w) or mae_cfg.in_chans != c:
+        raise ValueError(f"{encoder}: encoder expects {mae_cfg.in_chans}x{tuple(mae_cfg.img_size)} images but the "
+                         f"data config makes {c}x{(h, w)}")
+    differ = input_differences(encoder, builder)
+    if differ:
+        warn(f"{encoder} was pretrained with other data.{'/'.join(differ)} settings than this run's; "
+             "its inputs will differ from what it learned on")
+    return mae_cfg
+
+
+def input_differences(encoder: Path, builder: InputBuilder) -> list[str]:
+    """data.* sections in which the encoder's pretraining (per its card) differs from this run."""
+    card_path = encoder.with_suffix(".json")
+    card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    try:
+        theirs = InputBuilder.from_dict({"grid": card.get("grid", {}), "spectrogram": card.get("spectrogram", {}),
+                                         "channels": card.get("channels", builder.channels)})
+    except (ValueError, TypeError):
+        return ["grid", "spectrogram", "channels"]
+    pairs = {"grid": (theirs.grid, builder.grid), "spectrogram": (theirs.spec_cfg, builder.spec_cfg),
+             "channels": (theirs.channels, builder.channels)}
+    return [key for key, (a, b) in pairs.items() if key in card and a != b]
 
 
 # -- the benchmark table -------------------------------------------------------------------------
@@ -182,37 +214,16 @@ HEADLINE = {"vendor": "accuracy", "quant": "r2_GABA/tCr"}
 
 def run_benchmark(cfg, encoder: str | Path | None, out_dir: str | Path, device: torch.device, log=print) -> dict:
     """Pretrained vs random initialisation, each mode, each label size, each seed -> table + JSON + PNG."""
-    import json
-
     from .benchmark import QUANT_TARGETS, build_benchmark
-    from .grid import CanonicalGrid
-    from .spectrogram import SpectrogramConfig, SpectrogramTransform
     from .spectrum import VENDORS
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ft = cfg.finetune
-    grid = CanonicalGrid.from_config(cfg.data.grid)
-    spec_cfg = SpectrogramConfig.from_config(cfg.data.spectrogram)
-    mae_cfg = encoder_config(encoder) if encoder else None
-    if mae_cfg is not None and (tuple(mae_cfg.img_size) != (spec_cfg.height, spec_cfg.width)
-                                or mae_cfg.in_chans != len(cfg.data.channels)):
-        raise ValueError(f"{encoder}: encoder expects {mae_cfg.in_chans}x{mae_cfg.img_size} images but the data "
-                         f"config makes {len(cfg.data.channels)}x{(spec_cfg.height, spec_cfg.width)}")
-    if encoder:
-        from .data import InputBuilder
-        from .study import input_differences
-
-        differ = input_differences(Path(encoder), InputBuilder(grid, spec_cfg, list(cfg.data.channels)))
-        if differ:
-            log(f"warning: {encoder} was pretrained with other data.{'/'.join(differ)} settings than this run's; "
-                "its inputs will differ from what it learned on")
-    if mae_cfg is None:
-        from .mae import build_mae
-
-        mae_cfg = build_mae(cfg.model, cfg.data).cfg
+    builder = InputBuilder.from_data_config(cfg.data)
+    mae_cfg = architecture(cfg, Path(encoder) if encoder else None, builder, lambda m: log(f"warning: {m}"))
     log(f"building the benchmark ({ft.benchmark.subjects_per_vendor} subjects per vendor)")
-    bench = build_benchmark(grid, SpectrogramTransform(spec_cfg, grid), list(cfg.data.channels),
+    bench = build_benchmark(builder.grid, builder.transform, builder.channels,
                             ft.benchmark.subjects_per_vendor, ft.benchmark.scans_per_subject,
                             ft.benchmark.test_fraction, ft.benchmark.seed, device)
     test = bench.test

@@ -212,12 +212,16 @@ class SpectroMAE(nn.Module):
         return self.unpatchify(pred * m + target * (1 - m))
 
 
-def build_mae(model_cfg, data_cfg) -> SpectroMAE:
-    """MAE for the configured image: input size and channels come from the data config."""
+def configured_mae(model_cfg, data_cfg) -> MAEConfig:
+    """The MAE config of `model/` for the configured image (size and channels from `data/`)."""
     spec = data_cfg.spectrogram
     extra = {k: model_cfg[k] for k in ("patch_size", "mask_ratio", "norm_pix_loss", "embed_norm") if k in model_cfg}
-    cfg = mae_config(model_cfg.size, img_size=(spec.height, spec.width), in_chans=len(data_cfg.channels), **extra)
-    return SpectroMAE(cfg)
+    return mae_config(model_cfg.size, img_size=(spec.height, spec.width), in_chans=len(data_cfg.channels), **extra)
+
+
+def build_mae(model_cfg, data_cfg) -> SpectroMAE:
+    """MAE for the configured image: input size and channels come from the data config."""
+    return SpectroMAE(configured_mae(model_cfg, data_cfg))
 
 
 def mae_loss(model: nn.Module, batch) -> tuple[torch.Tensor, dict]:

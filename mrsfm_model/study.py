@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from .errors import MRSDataError
-from .finetune import FinetuneConfig, classification_metrics, mean_ci95, predict, regression_metrics, train_model
+from .finetune import (FinetuneConfig, architecture, classification_metrics, mean_ci95, predict,
+                       regression_metrics, train_model)
 from .mae import MAEConfig
 from .data import InputBuilder
 from .predict import save_study_model
@@ -554,42 +555,6 @@ def encoder_provenance(encoder: Path | None) -> dict[str, Any]:
     return {"init": "pretrained", "path": str(encoder.resolve()), "sha256": _sha256(encoder), "card": card}
 
 
-def architecture(cfg, encoder: Path | None, builder: InputBuilder, warn: Log) -> MAEConfig:
-    """The ViT config: the encoder's own, checked against the inputs; else the configured size."""
-    from .export import read_encoder_config
-    from .mae import mae_config
-
-    c, h, w = builder.image_shape
-    if encoder is None:
-        extra = {k: cfg.model[k] for k in ("patch_size", "mask_ratio", "norm_pix_loss") if k in cfg.model}
-        return mae_config(cfg.model.size, img_size=(h, w), in_chans=c, **extra)
-    if not encoder.is_file():
-        raise MRSDataError(encoder, "encoder file not found")
-    mae_cfg = read_encoder_config(encoder)
-    if tuple(mae_cfg.img_size) != (h, w) or mae_cfg.in_chans != c:
-        raise ValueError(f"{encoder}: encoder expects {mae_cfg.in_chans}x{tuple(mae_cfg.img_size)} images but the "
-                         f"data config makes {c}x{(h, w)}")
-    differ = input_differences(encoder, builder)
-    if differ:
-        warn(f"the encoder was pretrained with other data.{'/'.join(differ)} settings than this run's; "
-             "its inputs will differ from what it learned on")
-    return mae_cfg
-
-
-def input_differences(encoder: Path, builder: InputBuilder) -> list[str]:
-    """data.* sections in which the encoder's pretraining (per its card) differs from this run."""
-    card_path = encoder.with_suffix(".json")
-    card = json.loads(card_path.read_text()) if card_path.is_file() else {}
-    try:
-        theirs = InputBuilder.from_dict({"grid": card.get("grid", {}), "spectrogram": card.get("spectrogram", {}),
-                                         "channels": card.get("channels", builder.channels)})
-    except (ValueError, TypeError):
-        return ["grid", "spectrogram", "channels"]
-    pairs = {"grid": (theirs.grid, builder.grid), "spectrogram": (theirs.spec_cfg, builder.spec_cfg),
-             "channels": (theirs.channels, builder.channels)}
-    return [key for key, (a, b) in pairs.items() if key in card and a != b]
-
-
 # --------------------------------------------------------------------------- report
 def print_table(arms: dict[str, dict], task: str, log: Log) -> None:
     metrics = METRICS[task]
@@ -719,7 +684,8 @@ def _result(scfg: StudyConfig, setup: DeepSetup, data: StudyData, target: str, k
 def _save_final(model: torch.nn.Module, stats: dict[str, float], result: dict[str, Any], setup: DeepSetup,
                 builder: InputBuilder, scfg: StudyConfig, path: Path) -> Path:
     meta = {"task": result["task"], "target": result["target"], "labels": result["labels"], "mode": scfg.mode,
-            "global_pool": setup.ft.global_pool, "target_stats": stats, "mae_config": setup.mae_cfg.to_dict(), "inputs": builder.to_dict()}
+            "global_pool": setup.ft.global_pool, "target_stats": stats, "mae_config": setup.mae_cfg.to_dict(),
+            "inputs": builder.to_dict()}
     headline = result["arms"][result["headline"]]["metrics"]
     card = {
         "format": "mrsfm-study-model-v1", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

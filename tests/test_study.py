@@ -228,3 +228,14 @@ def test_baseline_learns_a_separable_problem():
     assert np.allclose(prob.sum(1), 1) and (prob.argmax(1) == y[30:]).mean() >= 0.8
     pred = baseline_fit_predict(x[:30], 2 * x[:30, 1], x[30:], "regression", 0, 1e-4)
     assert np.corrcoef(pred, 2 * x[30:, 1])[0, 1] > 0.9
+
+
+def test_scratch_architecture_is_the_configured_model():
+    """From random weights the study builds exactly `model/` for the configured image (same as pretraining)."""
+    from mrsfm_model.data import InputBuilder
+    from mrsfm_model.finetune import architecture
+    from mrsfm_model.mae import build_mae
+
+    cfg = load_config(["model.embed_norm=true", "model.patch_size=[4,4]"])
+    got = architecture(cfg, None, InputBuilder.from_data_config(cfg.data), warn=lambda m: None)
+    assert got == build_mae(cfg.model, cfg.data).cfg and got.embed_norm and got.patch_size == (4, 4)
