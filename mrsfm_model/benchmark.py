@@ -41,6 +41,8 @@ class Benchmark:
     ratios: torch.Tensor  # (N, len(QUANT_TARGETS))
     trivial: torch.Tensor  # (N, 4) length, max |fid|, noise level, total power
     spectra: torch.Tensor  # (N, C * bins) magnitude spectra 0.2-4.2 ppm: the non-deep baseline's input
+    fids: torch.Tensor  # (N, n_sub, points) complex: the scans' own sub-spectra (linear-combination fit)
+    profiles: tuple[str, ...]  # the simulation profile of each vendor index (its basis set)
 
     def labelled_sample(self, n: int, seed: int) -> torch.Tensor:
         """Indices of a stratified (per vendor) random sample of n training spectra."""
@@ -76,12 +78,15 @@ def trivial_features(fid: torch.Tensor, grid: CanonicalGrid) -> torch.Tensor:
 def build_benchmark(
     grid: CanonicalGrid, transform: SpectrogramTransform, channels: Sequence[str],
     subjects_per_vendor: int = 60, scans_per_subject: int = 2, test_fraction: float = 0.5, seed: int = 0,
-    device: torch.device | str = "cpu", profiles: Sequence[str] = VENDOR_PROFILES,
+    device: torch.device | str = "cpu", profiles: Sequence[str] = VENDOR_PROFILES, noise_free: bool = False,
 ) -> Benchmark:
-    xs, vendors, subjects, ratios, trivial, tests, spectra = [], [], [], [], [], [], []
+    """`noise_free`: the very same subjects and scans with snr = inf (an oracle's input)."""
+    xs, vendors, subjects, ratios, trivial, tests, spectra, fids = [], [], [], [], [], [], [], []
+    by_vendor: dict[int, str] = {}
     rng = np.random.default_rng([seed, 7])
     for v, name in enumerate(profiles):
         sim = Simulator(load_profile(name), grid, device=device)
+        by_vendor[VENDORS.index(sim.vendor)] = name
         base = BENCH_SEED_BASE + (seed * len(profiles) + v) * (scans_per_subject + 1)
         people = sim.simulate(subjects_per_vendor, seed=base)  # one draw of concentrations per subject
         fixed = {m: people.truth[m] for m in sim.metabolites}
@@ -89,17 +94,35 @@ def build_benchmark(
         tcr = people.truth["Cr"] + people.truth["PCr"]
         ratio = torch.stack([people.truth["GABA"] / tcr, people.truth["NAA"] / tcr], dim=1).float().cpu()
         for s in range(scans_per_subject):
-            scan = sim.simulate(subjects_per_vendor, seed=base + 1 + s, fixed=fixed)
+            scan = sim.simulate(subjects_per_vendor, seed=base + 1 + s,
+                                fixed={**fixed, "snr": float("inf")} if noise_free else fixed)
             chans = select_channels(scan.fid, scan.sub, channels)
             xs.append(transform(chans).float().cpu())
             spectra.append(spectrum_features(chans, grid))
+            fids.append(scan.fid.to(torch.complex64).cpu())
             trivial.append(trivial_features(scan.fid, grid))
             vendors.append(torch.full((subjects_per_vendor,), VENDORS.index(sim.vendor)))
             subjects.append(torch.arange(subjects_per_vendor) + v * subjects_per_vendor)
             ratios.append(ratio)
             tests.append(test)
     return Benchmark(torch.cat(xs), torch.cat(vendors), torch.cat(subjects), torch.cat(tests), torch.cat(ratios),
-                     torch.cat(trivial), torch.cat(spectra))
+                     torch.cat(trivial), torch.cat(spectra), torch.cat(fids),
+                     tuple(by_vendor.get(v, "") for v in range(len(VENDORS))))
+
+
+def lcm_ratios(bench: Benchmark, idx: torch.Tensor, grid: CanonicalGrid) -> torch.Tensor:
+    """QUANT_TARGETS of spectra `idx` by the linear-combination fit, each with its vendor's basis set:
+    (len(idx), len(QUANT_TARGETS)). No labels are used: it is what an MRS user would report."""
+    from .lcm import LinearCombinationFit
+
+    out = torch.zeros(len(idx), len(QUANT_TARGETS))
+    for v, profile in enumerate(bench.profiles):
+        sel = (bench.vendor[idx] == v).nonzero()[:, 0]
+        if not profile or not len(sel):
+            continue
+        fit = LinearCombinationFit.from_profile(profile, grid).fit(bench.fids[idx[sel]])
+        out[sel] = torch.stack([fit.ratio("GABA", "Cr", "PCr"), fit.ratio("NAA", "Cr", "PCr")], 1)
+    return out
 
 
 def shortcut_accuracy(bench: Benchmark, steps: int = 500) -> float:

@@ -100,8 +100,14 @@ def cmd_finetune(args: argparse.Namespace, overrides: list[str]) -> int:
     from .config import load_config, resolve_device
     from .finetune import run_benchmark
 
+    from .export import shipped
+
     cfg = load_config(overrides)
-    if args.encoder is not None and not args.encoder.is_file():
+    if args.encoder is None:  # the packaged pretrained encoder
+        args.encoder = shipped()
+    elif str(args.encoder).lower() == "none":  # no pretrained arm: scratch and baselines only
+        args.encoder = None
+    elif not args.encoder.is_file():
         raise MRSDataError(args.encoder, "encoder file not found")
     if args.data or args.labels or args.target:
         missing = [f"--{n}" for n in ("data", "labels", "target") if getattr(args, n) is None]
@@ -168,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pretrain)
 
     p = subs.add_parser("finetune", help="few-label fine-tuning benchmark: pretrained encoder vs random init")
-    p.add_argument("--encoder", type=Path, help="encoder.safetensors from pretrain/export (omit: baseline only)")
+    p.add_argument("--encoder", type=Path,
+                   help="encoder.safetensors from pretrain/export (default: the shipped pretrained encoder; "
+                        "'none': scratch and baselines only)")
     p.add_argument("--out", type=Path, help="result folder (default: RUN_DIR/finetune, or RUN_DIR/study)")
     p.add_argument("--data", type=Path, help="study folder of spectra in any readable format (with --labels, --target)")
     p.add_argument("--labels", type=Path,
@@ -186,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = subs.add_parser("demo", help="local federation (SuperLink + 3 SuperNodes) + fine-tune, on shipped files")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
     p.set_defaults(func=cmd_demo)
     return parser
 

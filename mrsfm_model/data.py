@@ -54,6 +54,7 @@ class Batch:
     x: torch.Tensor  # (B, C, H, W) spectrograms
     vendor: torch.Tensor  # (B,) index into VENDORS, -1 unknown
     invivo: torch.Tensor  # (B,) bool: drawn from the private in vivo set
+    target: torch.Tensor | None = None  # (B, C, H, W) what the MAE reconstructs (data.denoise); None: x
 
 
 @dataclass
@@ -162,11 +163,15 @@ class MixedStream:
         invivo_fraction: float = 0.25,
         seed: int = 0,
         device: torch.device | str = "cpu",
+        denoise: bool = False,
     ):
         if not simulators and (invivo is None or len(invivo) == 0):
             raise ValueError("no data: neither simulation profiles nor in vivo spectra")
         self.simulators, self.transform, self.channels = list(simulators), transform, list(channels)
         self.batch_size, self.seed, self.device = batch_size, seed, torch.device(device)
+        # denoising MAE: simulated inputs are reconstructed as their noise-free selves (the same draw
+        # with snr = inf); in vivo spectra have no clean version and are their own target
+        self.denoise = denoise
         self.invivo = invivo if invivo is not None and len(invivo) else None
         frac = invivo_fraction if self.invivo is not None else 0.0
         frac = 1.0 if not self.simulators else frac
@@ -195,17 +200,22 @@ class MixedStream:
         k = self.n_sim if k is None else k
         p = len(self.simulators)
         counts = [k // p + (1 if (i - step) % p < k % p else 0) for i in range(p)]
-        xs, vendors = [], []
+        xs, vendors, clean = [], [], []
         for i, (sim, c) in enumerate(zip(self.simulators, counts)):
             if c == 0:
                 continue
-            out = sim.simulate(c, seed=int(np.random.default_rng([self.seed, 2, step, i]).integers(2**31)))
+            seed = int(np.random.default_rng([self.seed, 2, step, i]).integers(2**31))
+            out = sim.simulate(c, seed=seed)
             xs.append(self.transform(select_channels(out.fid, out.sub, self.channels)))
             vendors.append(torch.full((c,), vendor_index(out.vendor), dtype=torch.long, device=self.device))
+            if self.denoise:
+                ref = sim.simulate(c, seed=seed, fixed={"snr": float("inf")})
+                clean.append(self.transform(select_channels(ref.fid, ref.sub, self.channels)))
         return Batch(
             x=torch.cat(xs).to(self.device),
             vendor=torch.cat(vendors).to(self.device),
             invivo=torch.zeros(k, dtype=torch.bool, device=self.device),
+            target=torch.cat(clean).to(self.device) if self.denoise else None,
         )
 
     def batch(self, step: int) -> Batch:
@@ -217,10 +227,12 @@ class MixedStream:
         x = torch.cat([b.x for b in parts])
         gen = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, 3, step]).integers(2**31)))
         order = torch.randperm(x.shape[0], generator=gen).to(self.device)
+        target = torch.cat([b.x if b.target is None else b.target for b in parts]) if self.denoise else None
         return Batch(
             x=x[order],
             vendor=torch.cat([b.vendor for b in parts])[order],
             invivo=torch.cat([b.invivo for b in parts])[order],
+            target=None if target is None else target[order],
         )
 
     def __call__(self, start: int = 0, steps: int | None = None) -> Iterator[Batch]:
@@ -240,4 +252,4 @@ def build_stream(data_cfg, seed: int = 0, device: torch.device | str = "cpu",
     invivo = InVivoSet.from_folder(folder, builder) if folder else None
     sims = [Simulator(load_profile(p), builder.grid, device=device) for p in data_cfg.sim_profiles]
     return MixedStream(sims, builder.transform, data_cfg.channels, data_cfg.batch_size, invivo,
-                       data_cfg.invivo_fraction, seed, device)
+                       data_cfg.invivo_fraction, seed, device, denoise=bool(data_cfg.get("denoise", False)))

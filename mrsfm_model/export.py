@@ -18,6 +18,11 @@ from .errors import MRSDataError
 from .mae import MAEConfig, SpectroMAE
 
 ENCODER_PREFIXES = ("patch_embed.", "cls_token.", "blocks.", "norm.")
+# The pretrained model the package ships (made by `mrsfm pretrain`, see its card): NAME.safetensors is
+# the encoder (+ NAME.json, the card), NAME.mae.safetensors the whole MAE, decoder included, so that
+# pretraining, central or federated, can continue from it (`init=shipped`).
+SHIPPED_DIR = Path(__file__).resolve().parent / "resources" / "encoders"
+SHIPPED_NAME = "mrsfm_micro"
 
 
 def encoder_state(model: SpectroMAE) -> dict[str, torch.Tensor]:
@@ -55,12 +60,38 @@ def read_encoder_config(path: str | Path) -> MAEConfig:
     raw = json.loads(meta["mae_config"])
     raw["img_size"], raw["patch_size"] = tuple(raw["img_size"]), tuple(raw["patch_size"])
     raw.setdefault("embed_norm", False)  # encoders exported before the option existed had none
+    raw.setdefault("loss_visible", False)
     return MAEConfig(**raw)
+
+
+class SpectroViT(VisionTransformer):
+    """timm's VisionTransformer plus one readout, `flat`: the patch tokens concatenated in grid order
+    (ppm band by ppm band), so the head knows which band a feature came from. Average pooling
+    throws that position, i.e. the chemical identity, away; timm's other pools work as in timm."""
+
+    def __init__(self, *, global_pool: str = "avg", **kwargs):
+        flat = global_pool == "flat"
+        super().__init__(global_pool="" if flat else global_pool, **kwargs)
+        self.flat = flat
+        if flat:
+            self.reset_classifier(self.num_classes)
+
+    def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
+        if self.flat:
+            return x[:, self.num_prefix_tokens:].flatten(1)
+        return super().pool(x, pool_type)
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        if not getattr(self, "flat", False):
+            return super().reset_classifier(num_classes, global_pool)
+        self.num_classes = num_classes
+        self.num_features = self.head_hidden_size = self.patch_embed.num_patches * self.embed_dim
+        self.head = torch.nn.Linear(self.num_features, num_classes) if num_classes else torch.nn.Identity()
 
 
 def build_vit(cfg: MAEConfig, num_classes: int = 0, global_pool: str = "avg") -> VisionTransformer:
     """The timm ViT matching an MAE encoder config (fixed sin-cos position embedding)."""
-    vit = VisionTransformer(
+    vit = SpectroViT(
         img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, num_classes=num_classes,
         embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
         qkv_bias=True, class_token=True, global_pool=global_pool, fc_norm=False,
@@ -84,3 +115,52 @@ def load_encoder(path: str | Path, num_classes: int = 0, global_pool: str = "avg
     if missing or unexpected:
         raise MRSDataError(path, f"encoder weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return vit
+
+
+def shipped(kind: str = "encoder") -> Path:
+    """Path of the shipped encoder (`kind="encoder"`) or whole MAE (`"mae"`); a clear error if absent."""
+    path = SHIPPED_DIR / (f"{SHIPPED_NAME}.safetensors" if kind == "encoder" else f"{SHIPPED_NAME}.mae.safetensors")
+    if not path.is_file():
+        raise MRSDataError(path, "the shipped pretrained model is missing from this installation "
+                                 "(reinstall mrsfm, or name a file with --encoder / init=PATH)")
+    return path
+
+
+def save_mae(model: SpectroMAE, path: str | Path, card: dict[str, Any] | None = None) -> Path:
+    """The whole MAE (encoder + decoder) with its config in the metadata: a start point for more pretraining."""
+    from .train import save_weights
+
+    path = Path(path)
+    save_weights(model, path, {"mae_config": model.cfg.to_dict(), "format": "mrsfm-mae-v1", **(card or {})})
+    return path
+
+
+def init_mae(model: SpectroMAE, init: str | Path) -> Path:
+    """Load MAE weights to start (or continue) pretraining from: a file, or "shipped". The file must
+    hold this very architecture; anything else is one clear error naming the file and both configs."""
+    from safetensors.torch import load_file
+
+    path = shipped("mae") if str(init) == "shipped" else Path(init)
+    if not path.is_file():
+        raise MRSDataError(path, "init weights not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(str(path))
+    except Exception as exc:  # safetensors' own error types
+        raise MRSDataError(path, f"not a safetensors file ({exc})") from None
+    theirs = json.loads(meta["mae_config"]) if "mae_config" in meta else None
+    if theirs is not None:
+        theirs = {k: tuple(v) if isinstance(v, list) else v for k, v in theirs.items()}
+        ours = {k: v for k, v in model.cfg.to_dict().items()}
+        differ = [f"{k}: file {theirs.get(k)}, this run {v}" for k, v in ours.items()
+                  if k not in ("mask_ratio", "norm_pix_loss", "loss_visible") and theirs.get(k, v) != v]
+        if differ:
+            raise MRSDataError(path, "init weights are another model than this run's: " + "; ".join(differ))
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise MRSDataError(path, f"init weights do not fit this model ({str(exc).splitlines()[-1].strip()[:160]})") from None
+    if missing or unexpected:
+        raise MRSDataError(path, f"init weights do not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return path

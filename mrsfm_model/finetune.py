@@ -37,15 +37,19 @@ class FinetuneConfig:
     warmup_steps: int = 20
     linear_lr: float = 0.1
     grad_clip: float | None = 1.0
-    global_pool: str = "avg"  # avg (mean of patch tokens, MAE's fine-tuning) | token ([CLS])
+    global_pool: str = "avg"  # avg (mean of patch tokens, MAE's fine-tuning) | token ([CLS]) | flat (tokens in ppm order)
+    head_init: str = "random"  # random | probe: full fine-tune starts from the linear probe's head (LP-FT)
+    probe_steps: int = 200  # steps of the linear probe that starts an LP-FT fine-tune (head_init probe)
 
     @classmethod
     def from_config(cls, cfg) -> "FinetuneConfig":
         from .config import from_section
 
         out = from_section(cls, cfg, "finetune")
-        if out.global_pool not in ("avg", "token"):
-            raise ValueError(f"config finetune.global_pool: expected avg|token, got {out.global_pool!r}")
+        if out.head_init not in ("random", "probe"):
+            raise ValueError(f"config finetune.head_init: expected random|probe, got {out.head_init!r}")
+        if out.global_pool not in ("avg", "token", "flat"):
+            raise ValueError(f"config finetune.global_pool: expected avg|token|flat, got {out.global_pool!r}")
         return out
 
 
@@ -74,10 +78,30 @@ def _loss_fn(task: str):
     return loss
 
 
+RANDOM_INIT = "random-init"  # `encoder` value of the control arm: the MAE's encoder at its initialisation
+
+
 def _model(encoder: str | Path | None, mae_cfg: MAEConfig, n_out: int, pool: str) -> nn.Module:
+    """The ViT an arm starts from: pretrained weights (a path), the MAE encoder exactly as pretraining
+    would have started it (RANDOM_INIT: the control that isolates what pretraining adds), or timm's
+    own initialisation of the same architecture (None: scratch)."""
+    if encoder == RANDOM_INIT:
+        return random_init_encoder(mae_cfg, n_out, pool)
     if encoder:
         return load_encoder(encoder, num_classes=n_out, global_pool=pool)
     return build_vit(mae_cfg, num_classes=n_out, global_pool=pool)
+
+
+def random_init_encoder(mae_cfg: MAEConfig, n_out: int, pool: str) -> nn.Module:
+    """The MAE's encoder at initialisation (seeded by the caller's torch seed), as a timm ViT."""
+    from .export import encoder_state
+    from .mae import SpectroMAE
+
+    state = encoder_state(SpectroMAE(mae_cfg))  # drawn first: the same weights a pretraining run seeded alike starts from
+    vit = build_vit(mae_cfg, num_classes=n_out, global_pool=pool)
+    missing, _ = vit.load_state_dict(state, strict=False)
+    assert all(k.startswith("head.") for k in missing), missing
+    return vit
 
 
 @torch.no_grad()
@@ -95,19 +119,37 @@ def train_model(
     torch.manual_seed(seed)
     vit = _model(encoder, mae_cfg, n_out, cfg.global_pool)
     if cfg.mode == "linear":
-        dim = vit.embed_dim
-        head = nn.Sequential(nn.BatchNorm1d(dim, affine=False), nn.Linear(dim, n_out))
-        feats = _features(vit, x, device)
-        opt = OptimConfig(lr=cfg.linear_lr, weight_decay=0.0, warmup_steps=cfg.warmup_steps, grad_clip=None, amp="none")
-        Trainer(head, _loss_fn(task), opt, cfg.steps, cfg.batch_size, device, progress=False).fit(
-            iter(LabelledBatches(feats, y, cfg.batch_size, seed, device)), cfg.steps, log_every=cfg.steps)
+        head = _fit_probe(vit, x, y, task, n_out, cfg, seed, device, cfg.steps)
         vit.reset_classifier(0)
         return nn.Sequential(PooledFeatures(vit), head).eval()
+    if cfg.head_init == "probe":  # LP-FT: start the full fine-tune from the linear probe's head
+        _fold_probe_into_head(vit, _fit_probe(vit, x, y, task, n_out, cfg, seed, device, cfg.probe_steps))
     opt = OptimConfig(blr=cfg.blr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
                       layer_decay=cfg.layer_decay if encoder else None, grad_clip=cfg.grad_clip)
     Trainer(vit, _loss_fn(task), opt, cfg.steps, cfg.batch_size, device, progress=False).fit(
         iter(LabelledBatches(x, y, cfg.batch_size, seed, device)), cfg.steps, log_every=cfg.steps)
     return vit.eval()
+
+
+def _fit_probe(vit: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str, n_out: int, cfg: FinetuneConfig,
+               seed: int, device: torch.device, steps: int) -> nn.Sequential:
+    """A linear head (after a non-affine BatchNorm, as MAE's linear probe) on the frozen ViT's pooled features."""
+    dim = vit.num_features
+    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False), nn.Linear(dim, n_out))
+    feats = _features(vit, x, device)
+    opt = OptimConfig(lr=cfg.linear_lr, weight_decay=0.0, warmup_steps=cfg.warmup_steps, grad_clip=None, amp="none")
+    Trainer(head, _loss_fn(task), opt, steps, cfg.batch_size, device, progress=False).fit(
+        iter(LabelledBatches(feats, y, cfg.batch_size, seed, device)), steps, log_every=steps)
+    return head.eval()
+
+
+@torch.no_grad()
+def _fold_probe_into_head(vit: nn.Module, probe: nn.Sequential) -> None:
+    """vit.head := BatchNorm (running statistics) followed by the probe's Linear, as one Linear."""
+    bn, lin = probe[0], probe[1]
+    scale = (bn.running_var + bn.eps).rsqrt()
+    vit.head.weight.copy_(lin.weight * scale)
+    vit.head.bias.copy_(lin.bias - (lin.weight * scale) @ bn.running_mean)
 
 
 class PooledFeatures(nn.Module):
@@ -175,9 +217,10 @@ def fit_and_evaluate(
     return regression_metrics(y_test.numpy(), pred.numpy(), target_names)
 
 
-def architecture(cfg, encoder: Path | None, builder: InputBuilder, warn: Callable[[str], None]) -> MAEConfig:
+def architecture(cfg, encoder: Path | None, builder: InputBuilder) -> MAEConfig:
     """The ViT config: the encoder's own, checked against the inputs; else the configured size.
-    Inputs made with other settings than the encoder's pretraining are warned about, not refused."""
+    An encoder pretrained on other inputs than the run makes (image size, channels, or any grid or
+    spectrogram setting on its card) is refused: its features would mean something else."""
     if encoder is None:
         return configured_mae(cfg.model, cfg.data)
     if not encoder.is_file():
@@ -189,50 +232,72 @@ def architecture(cfg, encoder: Path | None, builder: InputBuilder, warn: Callabl
                          f"data config makes {c}x{(h, w)}")
     differ = input_differences(encoder, builder)
     if differ:
-        warn(f"{encoder} was pretrained with other data.{'/'.join(differ)} settings than this run's; "
-             "its inputs will differ from what it learned on")
+        raise ValueError(f"{encoder}: pretrained on other inputs than this run makes: {'; '.join(differ)}")
     return mae_cfg
 
 
 def input_differences(encoder: Path, builder: InputBuilder) -> list[str]:
-    """data.* sections in which the encoder's pretraining (per its card) differs from this run."""
+    """Each data.* setting in which the encoder's pretraining (per its card) differs from this run,
+    as 'data.KEY: encoder A, this run B'."""
+    from dataclasses import asdict
+
     card_path = encoder.with_suffix(".json")
     card = json.loads(card_path.read_text()) if card_path.is_file() else {}
     try:
         theirs = InputBuilder.from_dict({"grid": card.get("grid", {}), "spectrogram": card.get("spectrogram", {}),
                                          "channels": card.get("channels", builder.channels)})
-    except (ValueError, TypeError):
-        return ["grid", "spectrogram", "channels"]
-    pairs = {"grid": (theirs.grid, builder.grid), "spectrogram": (theirs.spec_cfg, builder.spec_cfg),
-             "channels": (theirs.channels, builder.channels)}
-    return [key for key, (a, b) in pairs.items() if key in card and a != b]
+    except (ValueError, TypeError) as exc:
+        return [f"its card's input settings are unreadable ({exc})"]
+    out = []
+    for section, a, b in (("grid", theirs.grid, builder.grid), ("spectrogram", theirs.spec_cfg, builder.spec_cfg)):
+        if section in card:
+            da, db = asdict(a), asdict(b)
+            out += [f"data.{section}.{k}: encoder {da[k]}, this run {db[k]}" for k in da if da[k] != db[k]]
+    if "channels" in card and theirs.channels != builder.channels:
+        out.append(f"data.channels: encoder {theirs.channels}, this run {builder.channels}")
+    return out
 
 
 # -- the benchmark table -------------------------------------------------------------------------
 HEADLINE = {"vendor": "accuracy", "quant": "r2_GABA/tCr"}
 
 
+DEEP_INITS = {"pretrained": "the encoder", "random_init": RANDOM_INIT, "scratch": None}
+
+
 def run_benchmark(cfg, encoder: str | Path | None, out_dir: str | Path, device: torch.device, log=print) -> dict:
-    """Pretrained vs random initialisation, each mode, each label size, each seed -> table + JSON + PNG."""
-    from .benchmark import QUANT_TARGETS, build_benchmark
+    """Every arm, mode, label size and seed -> table, paired differences, JSON and PNG.
+
+    Deep arms: `pretrained` (the encoder), `random_init` (the same MAE encoder at its initialisation,
+    fine-tuned with the same recipe: what pretraining adds) and `scratch` (timm's initialisation of
+    the same ViT). Non-deep arms: logistic / ridge regression on spectra and on the ViT's own pixels,
+    and for quantification the linear-combination fit (no labels). Seeds are paired: seed s draws the
+    same labelled sample for every arm, so differences are taken per seed."""
+    from .benchmark import QUANT_TARGETS, build_benchmark, lcm_ratios
     from .spectrum import VENDORS
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ft = cfg.finetune
     builder = InputBuilder.from_data_config(cfg.data)
-    mae_cfg = architecture(cfg, Path(encoder) if encoder else None, builder, lambda m: log(f"warning: {m}"))
-    log(f"building the benchmark ({ft.benchmark.subjects_per_vendor} subjects per vendor)")
+    mae_cfg = architecture(cfg, Path(encoder) if encoder else None, builder)
+    log(f"building the benchmark ({ft.benchmark.subjects_per_vendor} subjects per vendor, seed {ft.benchmark.seed})")
     bench = build_benchmark(builder.grid, builder.transform, builder.channels,
                             ft.benchmark.subjects_per_vendor, ft.benchmark.scans_per_subject,
                             ft.benchmark.test_fraction, ft.benchmark.seed, device)
     test = bench.test
-    arms = [(init, mode) for init in (["pretrained"] if encoder else []) + ["scratch"] for mode in ft.modes]
+    inits = ["pretrained", "random_init"] if encoder else []
+    arms = [(init, mode) for init in [*inits, "scratch"] for mode in ft.modes]
     # the yardsticks: logistic / ridge regression on the magnitude spectra, and on the very image the ViT sees
     arms += [("baseline", "spectrum"), ("baseline", "pixels")]
+    lcm = None
+    if "quant" in ft.tasks and ft.get("lcm", True):
+        log(f"linear-combination fit of the {int(test.sum())} test spectra (each with its vendor's basis set)")
+        lcm = lcm_ratios(bench, test.nonzero()[:, 0], builder.grid)
     rows = []
     for task in ft.tasks:
-        for init, mode in arms:
+        task_arms = arms + ([("baseline", "lcm_fit")] if task == "quant" and lcm is not None else [])
+        for init, mode in task_arms:
             steps = ft.quant_steps if task == "quant" else ft.steps
             fcfg = FinetuneConfig.from_config({**ft, "mode": mode, "steps": steps})
             for n in ft.label_sizes:
@@ -240,27 +305,64 @@ def run_benchmark(cfg, encoder: str | Path | None, out_dir: str | Path, device: 
                 for seed in ft.seeds:
                     idx = bench.labelled_sample(int(n), int(seed))
                     y = bench.vendor if task == "vendor" else bench.ratios
+                    if mode == "lcm_fit":
+                        per_seed.append(regression_metrics(y[test].numpy(), lcm.numpy(), QUANT_TARGETS))
+                        continue
                     if init == "baseline":
                         feats = bench.spectra if mode == "spectrum" else bench.x.flatten(1)
                         per_seed.append(_baseline(feats[idx], y[idx], feats[test], y[test], task,
                                                   len(VENDORS), float(cfg.study.baseline_l2)))
                         continue
+                    start = encoder if init == "pretrained" else DEEP_INITS[init]
                     per_seed.append(fit_and_evaluate(
                         bench.x[idx], y[idx], bench.x[test], y[test],
                         "classification" if task == "vendor" else "regression",
-                        encoder if init == "pretrained" else None, mae_cfg, fcfg, int(seed), device,
-                        target_names=QUANT_TARGETS, n_classes=len(VENDORS)))
+                        start, mae_cfg, fcfg, int(seed), device, target_names=QUANT_TARGETS, n_classes=len(VENDORS)))
                 summary = {k: mean_ci95([r[k] for r in per_seed]) for k in per_seed[0]}
                 rows.append({"task": task, "init": init, "mode": mode, "n_labels": int(n), "metrics": summary,
                              "per_seed": per_seed})
                 h = summary[HEADLINE[task]]
-                log(f"  {task:<6} {init:<10} {mode:<8} n={n:<4} {HEADLINE[task]} {h['mean']:.3f} ± {h['ci95']:.3f}")
+                log(f"  {task:<6} {init:<11} {mode:<8} n={n:<4} {HEADLINE[task]} {h['mean']:.3f} ± {h['ci95']:.3f}")
+    paired = paired_differences(rows)
     result = {"encoder": str(encoder) if encoder else None, "test_spectra": int(test.sum()),
-              "test_subjects": int(bench.subject[test].unique().numel()), "seeds": list(ft.seeds), "rows": rows}
+              "test_subjects": int(bench.subject[test].unique().numel()), "seeds": list(ft.seeds),
+              "benchmark_seed": int(ft.benchmark.seed), "rows": rows, "paired": paired}
     (out_dir / "finetune.json").write_text(json.dumps(result, indent=1))
     print_table(rows, log)
+    print_paired(paired, log)
     plot_table(rows, out_dir / "finetune.png")
     return result
+
+
+def paired_differences(rows: list[dict]) -> list[dict]:
+    """Pretrained minus every other arm, per task, label size and seed (same labelled sample), with
+    the mean and 95% interval of those differences: each deep mode against its own controls, and
+    the full fine-tune against every non-deep arm."""
+    out = []
+    for r in rows:
+        if r["init"] != "pretrained":
+            continue
+        key = HEADLINE[r["task"]]
+        for other in rows:
+            same = other["task"] == r["task"] and other["n_labels"] == r["n_labels"] and other is not r
+            control = other["init"] in ("random_init", "scratch") and other["mode"] == r["mode"]
+            yardstick = other["init"] == "baseline" and r["mode"] == "full"
+            if not (same and (control or yardstick)):
+                continue
+            d = [a[key] - b[key] for a, b in zip(r["per_seed"], other["per_seed"])]
+            out.append({"task": r["task"], "n_labels": r["n_labels"], "metric": key, "arm": f"pretrained {r['mode']}",
+                        "minus": f"{other['init']} {other['mode']}", "per_seed": d, **mean_ci95(d)})
+    return out
+
+
+def print_paired(paired: list[dict], log=print) -> None:
+    if not paired:
+        return
+    log("paired differences (same labelled sample per seed; mean and 95% interval over seeds):")
+    for p in paired:
+        sign = "+" if p["mean"] >= 0 else "-"
+        log(f"  {p['task']:<6} n={p['n_labels']:<4} {p['arm']} - {p['minus']:<20} {p['metric']:<12} "
+            f"{sign}{abs(p['mean']):.3f} ± {p['ci95']:.3f}")
 
 
 def _baseline(f_train: torch.Tensor, y_train: torch.Tensor, f_test: torch.Tensor, y_test: torch.Tensor, task: str,
@@ -279,11 +381,11 @@ def _baseline(f_train: torch.Tensor, y_train: torch.Tensor, f_test: torch.Tensor
 
 
 def print_table(rows: list[dict], log=print) -> None:
-    log(f"{'task':<7}{'init':<11}{'mode':<9}{'labels':>7}  {'metric':<14}{'mean':>7}  {'95% CI':>8}")
+    log(f"{'task':<7}{'init':<12}{'mode':<9}{'labels':>7}  {'metric':<14}{'mean':>7}  {'95% CI':>8}")
     for r in rows:
         key = HEADLINE[r["task"]]
         m = r["metrics"][key]
-        log(f"{r['task']:<7}{r['init']:<11}{r['mode']:<9}{r['n_labels']:>7}  {key:<14}{m['mean']:>7.3f}  ±{m['ci95']:>7.3f}")
+        log(f"{r['task']:<7}{r['init']:<12}{r['mode']:<9}{r['n_labels']:>7}  {key:<14}{m['mean']:>7.3f}  ±{m['ci95']:>7.3f}")
 
 
 def plot_table(rows: list[dict], out: Path) -> Path:

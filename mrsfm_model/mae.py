@@ -22,7 +22,7 @@ from torch import nn
 @dataclass(frozen=True)
 class MAEConfig:
     img_size: tuple[int, int] = (64, 32)
-    patch_size: tuple[int, int] = (8, 8)
+    patch_size: tuple[int, int] = (2, 32)
     in_chans: int = 3
     embed_dim: int = 768
     depth: int = 12
@@ -32,11 +32,14 @@ class MAEConfig:
     decoder_num_heads: int = 16
     mlp_ratio: float = 4.0
     mask_ratio: float = 0.75
-    norm_pix_loss: bool = True
+    norm_pix_loss: bool = False
     # LayerNorm on each patch embedding (timm's embed_norm_layer). It rescued unscaled spectrograms
     # (pixel std ~0.1, drowned by the position embedding) but also discards each patch's intensity;
     # scaling the input (data.spectrogram.scale) does better (configs/data/default.yaml).
     embed_norm: bool = False
+    # Score the visible patches too (masked ones are always scored). With a denoising target
+    # (data.denoise) the visible bands must then be reproduced noise-free, not copied.
+    loss_visible: bool = False
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -191,16 +194,19 @@ class SpectroMAE(nn.Module):
             mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1e-6) ** 0.5
         loss = ((pred.float() - target.float()) ** 2).mean(dim=-1)
+        if self.cfg.loss_visible:
+            mask = torch.ones_like(mask)
         if per_sample:  # every image has the same number of masked patches
             return (loss * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1)
         return (loss * mask).sum() / mask.sum().clamp_min(1)
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float | None = None, generator: torch.Generator | None = None,
-                per_sample: bool = False):
+                per_sample: bool = False, target: torch.Tensor | None = None):
+        """`target`: the image to reconstruct when it is not the input (denoising MAE)."""
         ratio = self.cfg.mask_ratio if mask_ratio is None else mask_ratio
         latent, mask, ids_restore = self.forward_encoder(imgs, ratio, generator)
         pred = self.forward_decoder(latent, ids_restore)
-        return self.forward_loss(imgs, pred, mask, per_sample), pred, mask
+        return self.forward_loss(imgs if target is None else target, pred, mask, per_sample), pred, mask
 
     def reconstruct(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Image of the prediction in the input's units (undoing per-patch normalisation), visible patches kept."""
@@ -215,7 +221,8 @@ class SpectroMAE(nn.Module):
 def configured_mae(model_cfg, data_cfg) -> MAEConfig:
     """The MAE config of `model/` for the configured image (size and channels from `data/`)."""
     spec = data_cfg.spectrogram
-    extra = {k: model_cfg[k] for k in ("patch_size", "mask_ratio", "norm_pix_loss", "embed_norm") if k in model_cfg}
+    extra = {k: model_cfg[k] for k in ("patch_size", "mask_ratio", "norm_pix_loss", "embed_norm", "loss_visible")
+             if k in model_cfg}
     return mae_config(model_cfg.size, img_size=(spec.height, spec.width), in_chans=len(data_cfg.channels), **extra)
 
 
@@ -226,6 +233,8 @@ def build_mae(model_cfg, data_cfg) -> SpectroMAE:
 
 def mae_loss(model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
     """Loss function for the shared Trainer: batch is a data.Batch (or a plain image tensor)."""
-    x = batch.x if hasattr(batch, "x") else batch
-    loss, _, _ = model(x)
+    if hasattr(batch, "x"):
+        loss, _, _ = model(batch.x, target=batch.target)
+    else:
+        loss, _, _ = model(batch)
     return loss, {}

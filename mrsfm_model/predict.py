@@ -71,7 +71,7 @@ def build_study_net(meta: dict[str, Any]) -> nn.Module:
     pool = meta.get("global_pool", "avg")  # study models saved before the option pooled by average
     if meta["mode"] == "linear":
         vit = build_vit(mae_cfg, num_classes=0, global_pool=pool)
-        head = nn.Sequential(nn.BatchNorm1d(vit.embed_dim, affine=False), nn.Linear(vit.embed_dim, n_out))
+        head = nn.Sequential(nn.BatchNorm1d(vit.num_features, affine=False), nn.Linear(vit.num_features, n_out))
         return nn.Sequential(PooledFeatures(vit), head)
     return build_vit(mae_cfg, num_classes=n_out, global_pool=pool)
 

@@ -2,7 +2,9 @@
 
 Everything lands under `cfg.run_dir`: checkpoints/last (resume point), metrics.jsonl,
 training_curve.png, reconstruction.png (original / masked / reconstructed, in vivo and
-simulated, like the seed's Figure 4) and encoder.safetensors + encoder.json (model card).
+simulated, like the seed's Figure 4), encoder.safetensors + encoder.json (model card), and
+mae.safetensors (encoder + decoder: `init=RUN_DIR/mae.safetensors` continues from it). A run
+starts from random weights, or from `init` (a file, or `shipped`: the packaged model).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import resolve_device
 from .data import build_stream
-from .export import export_encoder
+from .export import export_encoder, init_mae, save_mae
 from .mae import SpectroMAE, build_mae, mae_loss
 from .train import OptimConfig, Trainer
 
@@ -84,6 +86,8 @@ def run_pretrain(cfg: DictConfig, log=print) -> dict:
     if (ckpt / "trainer.pt").exists():
         trainer.load(ckpt)
         log(f"resumed from {ckpt} at step {trainer.step}")
+    elif cfg.get("init"):
+        log(f"starting from {init_mae(model, cfg.init)}")
     every = int(cfg.train.checkpoint_every) or steps
     last: dict = {}
     while trainer.step < steps:
@@ -102,7 +106,10 @@ def run_pretrain(cfg: DictConfig, log=print) -> dict:
                      "invivo_spectra": 0 if stream.invivo is None else len(stream.invivo),
                      "invivo_fraction": cfg.data.invivo_fraction},
             "grid": OmegaConf.to_container(cfg.data.grid), "spectrogram": OmegaConf.to_container(cfg.data.spectrogram),
-            "channels": list(cfg.data.channels), "final_loss": last.get("loss")}
+            "channels": list(cfg.data.channels), "final_loss": last.get("loss"), "init": cfg.get("init"),
+            "recipe": {"model": OmegaConf.to_container(cfg.model), "train": OmegaConf.to_container(cfg.train),
+                       "denoise": bool(cfg.data.get("denoise", False)), "seed": int(cfg.seed)}}
     export_encoder(model, run_dir / "encoder.safetensors", card)
+    save_mae(model, run_dir / "mae.safetensors")
     log(f"encoder -> {run_dir / 'encoder.safetensors'}")
     return card

@@ -626,7 +626,7 @@ def run_study(cfg, encoder: Path | None, data_dir: Path, labels_csv: Path, targe
     device, out_dir = torch.device(device), Path(out_dir)
     builder = InputBuilder.from_data_config(cfg.data)
     warn = Warnings(log)
-    setup = DeepSetup(encoder, architecture(cfg, encoder, builder, warn), scfg.finetune(cfg), device)
+    setup = DeepSetup(encoder, architecture(cfg, encoder, builder), scfg.finetune(cfg), device)
     data = load_study(cfg, data_dir, labels_csv, target, task, log=log)
     warn.items[:0] = data.warnings
     k = choose_folds(data, scfg.folds, warn)

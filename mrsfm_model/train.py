@@ -24,7 +24,7 @@ LossFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, dict[str, float]]"]
 
 @dataclass
 class OptimConfig:
-    blr: float = 1.5e-4  # base learning rate for batch 256 (MAE)
+    blr: float = 1.5e-3  # base learning rate for batch 256 (configs/train: measured)
     lr: float | None = None  # absolute learning rate; overrides blr
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)

@@ -26,7 +26,7 @@ from flwr.serverapp import Grid, ServerApp
 from omegaconf import OmegaConf
 
 from mrsfm_model.config import config_dir, load_config
-from mrsfm_model.export import export_encoder
+from mrsfm_model.export import export_encoder, init_mae
 from mrsfm_model.mae import build_mae
 from mrsfm_model.train import load_weights, save_weights
 
@@ -103,6 +103,8 @@ def run_federation(grid: Grid, s: RunSettings) -> dict:
                                f"({str(exc).splitlines()[0]}); use a new run-dir") from None
         rd.trim_metrics(done)
         say(f"resuming after round {done} from {rd.checkpoint(done)}")
+    elif cfg.get("init"):
+        say(f"round 1 starts from {init_mae(model, cfg.init)}")
     n_params = sum(p.numel() for p in model.parameters())
     say(f"{s.strategy}, rounds {done + 1}..{s.num_rounds} x {s.local_steps} local steps, {n_params / 1e6:.2f}M "
         f"parameters, {s.wire_dtype} on the wire, at least {s.min_sites} site(s), run dir {rd.path}")

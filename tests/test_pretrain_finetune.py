@@ -89,7 +89,14 @@ def test_tiny_pretrain_resume_export_and_finetune(tmp_path):
                               "finetune.steps=3", "finetune.quant_steps=3", "finetune.batch_size=6", "finetune.benchmark.subjects_per_vendor=6"])
     result = run_benchmark(cfg, run / "encoder.safetensors", tmp_path / "ft", torch.device("cpu"), log=logs.append)
     arms = {(r["task"], r["init"], r["mode"]) for r in result["rows"]}
-    assert len(arms) == 12  # 2 tasks x ((pretrained, scratch) x (linear, full) + spectrum and pixel baselines)
+    # 2 tasks x ((pretrained, random_init, scratch) x (linear, full) + spectrum and pixel baselines) + the fit
+    assert len(arms) == 17 and ("quant", "baseline", "lcm_fit") in arms
+    paired = {(p["task"], p["arm"], p["minus"]) for p in result["paired"]}
+    assert ("vendor", "pretrained full", "random_init full") in paired and ("vendor", "pretrained full", "baseline pixels") in paired
+    first = next(p for p in result["paired"] if p["minus"] == "scratch full" and p["task"] == "vendor")
+    rows = {(r["init"], r["mode"]): r for r in result["rows"] if r["task"] == "vendor"}
+    assert first["per_seed"] == [a["accuracy"] - b["accuracy"] for a, b in
+                                 zip(rows["pretrained", "full"]["per_seed"], rows["scratch", "full"]["per_seed"])]
     for r in result["rows"]:
         if r["task"] == "vendor":
             assert 0 <= r["metrics"]["accuracy"]["mean"] <= 1 and r["metrics"]["accuracy"]["n"] == 2
@@ -98,13 +105,11 @@ def test_tiny_pretrain_resume_export_and_finetune(tmp_path):
     assert (tmp_path / "ft" / "finetune.json").exists() and (tmp_path / "ft" / "finetune.png").exists()
     assert any(line.startswith("task") for line in logs)  # the printed table
     assert not any("warning" in line for line in logs)
-    # the same encoder on differently scaled images: said before the numbers, which would be meaningless
-    logs.clear()
-    run_benchmark(load_config(over + ["finetune.tasks=[vendor]", "finetune.modes=[linear]", "finetune.label_sizes=[6]",
-                                      "finetune.seeds=[0]", "finetune.steps=2", "finetune.benchmark.subjects_per_vendor=6",
-                                      "data.spectrogram.scale=1.0"]),
-                  run / "encoder.safetensors", tmp_path / "ft2", torch.device("cpu"), log=logs.append)
-    assert any("warning" in line and "data.spectrogram" in line for line in logs)
+    # the same encoder on differently scaled images: refused before any number, naming both settings
+    with pytest.raises(ValueError, match=r"data\.spectrogram\.scale: encoder 20\.0, this run 1\.0"):
+        run_benchmark(load_config(over + ["finetune.tasks=[vendor]", "data.spectrogram.scale=1.0"]),
+                      run / "encoder.safetensors", tmp_path / "ft2", torch.device("cpu"), log=logs.append)
+    assert not (tmp_path / "ft2" / "finetune.json").exists()
 
 
 def test_encoder_that_does_not_fit_the_data_config_is_refused(tmp_path):

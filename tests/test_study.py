@@ -237,5 +237,5 @@ def test_scratch_architecture_is_the_configured_model():
     from mrsfm_model.mae import build_mae
 
     cfg = load_config(["model.embed_norm=true", "model.patch_size=[4,4]"])
-    got = architecture(cfg, None, InputBuilder.from_data_config(cfg.data), warn=lambda m: None)
+    got = architecture(cfg, None, InputBuilder.from_data_config(cfg.data))
     assert got == build_mae(cfg.model, cfg.data).cfg and got.embed_norm and got.patch_size == (4, 4)
