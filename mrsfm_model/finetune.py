@@ -1,9 +1,12 @@
-"""Few-label fine-tuning of the exported encoder, and the same model from random weights.
+"""Few-label fine-tuning of the exported encoder, beside the same encoder at initialisation and
+timm's from-scratch ViT.
 
-Two modes, both trained by the shared `Trainer`:
-- linear: the encoder is frozen; its mean-pooled features are computed once and a linear
-  head (after a non-affine BatchNorm, as in MAE's linear probe) is trained on them;
-- full: the whole ViT is trained, with layer-wise learning-rate decay.
+Two modes:
+- linear: the encoder is frozen; its pooled features (`global_pool`; `flat` keeps each ppm band
+  in its place) are computed once and the regularised logistic / ridge regression of the
+  non-deep baselines (mrsfm_model.linear) is fitted on them, kept as BatchNorm + Linear;
+- full: the whole ViT is trained by the shared `Trainer`, with layer-wise learning-rate decay,
+  its head either fresh or the linear probe's (`head_init: probe`, LP-FT).
 Classification uses cross-entropy and reports accuracy, balanced accuracy and macro-F1;
 regression standardises targets on the training set and reports MAE and R² per target.
 """
@@ -35,11 +38,10 @@ class FinetuneConfig:
     layer_decay: float = 0.75
     weight_decay: float = 0.05
     warmup_steps: int = 20
-    linear_lr: float = 0.1
     grad_clip: float | None = 1.0
     global_pool: str = "avg"  # avg (mean of patch tokens, MAE's fine-tuning) | token ([CLS]) | flat (tokens in ppm order)
     head_init: str = "random"  # random | probe: full fine-tune starts from the linear probe's head (LP-FT)
-    probe_steps: int = 200  # steps of the linear probe that starts an LP-FT fine-tune (head_init probe)
+    probe_l2: float = 0.01  # L2 of the linear probe (the non-deep baselines' estimator, mrsfm_model.linear)
 
     @classmethod
     def from_config(cls, cfg) -> "FinetuneConfig":
@@ -119,11 +121,11 @@ def train_model(
     torch.manual_seed(seed)
     vit = _model(encoder, mae_cfg, n_out, cfg.global_pool)
     if cfg.mode == "linear":
-        head = _fit_probe(vit, x, y, task, n_out, cfg, seed, device, cfg.steps)
+        head = _fit_probe(vit, x, y, task, n_out, cfg, device)
         vit.reset_classifier(0)
         return nn.Sequential(PooledFeatures(vit), head).eval()
     if cfg.head_init == "probe":  # LP-FT: start the full fine-tune from the linear probe's head
-        _fold_probe_into_head(vit, _fit_probe(vit, x, y, task, n_out, cfg, seed, device, cfg.probe_steps))
+        _fold_probe_into_head(vit, _fit_probe(vit, x, y, task, n_out, cfg, device))
     opt = OptimConfig(blr=cfg.blr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
                       layer_decay=cfg.layer_decay if encoder else None, grad_clip=cfg.grad_clip)
     Trainer(vit, _loss_fn(task), opt, cfg.steps, cfg.batch_size, device, progress=False).fit(
@@ -132,22 +134,21 @@ def train_model(
 
 
 def _fit_probe(vit: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str, n_out: int, cfg: FinetuneConfig,
-               seed: int, device: torch.device, steps: int) -> nn.Sequential:
-    """A linear head (after a non-affine BatchNorm, as MAE's linear probe) on the frozen ViT's pooled features."""
-    dim = vit.num_features
-    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False), nn.Linear(dim, n_out))
-    feats = _features(vit, x, device)
-    opt = OptimConfig(lr=cfg.linear_lr, weight_decay=0.0, warmup_steps=cfg.warmup_steps, grad_clip=None, amp="none")
-    Trainer(head, _loss_fn(task), opt, steps, cfg.batch_size, device, progress=False).fit(
-        iter(LabelledBatches(feats, y, cfg.batch_size, seed, device)), steps, log_every=steps)
-    return head.eval()
+               device: torch.device) -> nn.Sequential:
+    """The linear probe: the same regularised logistic / ridge regression as the non-deep baselines
+    (mrsfm_model.linear, L2 `probe_l2`) on the frozen ViT's pooled features, as BatchNorm + Linear."""
+    from .linear import fit_linear
+
+    feats = _features(vit, x, device).numpy()
+    target = y.numpy() if task == "classification" else y.numpy().reshape(len(y), -1)
+    return fit_linear(feats, target, task, n_out, cfg.probe_l2).to(device)
 
 
 @torch.no_grad()
 def _fold_probe_into_head(vit: nn.Module, probe: nn.Sequential) -> None:
     """vit.head := BatchNorm (running statistics) followed by the probe's Linear, as one Linear."""
     bn, lin = probe[0], probe[1]
-    scale = (bn.running_var + bn.eps).rsqrt()
+    scale = (bn.running_var + bn.eps).float().rsqrt()
     vit.head.weight.copy_(lin.weight * scale)
     vit.head.bias.copy_(lin.bias - (lin.weight * scale) @ bn.running_mean)
 

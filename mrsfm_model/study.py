@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .errors import MRSDataError
+from .linear import fit_predict
 from .finetune import (FinetuneConfig, architecture, classification_metrics, mean_ci95, predict,
                        regression_metrics, train_model)
 from .mae import MAEConfig
@@ -435,37 +436,12 @@ def choose_folds(data: StudyData, requested: int, warn: Log) -> int:
 
 
 # --------------------------------------------------------------------------- the three arms
-def _standardise(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
-    mu, sd = train.mean(0), train.std(0)
-    sd = np.where(sd > 1e-8, sd, 1.0)
-    return [(a - mu) / sd for a in (train, *others)]
-
-
 def baseline_fit_predict(f_train: np.ndarray, y_train: np.ndarray, f_test: np.ndarray, task: str,
                          n_classes: int, l2: float) -> np.ndarray:
     """Multinomial logistic regression (class probabilities) or ridge regression (values) on
-    standardised features, L2 penalty `l2` on the mean loss. The yardstick a deep model must beat."""
-    a, b = _standardise(f_train.astype(np.float64), f_test.astype(np.float64))
-    if task == "regression":
-        y_mu = y_train.mean()
-        gram = a @ a.T + len(a) * l2 * np.eye(len(a))  # dual form: n << features
-        w = a.T @ np.linalg.solve(gram, y_train - y_mu)
-        return b @ w + y_mu
-    xa, ya = torch.from_numpy(a), torch.from_numpy(y_train.astype(np.int64))
-    lin = torch.nn.Linear(a.shape[1], n_classes, dtype=torch.float64)
-    torch.nn.init.zeros_(lin.weight)
-    torch.nn.init.zeros_(lin.bias)
-    opt = torch.optim.LBFGS(lin.parameters(), max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(lin(xa), ya) + l2 * lin.weight.square().sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    with torch.no_grad():
-        return torch.softmax(lin(torch.from_numpy(b)), 1).numpy()
+    standardised features, L2 penalty `l2` on the mean loss (mrsfm_model.linear). The yardstick a
+    deep model must beat."""
+    return fit_predict(f_train, y_train, f_test, task, n_classes, l2)
 
 
 @dataclass
