@@ -39,7 +39,7 @@ class FinetuneConfig:
     weight_decay: float = 0.05
     warmup_steps: int = 20
     grad_clip: float | None = 1.0
-    global_pool: str = "avg"  # avg (mean of patch tokens, MAE's fine-tuning) | token ([CLS]) | flat (tokens in ppm order)
+    global_pool: str = "flat"  # flat (tokens in ppm order) | avg (mean of patch tokens, MAE's fine-tuning) | token ([CLS])
     head_init: str = "random"  # random | probe: full fine-tune starts from the linear probe's head (LP-FT)
     probe_l2: float = 0.01  # L2 of the linear probe (the non-deep baselines' estimator, mrsfm_model.linear)
 
