@@ -2,10 +2,10 @@
 
 Why this shape: a study has tens of labelled spectra, often several per subject. Honest figures
 therefore come from stratified k-fold cross-validation, grouped by subject when a `group` column
-says which spectra belong together, repeated over seeds. The pretrained encoder, the same ViT from
-random weights and a non-deep baseline (logistic / ridge regression on the magnitude spectrum)
-are scored on the same folds, so a reader sees whether pretraining, or deep learning at all,
-helped. A final model is then trained on every usable spectrum and saved for `mrsfm predict`.
+says which spectra belong together, repeated over seeds. The pretrained encoder, the same encoder
+at its initialisation (random_init: what pretraining adds), timm's from-scratch ViT and a non-deep
+baseline (logistic / ridge regression on the magnitude spectrum) are scored on the same folds, so
+a reader sees whether pretraining, or deep learning at all, helped. A final model is then trained on every usable spectrum and saved for `mrsfm predict`.
 
 Bad rows (missing, unreadable or unlabelled files, duplicates) are dropped with one warning each;
 a table that cannot support an honest evaluation is refused with one readable message.
@@ -30,7 +30,7 @@ import torch
 
 from .errors import MRSDataError
 from .linear import fit_predict
-from .finetune import (FinetuneConfig, architecture, classification_metrics, mean_ci95, predict,
+from .finetune import (RANDOM_INIT, FinetuneConfig, architecture, classification_metrics, mean_ci95, predict,
                        regression_metrics, train_model)
 from .mae import MAEConfig
 from .data import InputBuilder
@@ -495,7 +495,8 @@ def evaluate_arm(arm: str, data: StudyData, folds: dict[int, np.ndarray], k: int
                 oof[te] = baseline_fit_predict(data.features[tr], data.y[tr], data.features[te], data.task,
                                                data.n_classes, scfg.baseline_l2)
             else:
-                arm_setup = setup if arm == "pretrained" else DeepSetup(None, setup.mae_cfg, setup.ft, setup.device)
+                start = {"pretrained": setup.encoder, "random_init": RANDOM_INIT, "scratch": None}[arm]
+                arm_setup = DeepSetup(start, setup.mae_cfg, setup.ft, setup.device)
                 model, stats = train_deep(data.x[tr], data.y[tr], data.task, data.n_classes, arm_setup,
                                           seed * 1000 + f)
                 oof[te] = deep_outputs(model, data.x[te], data.task, stats, setup.device)
@@ -593,7 +594,7 @@ def _final_model(data: StudyData, setup: DeepSetup, seed: int, log: Log) -> tupl
 
 def run_study(cfg, encoder: Path | None, data_dir: Path, labels_csv: Path, target: str, out_dir: Path,
               device: torch.device | str, task: str | None = None, log: Log = print) -> dict[str, Any]:
-    """Evaluate (grouped stratified k-fold CV x seeds; pretrained / scratch / baseline), then train
+    """Evaluate (grouped stratified k-fold CV x seeds; pretrained / random_init / scratch / baseline), then train
     and save the final model. Writes study.json, confusion.png (classification), model.safetensors
     + model.json under out_dir; returns the study.json content."""
     t0 = time.perf_counter()
@@ -610,7 +611,7 @@ def run_study(cfg, encoder: Path | None, data_dir: Path, labels_csv: Path, targe
     log(f"{data.task} of {target!r}: {len(data)} spectra, {len(set(data.groups))} groups, {k}-fold CV x "
         f"{len(scfg.seeds)} seeds")
     headline = "pretrained" if encoder else "scratch"
-    names = (["pretrained"] if encoder else []) + ["scratch", "baseline"]
+    names = (["pretrained", "random_init"] if encoder else []) + ["scratch", "baseline"]
     arms = {a: evaluate_arm(a, data, folds, k, setup, scfg, log) for a in names}
     note = _compare_note(arms, headline, data.task)
     if note:

@@ -91,7 +91,8 @@ def test_classification_grouped_cv_final_model_and_predict(cfg, study, encoder, 
         assert all(len(set(fold[groups == g])) == 1 for g in set(groups))
         assert all(set(labels[fold == f]) == {"GE", "Siemens"} for f in range(3))
     assert not np.array_equal(*map(np.array, res["cv"]["assignments"].values()))  # seeds re-split
-    for arm in ("pretrained", "scratch", "baseline"):
+    assert set(res["arms"]) == {"pretrained", "random_init", "scratch", "baseline"}
+    for arm in ("pretrained", "random_init", "scratch", "baseline"):
         assert set(res["arms"][arm]["metrics"]) == {"accuracy", "balanced_accuracy", "macro_f1"}
         assert res["arms"][arm]["metrics"]["accuracy"]["n"] == 2
     assert np.sum(res["arms"]["pretrained"]["confusion"]) == 41 * 2
