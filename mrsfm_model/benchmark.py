@@ -110,6 +110,13 @@ def build_benchmark(
                      tuple(by_vendor.get(v, "") for v in range(len(VENDORS))))
 
 
+def generators_seen(sim_profiles: Sequence[str], profiles: Sequence[str] = VENDOR_PROFILES) -> list[str]:
+    """The benchmark profiles whose basis set (the generator of their spectra) is among the
+    pretraining profiles'. Empty: the benchmark measures transfer (data/transfer.yaml)."""
+    used = {load_profile(p).basis_path().resolve() for p in sim_profiles}
+    return [p for p in profiles if load_profile(p).basis_path().resolve() in used]
+
+
 def lcm_ratios(bench: Benchmark, idx: torch.Tensor, grid: CanonicalGrid) -> torch.Tensor:
     """QUANT_TARGETS of spectra `idx` by the linear-combination fit, each with its vendor's basis set:
     (len(idx), len(QUANT_TARGETS)). No labels are used: it is what an MRS user would report."""

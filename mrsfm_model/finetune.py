@@ -274,7 +274,7 @@ def run_benchmark(cfg, encoder: str | Path | None, out_dir: str | Path, device: 
     the same ViT). Non-deep arms: logistic / ridge regression on spectra and on the ViT's own pixels,
     and for quantification the linear-combination fit (no labels). Seeds are paired: seed s draws the
     same labelled sample for every arm, so differences are taken per seed."""
-    from .benchmark import QUANT_TARGETS, build_benchmark, lcm_ratios
+    from .benchmark import QUANT_TARGETS, build_benchmark, generators_seen, lcm_ratios
     from .spectrum import VENDORS
 
     out_dir = Path(out_dir)
@@ -287,6 +287,15 @@ def run_benchmark(cfg, encoder: str | Path | None, out_dir: str | Path, device: 
                             ft.benchmark.subjects_per_vendor, ft.benchmark.scans_per_subject,
                             ft.benchmark.test_fraction, ft.benchmark.seed, device)
     test = bench.test
+    transfer = None
+    if encoder:
+        card_path = Path(encoder).with_suffix(".json")
+        pre = json.loads(card_path.read_text()).get("data", {}).get("sim_profiles") if card_path.is_file() else None
+        if pre is not None:
+            seen = generators_seen(pre)
+            transfer = {"pretraining_profiles": pre, "benchmark_generators_seen": seen, "transfer": not seen}
+            log("transfer split: pretraining never saw the benchmark's generators" if not seen else
+                f"in-distribution: pretraining saw the benchmark's generators {seen}")
     inits = ["pretrained", "random_init"] if encoder else []
     arms = [(init, mode) for init in [*inits, "scratch"] for mode in ft.modes]
     # the yardsticks: logistic / ridge regression on the magnitude spectra, and on the very image the ViT sees
@@ -327,7 +336,7 @@ def run_benchmark(cfg, encoder: str | Path | None, out_dir: str | Path, device: 
     paired = paired_differences(rows)
     result = {"encoder": str(encoder) if encoder else None, "test_spectra": int(test.sum()),
               "test_subjects": int(bench.subject[test].unique().numel()), "seeds": list(ft.seeds),
-              "benchmark_seed": int(ft.benchmark.seed), "rows": rows, "paired": paired}
+              "benchmark_seed": int(ft.benchmark.seed), "transfer": transfer, "rows": rows, "paired": paired}
     (out_dir / "finetune.json").write_text(json.dumps(result, indent=1))
     print_table(rows, log)
     print_paired(paired, log)

@@ -99,3 +99,24 @@ def test_missing_shipped_model_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(export, "SHIPPED_DIR", tmp_path)
     with pytest.raises(MRSDataError, match=str(tmp_path) + ".*shipped pretrained model is missing"):
         export.shipped()
+
+
+def test_transfer_split_keeps_every_benchmark_generator_out_of_pretraining():
+    from mrsfm_model.benchmark import VENDOR_PROFILES, build_benchmark, generators_seen
+    from mrsfm_model.data import build_stream
+
+    transfer = load_config(["data=transfer", "device=cpu"])
+    assert generators_seen(transfer.data.sim_profiles) == []
+    assert generators_seen(load_config([]).data.sim_profiles) == list(VENDOR_PROFILES)  # the default is in-distribution
+    stream = build_stream(transfer.data, seed=0)
+    bench_bases = {_basis_of(p) for p in VENDOR_PROFILES}
+    assert not {s.profile.basis_path().resolve() for s in stream.simulators} & bench_bases
+    # ...while the stream still makes the images the benchmark makes
+    bench = build_benchmark(stream.simulators[0].grid, stream.transform, stream.channels, subjects_per_vendor=2)
+    assert stream.sim_batch(0, k=4).x.shape[1:] == bench.x.shape[1:]
+
+
+def _basis_of(profile: str):
+    from mrsfm_model.simulate import load_profile
+
+    return load_profile(profile).basis_path().resolve()
