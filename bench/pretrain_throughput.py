@@ -2,7 +2,7 @@
 
 Prints one JSON line per (configuration, variant):
   config  vit_b16_224: ViT-B/16 MAE at 224x224, 3 channels (the classic MAE setting)
-          spectrogram:  the default spectrogram configuration (configs/: 3x64x32, patch 8)
+          spectrogram:  the default spectrogram configuration (configs/: 3x64x32, the configured patches)
   variant reference: fp16 autocast + GradScaler, eager, unfused attention, foreach AdamW
                      (how facebookresearch/mae runs)
           project:   the project's Trainer: bf16 autocast, fused SDPA attention, fused AdamW

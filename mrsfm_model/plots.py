@@ -16,14 +16,18 @@ from .spectrogram import SpectrogramConfig, spectrogram_axes  # noqa: E402
 from .spectrum import Spectrum  # noqa: E402
 
 
-def show_spectrogram(ax, image: np.ndarray, lim: float | None = None, **kwargs) -> None:
+def show_spectrogram(ax, image: np.ndarray, lim: float | None = None, signed: bool | None = None, **kwargs) -> None:
     """Symmetric colour scale at the 99.5th percentile of |x|: a few huge pixels at t = 0
-    would otherwise leave the rest of the image one flat colour."""
+    would otherwise leave the rest of the image one flat colour. `signed` (default: whether the
+    image has negative pixels) picks the diverging scale; pass the original's to show a
+    reconstruction on the same scale as the image it reconstructs."""
     finite = image[np.isfinite(image)]
     if lim is None:
         lim = float(np.percentile(np.abs(finite), 99.5)) if finite.size else 1.0
     lim = lim or 1.0
-    if finite.size and finite.min() >= 0:  # magnitude images: sequential scale from zero
+    if signed is None:
+        signed = bool(finite.size and finite.min() < 0)
+    if not signed:  # magnitude images: sequential scale from zero
         ax.imshow(image, aspect="auto", cmap="magma", vmin=0, vmax=lim, **kwargs)
     else:
         ax.imshow(image, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, **kwargs)

@@ -55,11 +55,11 @@ def plot_reconstructions(model: SpectroMAE, examples: dict[str, torch.Tensor], o
         pm = mask[0].unsqueeze(-1).expand(-1, int(np.prod(model.cfg.patch_size)) * model.cfg.in_chans)
         masked = model.unpatchify(model.patchify(x) * (1 - pm))[0, 0].float().cpu().numpy()
         masked[masked == 0] = np.nan
-        lim = float(np.percentile(np.abs(x[0, 0].float().cpu().numpy()), 99.5))
-        for col, (title, img) in enumerate([("original", x[0, 0].float().cpu().numpy()), ("masked", masked),
-                                            ("reconstructed", recon)]):
+        original = x[0, 0].float().cpu().numpy()
+        lim, signed = float(np.percentile(np.abs(original), 99.5)), bool(original.min() < 0)
+        for col, (title, img) in enumerate([("original", original), ("masked", masked), ("reconstructed", recon)]):
             ax = axes[row, col]
-            show_spectrogram(ax, img, lim)
+            show_spectrogram(ax, img, lim, signed=signed)  # one colour scale per row: the original's
             ax.set_title(f"{name}: {title}", fontsize=9)
             ax.axis("off")
     fig.tight_layout()
