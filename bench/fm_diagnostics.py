@@ -31,7 +31,7 @@ from mrsfm_model.benchmark import build_benchmark
 from mrsfm_model.config import load_config
 from mrsfm_model.data import InputBuilder, build_stream
 from mrsfm_model.export import encoder_state, load_encoder, read_encoder_config, shipped
-from mrsfm_model.finetune import FinetuneConfig, RANDOM_INIT, _model, train_model
+from mrsfm_model.finetune import FinetuneConfig, random_init_encoder, train_model
 from mrsfm_model.mae import SpectroMAE
 from mrsfm_model.study import baseline_fit_predict
 
@@ -126,7 +126,7 @@ def main() -> None:
 
     # 3. frozen band-token probe: pretrained vs the same encoder at initialisation vs pixels
     torch.manual_seed(0)
-    rnd = _model(RANDOM_INIT, mcfg, 0, "flat")
+    rnd = random_init_encoder(mcfg, 0, "flat")
     print(json.dumps({"diagnostic": "probe", "split": f"validation (benchmark seed {VALIDATION_SEED})",
                       "pretrained": _probe(_tokens(load_encoder(enc), bench.x), bench, args.seeds),
                       "random_init": _probe(_tokens(rnd, bench.x), bench, args.seeds),
