@@ -126,13 +126,11 @@ def shipped(kind: str = "encoder") -> Path:
     return path
 
 
-def save_mae(model: SpectroMAE, path: str | Path, card: dict[str, Any] | None = None) -> Path:
+def save_mae(model: SpectroMAE, path: str | Path) -> Path:
     """The whole MAE (encoder + decoder) with its config in the metadata: a start point for more pretraining."""
     from .train import save_weights
 
-    path = Path(path)
-    save_weights(model, path, {"mae_config": model.cfg.to_dict(), "format": "mrsfm-mae-v1", **(card or {})})
-    return path
+    return save_weights(model, Path(path), {"mae_config": model.cfg.to_dict(), "format": "mrsfm-mae-v1"})
 
 
 def init_mae(model: SpectroMAE, init: str | Path) -> Path:
@@ -152,8 +150,7 @@ def init_mae(model: SpectroMAE, init: str | Path) -> Path:
     theirs = json.loads(meta["mae_config"]) if "mae_config" in meta else None
     if theirs is not None:
         theirs = {k: tuple(v) if isinstance(v, list) else v for k, v in theirs.items()}
-        ours = {k: v for k, v in model.cfg.to_dict().items()}
-        differ = [f"{k}: file {theirs.get(k)}, this run {v}" for k, v in ours.items()
+        differ = [f"{k}: file {theirs.get(k)}, this run {v}" for k, v in model.cfg.to_dict().items()
                   if k not in ("mask_ratio", "norm_pix_loss", "loss_visible") and theirs.get(k, v) != v]
         if differ:
             raise MRSDataError(path, "init weights are another model than this run's: " + "; ".join(differ))

@@ -263,7 +263,9 @@ def input_differences(encoder: Path, builder: InputBuilder) -> list[str]:
 HEADLINE = {"vendor": "accuracy", "quant": "r2_GABA/tCr"}
 
 
-DEEP_INITS = {"pretrained": "the encoder", "random_init": RANDOM_INIT, "scratch": None}
+def arm_start(arm: str, encoder: str | Path | None) -> str | Path | None:
+    """What a deep arm's ViT starts from (`_model`): the encoder, its initialisation, or timm's."""
+    return {"pretrained": encoder, "random_init": RANDOM_INIT, "scratch": None}[arm]
 
 
 def run_benchmark(cfg, encoder: str | Path | None, out_dir: str | Path, device: torch.device, log=print) -> dict:
@@ -323,11 +325,10 @@ def run_benchmark(cfg, encoder: str | Path | None, out_dir: str | Path, device: 
                         per_seed.append(_baseline(feats[idx], y[idx], feats[test], y[test], task,
                                                   len(VENDORS), float(cfg.study.baseline_l2)))
                         continue
-                    start = encoder if init == "pretrained" else DEEP_INITS[init]
                     per_seed.append(fit_and_evaluate(
                         bench.x[idx], y[idx], bench.x[test], y[test],
                         "classification" if task == "vendor" else "regression",
-                        start, mae_cfg, fcfg, int(seed), device, target_names=QUANT_TARGETS, n_classes=len(VENDORS)))
+                        arm_start(init, encoder), mae_cfg, fcfg, int(seed), device, target_names=QUANT_TARGETS, n_classes=len(VENDORS)))
                 summary = {k: mean_ci95([r[k] for r in per_seed]) for k in per_seed[0]}
                 rows.append({"task": task, "init": init, "mode": mode, "n_labels": int(n), "metrics": summary,
                              "per_seed": per_seed})
@@ -377,17 +378,16 @@ def print_paired(paired: list[dict], log=print) -> None:
 
 def _baseline(f_train: torch.Tensor, y_train: torch.Tensor, f_test: torch.Tensor, y_test: torch.Tensor, task: str,
               n_classes: int, l2: float) -> dict[str, float]:
-    """The non-deep arm (study.baseline_fit_predict) scored like the deep ones."""
+    """The non-deep arm (mrsfm_model.linear, as the linear probe) scored like the deep ones; the
+    regression targets are fitted together (ridge treats each column on its own)."""
     from .benchmark import QUANT_TARGETS
-    from .study import baseline_fit_predict
+    from .linear import fit_predict
 
     a, b = f_train.numpy(), f_test.numpy()
     if task == "vendor":
-        prob = baseline_fit_predict(a, y_train.numpy(), b, "classification", n_classes, l2)
+        prob = fit_predict(a, y_train.numpy(), b, "classification", n_classes, l2)
         return classification_metrics(y_test.numpy(), prob.argmax(1), n_classes)
-    pred = np.stack([baseline_fit_predict(a, y_train[:, j].numpy(), b, "regression", 0, l2)
-                     for j in range(y_train.shape[1])], axis=1)
-    return regression_metrics(y_test.numpy(), pred, QUANT_TARGETS)
+    return regression_metrics(y_test.numpy(), fit_predict(a, y_train.numpy(), b, "regression", 0, l2), QUANT_TARGETS)
 
 
 def print_table(rows: list[dict], log=print) -> None:

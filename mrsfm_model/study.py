@@ -30,7 +30,7 @@ import torch
 
 from .errors import MRSDataError
 from .linear import fit_predict
-from .finetune import (RANDOM_INIT, FinetuneConfig, architecture, classification_metrics, mean_ci95, predict,
+from .finetune import (arm_start, FinetuneConfig, architecture, classification_metrics, mean_ci95, predict,
                        regression_metrics, train_model)
 from .mae import MAEConfig
 from .data import InputBuilder
@@ -495,8 +495,7 @@ def evaluate_arm(arm: str, data: StudyData, folds: dict[int, np.ndarray], k: int
                 oof[te] = baseline_fit_predict(data.features[tr], data.y[tr], data.features[te], data.task,
                                                data.n_classes, scfg.baseline_l2)
             else:
-                start = {"pretrained": setup.encoder, "random_init": RANDOM_INIT, "scratch": None}[arm]
-                arm_setup = DeepSetup(start, setup.mae_cfg, setup.ft, setup.device)
+                arm_setup = DeepSetup(arm_start(arm, setup.encoder), setup.mae_cfg, setup.ft, setup.device)
                 model, stats = train_deep(data.x[tr], data.y[tr], data.task, data.n_classes, arm_setup,
                                           seed * 1000 + f)
                 oof[te] = deep_outputs(model, data.x[te], data.task, stats, setup.device)
