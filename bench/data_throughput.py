@@ -43,7 +43,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--channels", default="OFF,ON,DIFF")
     args = ap.parse_args()
-    grid, cfg = CanonicalGrid(), SpectrogramConfig()
+    grid, cfg = CanonicalGrid.from_config(), SpectrogramConfig.from_config()
     channels = args.channels.split(",")
     profile = load_profile(args.profile)
 

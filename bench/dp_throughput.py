@@ -49,13 +49,13 @@ def main() -> None:
     for variant in ("non_dp", "dp_hooks", "dp_ghost"):
         torch.manual_seed(0)
         model = SpectroMAE(mae_config(size))
-        trainer = Trainer(model, mae_loss, OptimConfig(amp="none"), 1000, batch, device, progress=False)
+        trainer = Trainer(model, mae_loss, OptimConfig.from_config(amp="none"), 1000, batch, device, progress=False)
         x = torch.randn(batch, 3, *model.cfg.img_size, device=device)
         if variant == "non_dp":
             step = lambda: trainer.train_step(x)  # noqa: E731
         else:
             PrivateSite(trainer, torch.randn(batch * 4, 3, *model.cfg.img_size),
-                        DPConfig(enabled=True, noise_multiplier=1.0, batch_size=batch, clipping=variant[3:].replace(
+                        DPConfig.from_config(enabled=True, noise_multiplier=1.0, batch_size=batch, clipping=variant[3:].replace(
                             "hooks", "flat")))
             step = lambda: trainer.train_step(x)  # noqa: E731  (fixed batch: time the step, not sampling)
         dt = _time(step, steps, cuda)

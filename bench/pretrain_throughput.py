@@ -53,10 +53,10 @@ def measure(cfg_kwargs: dict, variant: str, batch: int, steps: int, device: torc
     cuda = device.type == "cuda"
     if variant == "reference":
         _set_fused_attn(model, False)
-        opt_cfg = OptimConfig(amp="fp16" if cuda else "none", compile=False, warmup_steps=5)
+        opt_cfg = OptimConfig.from_config(amp="fp16" if cuda else "none", compile=False, warmup_steps=5)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
     else:
-        opt_cfg = OptimConfig(amp="bf16" if cuda else "none", compile=variant.endswith("compiled"), warmup_steps=5)
+        opt_cfg = OptimConfig.from_config(amp="bf16" if cuda else "none", compile=variant.endswith("compiled"), warmup_steps=5)
         optimizer = None
     trainer = Trainer(model, mae_loss, opt_cfg, steps + 10, batch, device, progress=False,
                       optimizer=optimizer)

@@ -252,4 +252,4 @@ def build_stream(data_cfg, seed: int = 0, device: torch.device | str = "cpu",
     invivo = InVivoSet.from_folder(folder, builder) if folder else None
     sims = [Simulator(load_profile(p), builder.grid, device=device) for p in data_cfg.sim_profiles]
     return MixedStream(sims, builder.transform, data_cfg.channels, data_cfg.batch_size, invivo,
-                       data_cfg.invivo_fraction, seed, device, denoise=bool(data_cfg.get("denoise", False)))
+                       data_cfg.invivo_fraction, seed, device, denoise=bool(data_cfg.denoise))

@@ -57,11 +57,7 @@ def read_encoder_config(path: str | Path) -> MAEConfig:
         raise MRSDataError(path, f"not a safetensors file ({exc})") from None
     if meta.get("format") != "mrsfm-encoder-v1":
         raise MRSDataError(path, "not an mrsfm encoder (no mrsfm-encoder-v1 metadata)")
-    raw = json.loads(meta["mae_config"])
-    raw["img_size"], raw["patch_size"] = tuple(raw["img_size"]), tuple(raw["patch_size"])
-    raw.setdefault("embed_norm", False)  # encoders exported before the option existed had none
-    raw.setdefault("loss_visible", False)
-    return MAEConfig(**raw)
+    return MAEConfig.from_dict(json.loads(meta["mae_config"]))
 
 
 class SpectroViT(VisionTransformer):

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .config import ConfigSection
 from .data import InputBuilder
 from .errors import MRSDataError
 from .export import build_vit, load_encoder, read_encoder_config
@@ -30,29 +31,29 @@ from .train import OptimConfig, Trainer
 
 
 @dataclass
-class FinetuneConfig:
-    mode: str = "full"  # full | linear
-    steps: int = 200
-    batch_size: int = 32
-    blr: float = 1e-3
-    layer_decay: float = 0.75
-    weight_decay: float = 0.05
-    warmup_steps: int = 20
-    grad_clip: float | None = 1.0
-    global_pool: str = "flat"  # flat (tokens in ppm order) | avg (mean of patch tokens, MAE's fine-tuning) | token ([CLS])
-    head_init: str = "random"  # random | probe: full fine-tune starts from the linear probe's head (LP-FT)
-    probe_l2: float = 0.01  # L2 of the linear probe (the non-deep baselines' estimator, mrsfm_model.linear)
+class FinetuneConfig(ConfigSection):
+    """One fine-tuning run's settings; values (and their reasons) in configs/finetune/default.yaml."""
 
-    @classmethod
-    def from_config(cls, cfg) -> "FinetuneConfig":
-        from .config import from_section
+    SECTION = "finetune"
+    mode: str  # full | linear
+    steps: int
+    batch_size: int
+    blr: float
+    layer_decay: float
+    weight_decay: float
+    warmup_steps: int
+    grad_clip: float | None
+    global_pool: str  # flat (tokens in ppm order) | avg (mean of patch tokens, MAE's fine-tuning) | token ([CLS])
+    head_init: str  # random | probe: full fine-tune starts from the linear probe's head (LP-FT)
+    probe_l2: float  # L2 of the linear probe (the non-deep baselines' estimator, mrsfm_model.linear)
 
-        out = from_section(cls, cfg, "finetune")
-        if out.head_init not in ("random", "probe"):
-            raise ValueError(f"config finetune.head_init: expected random|probe, got {out.head_init!r}")
-        if out.global_pool not in ("avg", "token", "flat"):
-            raise ValueError(f"config finetune.global_pool: expected avg|token|flat, got {out.global_pool!r}")
-        return out
+    def check(self) -> None:
+        if self.mode not in ("full", "linear"):
+            raise ValueError(f"config finetune.mode: expected full|linear, got {self.mode!r}")
+        if self.head_init not in ("random", "probe"):
+            raise ValueError(f"config finetune.head_init: expected random|probe, got {self.head_init!r}")
+        if self.global_pool not in ("avg", "token", "flat"):
+            raise ValueError(f"config finetune.global_pool: expected avg|token|flat, got {self.global_pool!r}")
 
 
 class LabelledBatches:
@@ -126,8 +127,8 @@ def train_model(
         return nn.Sequential(PooledFeatures(vit), head).eval()
     if cfg.head_init == "probe":  # LP-FT: start the full fine-tune from the linear probe's head
         _fold_probe_into_head(vit, _fit_probe(vit, x, y, task, n_out, cfg, device))
-    opt = OptimConfig(blr=cfg.blr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
-                      layer_decay=cfg.layer_decay if encoder else None, grad_clip=cfg.grad_clip)
+    opt = OptimConfig.from_config(blr=cfg.blr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
+                                  layer_decay=cfg.layer_decay if encoder else None, grad_clip=cfg.grad_clip)
     Trainer(vit, _loss_fn(task), opt, cfg.steps, cfg.batch_size, device, progress=False).fit(
         iter(LabelledBatches(x, y, cfg.batch_size, seed, device)), cfg.steps, log_every=cfg.steps)
     return vit.eval()
@@ -303,7 +304,7 @@ def run_benchmark(cfg, encoder: str | Path | None, out_dir: str | Path, device: 
     # the yardsticks: logistic / ridge regression on the magnitude spectra, and on the very image the ViT sees
     arms += [("baseline", "spectrum"), ("baseline", "pixels")]
     lcm = None
-    if "quant" in ft.tasks and ft.get("lcm", True):
+    if "quant" in ft.tasks and ft.lcm:
         log(f"linear-combination fit of the {int(test.sum())} test spectra (each with its vendor's basis set)")
         lcm = lcm_ratios(bench, test.nonzero()[:, 0], builder.grid)
     rows = []
@@ -311,7 +312,7 @@ def run_benchmark(cfg, encoder: str | Path | None, out_dir: str | Path, device: 
         task_arms = arms + ([("baseline", "lcm_fit")] if task == "quant" and lcm is not None else [])
         for init, mode in task_arms:
             steps = ft.quant_steps if task == "quant" else ft.steps
-            fcfg = FinetuneConfig.from_config({**ft, "mode": mode, "steps": steps})
+            fcfg = FinetuneConfig.from_config(ft, mode=mode, steps=steps) if init != "baseline" else None
             for n in ft.label_sizes:
                 per_seed = []
                 for seed in ft.seeds:

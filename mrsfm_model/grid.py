@@ -12,23 +12,25 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from .config import ConfigSection
 from .spectrum import PPM_REFERENCE, Spectrum, ppm_axis
 from .water import remove_water
 
 
 @dataclass(frozen=True)
-class CanonicalGrid:
-    """Target sampling: defaults follow Big GABA / Spectro-ViT (2048 points, 2 kHz, 3 T)."""
+class CanonicalGrid(ConfigSection):
+    """Target sampling (configs/data/default.yaml `grid`: Big GABA / Spectro-ViT, 2048 points, 2 kHz, 3 T)."""
 
-    points: int = 2048
-    bandwidth_hz: float = 2000.0
-    spectrometer_mhz: float = 127.7
-    norm_ppm: tuple[float, float] = (1.8, 4.0)  # amplitude reference window (NAA..Cr/Cho)
-    fill_noise: bool = True  # fill unmeasured bands with noise instead of a telltale zero
-    remove_water: bool = True  # HLSVD residual-water removal of loaded spectra (water.py)
-    water_ppm: tuple[float, float] = (4.2, 5.2)
-    tail_trim: float = 0.05  # fraction of each source FID's end replaced by noise (with fill_noise)
-    band_trim: float = 0.02  # fraction of the source band at each edge replaced by noise (likewise)
+    SECTION = "data.grid"
+    points: int
+    bandwidth_hz: float
+    spectrometer_mhz: float
+    norm_ppm: tuple[float, float]  # amplitude reference window (NAA..Cr/Cho)
+    fill_noise: bool  # fill unmeasured bands with noise instead of a telltale zero
+    remove_water: bool  # HLSVD residual-water removal of loaded spectra (water.py)
+    water_ppm: tuple[float, float]
+    tail_trim: float  # fraction of each source FID's end replaced by noise (with fill_noise)
+    band_trim: float  # fraction of the source band at each edge replaced by noise (likewise)
 
     @property
     def duration_s(self) -> float:
@@ -36,13 +38,6 @@ class CanonicalGrid:
 
     def ppm(self) -> np.ndarray:
         return ppm_axis(self.points, self.bandwidth_hz, self.spectrometer_mhz)
-
-    @classmethod
-    def from_config(cls, cfg) -> "CanonicalGrid":
-        """Build from a mapping (Hydra node or dict) with any subset of the fields."""
-        from .config import from_section
-
-        return from_section(cls, cfg, "data.grid")
 
 
 def _cnoise(rng: np.random.Generator, sigma: float, shape) -> np.ndarray:

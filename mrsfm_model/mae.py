@@ -9,8 +9,9 @@ compute per-sample gradients with hooks (no functorch, whose vmap rejects random
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import partial
+from typing import Any, Mapping
 
 import torch
 from timm.layers import LayerNorm, PatchEmbed
@@ -18,28 +19,33 @@ from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from .config import from_section, load_config
+
 
 @dataclass(frozen=True)
 class MAEConfig:
-    img_size: tuple[int, int] = (64, 32)
-    patch_size: tuple[int, int] = (2, 32)
-    in_chans: int = 3
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    decoder_embed_dim: int = 512
-    decoder_depth: int = 8
-    decoder_num_heads: int = 16
-    mlp_ratio: float = 4.0
-    mask_ratio: float = 0.75
-    norm_pix_loss: bool = False
+    """The MAE's architecture and pretext; values in configs/model/ (widths per size, recipe in
+    _recipe.yaml), the image size and channels from configs/data/. Built by `configured_mae`."""
+
+    img_size: tuple[int, int]
+    patch_size: tuple[int, int]
+    in_chans: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    decoder_embed_dim: int
+    decoder_depth: int
+    decoder_num_heads: int
+    mlp_ratio: float
+    mask_ratio: float
+    norm_pix_loss: bool
     # LayerNorm on each patch embedding (timm's embed_norm_layer). It rescued unscaled spectrograms
     # (pixel std ~0.1, drowned by the position embedding) but also discards each patch's intensity;
     # scaling the input (data.spectrogram.scale) does better (configs/data/default.yaml).
-    embed_norm: bool = False
+    embed_norm: bool
     # Score the visible patches too (masked ones are always scored). With a denoising target
     # (data.denoise) the visible bands must then be reproduced noise-free, not copied.
-    loss_visible: bool = False
+    loss_visible: bool
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -49,24 +55,18 @@ class MAEConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-
-SIZES: dict[str, dict] = {
-    # micro: CPU tests and the on-laptop demo; tiny..large follow ViT naming
-    "micro": dict(embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=48, decoder_depth=1, decoder_num_heads=4),
-    "tiny": dict(embed_dim=192, depth=12, num_heads=3, decoder_embed_dim=128, decoder_depth=4, decoder_num_heads=4),
-    "small": dict(embed_dim=384, depth=12, num_heads=6, decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8),
-    "base": dict(embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
-    "large": dict(embed_dim=1024, depth=24, num_heads=16, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
-}
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> "MAEConfig":
+        """From a saved model's header or card; options added later take their behaviour before them."""
+        return from_section(cls, {"embed_norm": False, "loss_visible": False, **raw}, "mae_config")
 
 
-def mae_config(size: str = "base", **overrides) -> MAEConfig:
-    if size not in SIZES:
-        raise ValueError(f"unknown model size {size!r}; choose one of {sorted(SIZES)}")
-    for key in ("img_size", "patch_size"):
-        if key in overrides:
-            overrides[key] = tuple(overrides[key])
-    return MAEConfig(**{**SIZES[size], **overrides})
+def mae_config(size: str = "base", **overrides: Any) -> MAEConfig:
+    """The configured MAE of `configs/model/<size>.yaml` on the default image, `overrides` on top
+    (e.g. `img_size=(64, 64)` in tests and benches)."""
+    cfg = load_config([f"model={size}"])
+    base = configured_mae(cfg.model, cfg.data).to_dict()
+    return from_section(MAEConfig, {**base, **overrides}, "model")
 
 
 class PrependToken(nn.Module):
@@ -218,12 +218,19 @@ class SpectroMAE(nn.Module):
         return self.unpatchify(pred * m + target * (1 - m))
 
 
-def configured_mae(model_cfg, data_cfg) -> MAEConfig:
-    """The MAE config of `model/` for the configured image (size and channels from `data/`)."""
-    spec = data_cfg.spectrogram
-    extra = {k: model_cfg[k] for k in ("patch_size", "mask_ratio", "norm_pix_loss", "embed_norm", "loss_visible")
-             if k in model_cfg}
-    return mae_config(model_cfg.size, img_size=(spec.height, spec.width), in_chans=len(data_cfg.channels), **extra)
+def configured_mae(model_cfg: Mapping, data_cfg: Mapping) -> MAEConfig:
+    """The MAE config of `model/` for the configured image (size and channels from `data/`).
+    A key the MAE does not know is refused (a typo would otherwise train another model)."""
+    from_data = ("img_size", "in_chans")
+    known = {f.name for f in fields(MAEConfig)} - set(from_data) | {"size"}
+    unknown = sorted(set(model_cfg) - known)
+    if unknown:
+        raise ValueError(f"config model: unknown key{'s' * (len(unknown) > 1)} {', '.join(unknown)}; "
+                         f"known: {', '.join(sorted(known))}")
+    spec = data_cfg["spectrogram"]
+    values = {k: v for k, v in model_cfg.items() if k != "size"}
+    values.update(img_size=(spec["height"], spec["width"]), in_chans=len(data_cfg["channels"]))
+    return from_section(MAEConfig, values, "model")
 
 
 def build_mae(model_cfg, data_cfg) -> SpectroMAE:

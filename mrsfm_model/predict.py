@@ -64,9 +64,7 @@ def build_study_net(meta: dict[str, Any]) -> nn.Module:
     from .finetune import PooledFeatures
     from .mae import MAEConfig
 
-    raw = dict(meta["mae_config"])
-    raw["img_size"], raw["patch_size"] = tuple(raw["img_size"]), tuple(raw["patch_size"])
-    mae_cfg = MAEConfig(**raw)
+    mae_cfg = MAEConfig.from_dict(meta["mae_config"])
     n_out = len(meta["labels"]) if meta["task"] == "classification" else 1
     pool = meta.get("global_pool", "avg")  # study models saved before the option pooled by average
     if meta["mode"] == "linear":

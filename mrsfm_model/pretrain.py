@@ -108,7 +108,7 @@ def run_pretrain(cfg: DictConfig, log=print) -> dict:
             "grid": OmegaConf.to_container(cfg.data.grid), "spectrogram": OmegaConf.to_container(cfg.data.spectrogram),
             "channels": list(cfg.data.channels), "final_loss": last.get("loss"), "init": cfg.get("init"),
             "recipe": {"model": OmegaConf.to_container(cfg.model), "train": OmegaConf.to_container(cfg.train),
-                       "denoise": bool(cfg.data.get("denoise", False)), "seed": int(cfg.seed)}}
+                       "denoise": bool(cfg.data.denoise), "seed": int(cfg.seed)}}
     export_encoder(model, run_dir / "encoder.safetensors", card)
     save_mae(model, run_dir / "mae.safetensors")
     log(f"encoder -> {run_dir / 'encoder.safetensors'}")

@@ -29,28 +29,26 @@ from timm.layers import LayerNorm as TimmLayerNorm
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from .config import ConfigSection
 from .mae import MaskTokenFill, PrependToken
 from .train import Trainer
 
 
 @dataclass
-class DPConfig:
-    enabled: bool = False
-    noise_multiplier: float | None = 1.0  # sigma; None: derived from target_epsilon
-    target_epsilon: float | None = None  # with planned_steps: pick sigma to end exactly there
-    planned_steps: int = 0  # private steps planned over the whole run (for target_epsilon)
-    delta: float = 1e-5
-    max_grad_norm: float = 1.0
-    epsilon_budget: float | None = None  # stop private steps once epsilon would exceed this
-    batch_size: int = 16  # expected private batch (Poisson sampling)
-    accountant: str = "prv"  # prv (tight, Gopi et al. 2021) | rdp (looser, classic)
-    clipping: str = "ghost"  # ghost: per-sample norms only (faster, less memory) | flat: per-sample gradients
+class DPConfig(ConfigSection):
+    """DP-SGD settings; values (and their reasons) in configs/privacy/default.yaml."""
 
-    @classmethod
-    def from_config(cls, cfg) -> "DPConfig":
-        from .config import from_section
-
-        return from_section(cls, cfg, "privacy")
+    SECTION = "privacy"
+    enabled: bool
+    noise_multiplier: float | None  # sigma; None: derived from target_epsilon
+    target_epsilon: float | None  # with planned_steps: pick sigma to end exactly there
+    planned_steps: int  # private steps planned over the whole run (for target_epsilon)
+    delta: float
+    max_grad_norm: float
+    epsilon_budget: float | None  # stop private steps once epsilon would exceed this
+    batch_size: int  # expected private batch (Poisson sampling)
+    accountant: str  # prv (tight, Gopi et al. 2021) | rdp (looser, classic)
+    clipping: str  # ghost: per-sample norms only (faster, less memory) | flat: per-sample gradients
 
 
 _REGISTERED = False

@@ -29,19 +29,21 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, fields
+import typing
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from .basis import UNIT_FWHM_HZ, Basis, load_basis
+from .config import config_dir
 from .grid import CanonicalGrid
 from .spectrum import PPM_REFERENCE, Provenance, Spectrum
 
 BASIS_DIR = Path(__file__).resolve().parent / "resources" / "basis"
-PROFILE_DIR = Path(__file__).resolve().parents[1] / "configs" / "simulation"
 GAMMA_1H_MHZ_PER_T = 42.577
 
 # Parametric macromolecules and lipids (ppm, FWHM ppm, protons), after the LCModel manual's
@@ -64,29 +66,29 @@ class SimProfile:
 
     name: str
     basis: str  # relative to mrsfm_model/resources/basis (or absolute)
-    vendor: str | None = None  # None: the basis set's own vendor
-    sequence: str | None = None  # None: the basis set's own sequence
-    concentrations: dict[str, Range] = field(default_factory=dict)  # mM; absent in basis: ignored
-    other_concentration: Range = (0.0, 0.3)  # mM, basis metabolites not listed above
-    exclude: list[str] = field(default_factory=list)  # basis metabolites never simulated
-    lorentzian_hz: Range = (1.0, 8.0)
-    gaussian_hz: Range = (2.0, 10.0)
-    shift_hz: Range = (-10.0, 10.0)
-    phase0_deg: Range = (-180.0, 180.0)
-    phase1_deg_per_ppm: Range = (-10.0, 10.0)
-    baseline_amplitude: Range = (0.0, 0.15)
-    baseline_order: int = 3
-    mm_scale: Range = (2.0, 6.0)
-    lipid_scale: Range = (0.0, 2.0)
-    mm_jitter: float = 0.2  # per-component relative spread around the sample's MM scale
-    water_amplitude: Range = (0.0, 3.0)
-    water_width_hz: Range = (5.0, 25.0)
-    water_offset_hz: Range = (-12.0, 12.0)
-    snr: Range = (15.0, 150.0)
-    n_transients: int = 1
-    drift_hz_per_transient: Range = (0.0, 0.0)
-    freq_jitter_hz: float = 0.0  # std of per-transient frequency error
-    phase_jitter_deg: float = 0.0  # std of per-transient phase error
+    vendor: str | None  # None: the basis set's own vendor
+    sequence: str | None  # None: the basis set's own sequence
+    concentrations: dict[str, Range]  # mM; absent in basis: ignored
+    other_concentration: Range  # mM, basis metabolites not listed above
+    exclude: list[str]  # basis metabolites never simulated
+    lorentzian_hz: Range
+    gaussian_hz: Range
+    shift_hz: Range
+    phase0_deg: Range
+    phase1_deg_per_ppm: Range
+    baseline_amplitude: Range
+    baseline_order: int
+    mm_scale: Range
+    lipid_scale: Range
+    mm_jitter: float  # per-component relative spread around the sample's MM scale
+    water_amplitude: Range
+    water_width_hz: Range
+    water_offset_hz: Range
+    snr: Range
+    n_transients: int
+    drift_hz_per_transient: Range
+    freq_jitter_hz: float  # std of per-transient frequency error
+    phase_jitter_deg: float  # std of per-transient phase error
 
     def basis_path(self) -> Path:
         p = Path(self.basis)
@@ -94,16 +96,20 @@ class SimProfile:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "SimProfile":
+        """Every key from the profile's YAML (its defaults list supplies the shared ones)."""
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown simulation profile keys {unknown}")
+        unknown, missing = sorted(set(d) - known), sorted(known - set(d))
+        if unknown or missing:
+            raise ValueError(f"simulation profile {d.get('name', '?')}: "
+                             + "; ".join(f"{what} keys {keys}" for what, keys in (("unknown", unknown),
+                                                                                  ("missing", missing)) if keys))
         kw = dict(d)
-        for f in fields(cls):
-            if f.name in kw and isinstance(f.default, tuple):
-                kw[f.name] = _range(kw[f.name], f.name)
-        kw["concentrations"] = {m: _range(r, m) for m, r in dict(kw.get("concentrations") or {}).items()}
-        kw["exclude"] = list(kw.get("exclude") or [])
+        hints = typing.get_type_hints(cls)
+        for name in known:
+            if hints[name] == Range:
+                kw[name] = _range(kw[name], name)
+        kw["concentrations"] = {m: _range(r, m) for m, r in dict(kw["concentrations"] or {}).items()}
+        kw["exclude"] = list(kw["exclude"] or [])
         return cls(**kw)
 
 
@@ -114,25 +120,32 @@ def _range(value: Any, name: str) -> Range:
     return lo, hi
 
 
+def profile_dir() -> Path:
+    """configs/simulation: one YAML per profile, `_common.yaml` holds what they share."""
+    return config_dir() / "simulation"
+
+
 def available_profiles() -> list[str]:
-    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml") if not p.stem.startswith("_"))
+    return sorted(p.stem for p in profile_dir().glob("*.yaml") if not p.stem.startswith("_"))
 
 
 def _read_yaml(path: Path) -> dict:
-    """A profile YAML; `base: <name>` merges it over another file of the same folder."""
-    from omegaconf import OmegaConf
+    """A profile YAML composed by Hydra (its `defaults:` list names the shared files beside it)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
-    cfg = OmegaConf.load(path)
-    base = cfg.pop("base", None)
-    if base:
-        cfg = OmegaConf.merge(OmegaConf.create(_read_yaml(path.parent / f"{base}.yaml")), cfg)
-    return OmegaConf.to_container(cfg, resolve=True)
+    with initialize_config_dir(config_dir=str(path.parent.resolve()), version_base="1.3"):
+        try:
+            return OmegaConf.to_container(compose(config_name=path.stem), resolve=True)
+        except (HydraException, OmegaConfBaseException) as exc:
+            raise ValueError(f"{path}: {exc}".splitlines()[0]) from None
 
 
 def load_profile(name_or_path: str | Path) -> SimProfile:
     """A profile by name (`configs/simulation/<name>.yaml`) or by YAML path."""
     p = Path(name_or_path)
-    path = p if p.suffix in (".yaml", ".yml") else PROFILE_DIR / f"{name_or_path}.yaml"
+    path = p if p.suffix in (".yaml", ".yml") else profile_dir() / f"{name_or_path}.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"simulation profile {name_or_path!r} not found; "
                                 f"available: {', '.join(available_profiles())}")
@@ -221,7 +234,7 @@ class Simulator:
     def __init__(self, profile: SimProfile | str, grid: CanonicalGrid | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
         self.profile = load_profile(profile) if isinstance(profile, (str, Path)) else profile
-        self.grid = grid or CanonicalGrid()
+        self.grid = grid or CanonicalGrid.from_config()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype
         self.basis: Basis = load_basis(self.profile.basis_path(), self.grid)

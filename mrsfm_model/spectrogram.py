@@ -27,32 +27,31 @@ import numpy as np
 import torch
 from scipy import signal
 
+from .config import ConfigSection
 from .grid import CanonicalGrid
 from .spectrum import PPM_REFERENCE
 
 
 @dataclass(frozen=True)
-class SpectrogramConfig:
-    nperseg: int = 256
-    hop: int = 10
-    window: str = "hann"
-    ppm_min: float = 0.2
-    height: int = 64  # ppm rows kept (those nearest ppm_min)
-    width: int = 32  # time frames kept (zero-padded on the right if fewer)
-    part: str = "abs"  # abs (phase-invariant) | real (Spectro-ViT; needs phased spectra) | imag
-    norm: str = "sample"  # sample: one max over all channels | channel: each channel alone
-    scale: float = 1.0  # multiplies the max-normalised image (ViT inputs want pixels of ~unit spread)
+class SpectrogramConfig(ConfigSection):
+    """The STFT image's settings; values (and their reasons) in configs/data/default.yaml."""
 
-    @classmethod
-    def from_config(cls, cfg) -> "SpectrogramConfig":
-        from .config import from_section
+    SECTION = "data.spectrogram"
+    nperseg: int
+    hop: int
+    window: str
+    ppm_min: float
+    height: int  # ppm rows kept (those nearest ppm_min)
+    width: int  # time frames kept (zero-padded on the right if fewer)
+    part: str  # abs (phase-invariant) | real (Spectro-ViT; needs phased spectra) | imag
+    norm: str  # sample: one max over all channels | channel: each channel alone
+    scale: float  # multiplies the max-normalised image (ViT inputs want pixels of ~unit spread)
 
-        out = from_section(cls, cfg, "data.spectrogram")
-        if out.part not in ("real", "imag", "abs") or out.norm not in ("sample", "channel"):
-            raise ValueError(f"config data.spectrogram: part must be real|imag|abs and norm sample|channel, got {out}")
-        if min(out.nperseg, out.hop, out.height, out.width, out.scale) <= 0:
-            raise ValueError(f"config data.spectrogram: sizes must be positive, got {out}")
-        return out
+    def check(self) -> None:
+        if self.part not in ("real", "imag", "abs") or self.norm not in ("sample", "channel"):
+            raise ValueError(f"config data.spectrogram: part must be real|imag|abs and norm sample|channel, got {self}")
+        if min(self.nperseg, self.hop, self.height, self.width, self.scale) <= 0:
+            raise ValueError(f"config data.spectrogram: sizes must be positive, got {self}")
 
 
 def _row_order(cfg: SpectrogramConfig, grid: CanonicalGrid) -> tuple[np.ndarray, np.ndarray]:
@@ -87,7 +86,7 @@ def _finish(spec: torch.Tensor, cfg: SpectrogramConfig, eps: float = 1e-12) -> t
 class SpectrogramTransform:
     """Batched STFT spectrograms: complex FIDs (..., C, points) -> float images (..., C, H, W)."""
 
-    def __init__(self, cfg: SpectrogramConfig = SpectrogramConfig(), grid: CanonicalGrid = CanonicalGrid()):
+    def __init__(self, cfg: SpectrogramConfig = SpectrogramConfig.from_config(), grid: CanonicalGrid = CanonicalGrid.from_config()):
         self.cfg, self.grid = cfg, grid
         win = signal.get_window(cfg.window, cfg.nperseg)  # periodic, as scipy.signal.stft uses
         self._window = torch.as_tensor(win / win.sum())  # scipy's default 'spectrum' scaling

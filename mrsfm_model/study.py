@@ -21,13 +21,14 @@ import json
 import math
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
+from .config import ConfigSection
 from .errors import MRSDataError
 from .linear import fit_predict
 from .finetune import (arm_start, FinetuneConfig, architecture, classification_metrics, mean_ci95, predict,
@@ -45,27 +46,23 @@ Log = Callable[[str], None]
 
 # --------------------------------------------------------------------------- settings
 @dataclass
-class StudyConfig:
-    folds: int = 5
-    seeds: tuple[int, ...] = field(default_factory=lambda: (0, 1, 2))
-    mode: str = "full"  # full | linear
-    steps: int = 100
-    batch_size: int = 16
-    baseline_l2: float = 0.01
-    baseline_ppm: tuple[float, float] = (0.2, 4.2)
-    small_class: int = 5
+class StudyConfig(ConfigSection):
+    """A study's CV settings; values (and their reasons) in configs/study/default.yaml."""
 
-    @classmethod
-    def from_config(cls, cfg) -> "StudyConfig":
-        """From the `study` section (configs/study/default.yaml); absent keys keep these defaults."""
-        from .config import from_section
+    SECTION = "study"
+    folds: int
+    seeds: tuple[int, ...]
+    mode: str  # full | linear
+    steps: int
+    batch_size: int
+    baseline_l2: float
+    baseline_ppm: tuple[float, float]
+    small_class: int
 
-        out = from_section(cls, cfg.get("study") or {}, "study")
-        out.seeds = tuple(int(s) for s in out.seeds)
-        if out.folds < 2 or not out.seeds or out.mode not in ("full", "linear") or out.steps < 1:
+    def check(self) -> None:
+        if self.folds < 2 or not self.seeds or self.mode not in ("full", "linear") or self.steps < 1:
             raise ValueError(f"config study: need folds >= 2, at least one seed, mode full|linear and steps >= 1, "
-                             f"got folds={out.folds} seeds={list(out.seeds)} mode={out.mode} steps={out.steps}")
-        return out
+                             f"got folds={self.folds} seeds={list(self.seeds)} mode={self.mode} steps={self.steps}")
 
     def finetune(self, cfg) -> FinetuneConfig:
         """The shared fine-tuning settings with this study's mode, steps and batch size."""
@@ -361,7 +358,7 @@ def load_study(cfg, data_dir: Path, labels_csv: Path, target: str, task: str | N
                log: Log = print) -> StudyData:
     """labels.csv + DIR -> StudyData, dropping unusable rows with a warning each; refuses what cannot work."""
     data_dir, labels_csv = Path(data_dir), Path(labels_csv)
-    scfg = StudyConfig.from_config(cfg)
+    scfg = StudyConfig.from_config(cfg.get("study"))
     warn = Warnings(log)
     if not data_dir.is_dir():
         raise MRSDataError(data_dir, "study data folder does not exist")
@@ -597,7 +594,7 @@ def run_study(cfg, encoder: Path | None, data_dir: Path, labels_csv: Path, targe
     and save the final model. Writes study.json, confusion.png (classification), model.safetensors
     + model.json under out_dir; returns the study.json content."""
     t0 = time.perf_counter()
-    scfg = StudyConfig.from_config(cfg)
+    scfg = StudyConfig.from_config(cfg.get("study"))
     encoder = Path(encoder) if encoder else None
     device, out_dir = torch.device(device), Path(out_dir)
     builder = InputBuilder.from_data_config(cfg.data)

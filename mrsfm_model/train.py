@@ -19,27 +19,30 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .config import ConfigSection
+
 LossFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, dict[str, float]]"]
 
 
 @dataclass
-class OptimConfig:
-    blr: float = 1.5e-3  # base learning rate for batch 256 (configs/train: measured)
-    lr: float | None = None  # absolute learning rate; overrides blr
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
-    warmup_steps: int = 10
-    min_lr_ratio: float = 0.0
-    grad_clip: float | None = 1.0
-    amp: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | none
-    compile: bool = False
-    layer_decay: float | None = None  # layer-wise lr decay (fine-tuning)
+class OptimConfig(ConfigSection):
+    """The optimiser's settings; values (and their reasons) in configs/train/default.yaml."""
 
-    @classmethod
-    def from_config(cls, cfg) -> "OptimConfig":
-        from .config import from_section
+    SECTION = "train"
+    blr: float  # base learning rate for batch 256
+    lr: float | None  # absolute learning rate; overrides blr
+    weight_decay: float
+    betas: tuple[float, float]
+    warmup_steps: int
+    min_lr_ratio: float
+    grad_clip: float | None
+    amp: str  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | none
+    compile: bool
+    layer_decay: float | None  # layer-wise lr decay (fine-tuning)
 
-        return from_section(cls, cfg, "train")
+    def check(self) -> None:
+        if self.amp not in ("auto", "bf16", "fp16", "none"):
+            raise ValueError(f"config train.amp: expected auto|bf16|fp16|none, got {self.amp!r}")
 
 
 def _layer_id(name: str, n_layers: int) -> int:

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from logging import ERROR, INFO
+from typing import Mapping
 
 import torch
 from flwr.app import ConfigRecord, Context, MetricRecord
@@ -25,7 +26,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import OmegaConf
 
-from mrsfm_model.config import config_dir, load_config
+from mrsfm_model.config import config_dir, from_section, load_config
 from mrsfm_model.export import export_encoder, init_mae
 from mrsfm_model.mae import build_mae
 from mrsfm_model.train import load_weights, save_weights
@@ -40,25 +41,25 @@ app = ServerApp()
 
 @dataclass
 class RunSettings:
-    """`[tool.flwr.app.config]`, keys spelled with dashes there (num-rounds -> num_rounds)."""
+    """`[tool.flwr.app.config]` of pyproject.toml (the one place their defaults live; Flower hands
+    every key to the ServerApp), spelled with dashes there (num-rounds -> num_rounds)."""
 
-    overrides: str = ""
-    num_rounds: int = 3
-    local_steps: int = 20
-    run_dir: str = "runs/federated"
-    min_sites: int = 2
-    wait_timeout_s: float = 600.0
-    wire_dtype: str = "bf16"
-    strategy: str = "fedavg"
-    sites: str = ""
-    round_timeout_s: float = 3600.0
-    local_sleep_s: float = 0.0
+    overrides: str
+    num_rounds: int
+    local_steps: int
+    run_dir: str
+    min_sites: int
+    wait_timeout_s: float
+    wire_dtype: str
+    strategy: str
+    sites: str
+    round_timeout_s: float
+    local_sleep_s: float
 
     @classmethod
-    def from_run_config(cls, rc) -> "RunSettings":
-        kwargs = {f.name: type(f.default)(rc[f.name.replace("_", "-")]) for f in fields(cls)
-                  if f.name.replace("_", "-") in rc}
-        s = cls(**kwargs)
+    def from_run_config(cls, rc: Mapping) -> "RunSettings":
+        s = from_section(cls, {f.name: rc[f.name.replace("_", "-")] for f in fields(cls)
+                               if f.name.replace("_", "-") in rc}, "run config")
         if s.wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire-dtype must be one of {WIRE_DTYPES}, got {s.wire_dtype!r}")
         if s.strategy not in STRATEGIES:

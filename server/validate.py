@@ -25,6 +25,8 @@ from typing import Callable, Hashable, Iterable, Mapping, TypeVar
 import torch
 from flwr.app import ArrayRecord, RecordDict
 
+from mrsfm_model.config import ConfigSection
+
 from .wire import decode, to_state
 
 K = TypeVar("K", bound=Hashable)
@@ -33,13 +35,14 @@ State = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
-class ValidationSettings:
-    """configs/validation/default.yaml."""
+class ValidationSettings(ConfigSection):
+    """Update checks; values (and their reasons) in configs/validation/default.yaml."""
 
-    enabled: bool = True
-    max_norm_ratio: float = 10.0
+    SECTION = "validation"
+    enabled: bool
+    max_norm_ratio: float
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if not self.max_norm_ratio > 1:
             raise ValueError(f"validation.max_norm_ratio must be > 1 (a multiple of the other sites' median "
                              f"update norm), got {self.max_norm_ratio}")
@@ -47,11 +50,7 @@ class ValidationSettings:
     @classmethod
     def of(cls, cfg: "ValidationSettings | Mapping | None") -> "ValidationSettings":
         """From the composed config's `validation` group (a DictConfig or dict); None: the defaults."""
-        if cfg is None:
-            return cls()
-        if isinstance(cfg, cls):
-            return cfg
-        return cls(bool(cfg.get("enabled", cls.enabled)), float(cfg.get("max_norm_ratio", cls.max_norm_ratio)))
+        return cfg if isinstance(cfg, cls) else cls.from_config(cfg)
 
 
 def wire_dtype_of(ref: torch.Tensor, wire_dtype: str) -> str:

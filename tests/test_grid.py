@@ -7,7 +7,7 @@ from mrsfm_model.grid import CanonicalGrid, to_canonical
 from mrsfm_model.spectrum import Provenance, Spectrum, peak_ppm
 from mrsfm_model.water import remove_water
 
-GRID = CanonicalGrid(remove_water=False)
+GRID = CanonicalGrid.from_config(remove_water=False)
 
 
 def _synthetic(points, bw, mhz, lines=((2.01, 1.0), (3.02, 0.8), (3.22, 0.6)), noise=0.002, water=0.0, seed=0):

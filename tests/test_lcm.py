@@ -11,7 +11,7 @@ from mrsfm_model.simulate import Simulator
 
 
 def test_fit_recovers_amplitudes_of_noise_free_megapress_within_2_percent():
-    grid = CanonicalGrid()
+    grid = CanonicalGrid.from_config()
     sim = Simulator("megapress_ge", grid, device="cpu")
     # random linewidths, shift, phase0 over 360 degrees, phase1, baseline and residual water; no noise
     out = sim.simulate(6, seed=11, fixed={"snr": math.inf})
@@ -28,7 +28,7 @@ def test_fit_recovers_amplitudes_of_noise_free_megapress_within_2_percent():
 
 
 def test_fit_of_unedited_press_and_a_single_spectrum():
-    grid = CanonicalGrid()
+    grid = CanonicalGrid.from_config()
     out = Simulator("press_siemens", grid, device="cpu").simulate(1, seed=5, fixed={"snr": math.inf})
     fit = LinearCombinationFit.from_profile("press_siemens", grid).fit(out.fid[0])  # (n_sub, points)
     assert fit.amplitudes["NAA"].shape == (1,)

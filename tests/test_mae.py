@@ -58,7 +58,7 @@ def test_trainer_overfits_a_batch():
     torch.manual_seed(0)
     model = SpectroMAE(mae_config("micro", norm_pix_loss=False))
     x = _smooth_images(8)
-    tr = Trainer(model, mae_loss, OptimConfig(lr=3e-3, warmup_steps=5), 150, 8, progress=False)
+    tr = Trainer(model, mae_loss, OptimConfig.from_config(lr=3e-3, warmup_steps=5), 150, 8, progress=False)
     first = tr.fit(iter(lambda: x, None), 10, log_every=10)["loss"]
     tr.fit(iter(lambda: x, None), 130, log_every=130)
     last = tr.fit(iter(lambda: x, None), 10, log_every=10)["loss"]
@@ -71,7 +71,7 @@ def test_resume_equals_uninterrupted(tmp_path):
 
     def fresh():
         torch.manual_seed(1)
-        return Trainer(SpectroMAE(mae_config("micro")), mae_loss, OptimConfig(lr=1e-3, warmup_steps=2), 10, 4,
+        return Trainer(SpectroMAE(mae_config("micro")), mae_loss, OptimConfig.from_config(lr=1e-3, warmup_steps=2), 10, 4,
                        progress=False)
 
     straight = fresh()

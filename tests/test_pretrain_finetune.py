@@ -18,7 +18,7 @@ from mrsfm_model.spectrogram import SpectrogramTransform
 
 @pytest.fixture(scope="module")
 def bench():
-    return build_benchmark(CanonicalGrid(), SpectrogramTransform(), ["OFF", "ON", "DIFF"], subjects_per_vendor=60)
+    return build_benchmark(CanonicalGrid.from_config(), SpectrogramTransform(), ["OFF", "ON", "DIFF"], subjects_per_vendor=60)
 
 
 def test_trivial_features_cannot_tell_vendors_apart(bench):

@@ -14,7 +14,7 @@ from mrsfm_model.train import OptimConfig, Trainer
 
 def _trainer(seed=0):
     torch.manual_seed(seed)
-    return Trainer(SpectroMAE(mae_config("micro", img_size=(64, 64))), mae_loss, OptimConfig(lr=1e-3), 100, 8,
+    return Trainer(SpectroMAE(mae_config("micro", img_size=(64, 64))), mae_loss, OptimConfig.from_config(lr=1e-3), 100, 8,
                    progress=False)
 
 
@@ -35,7 +35,7 @@ def test_per_sample_gradients_add_up_to_the_batch_gradient():
 
 
 def test_epsilon_is_cumulative_across_rounds_and_matches_opacus():
-    cfg = DPConfig(enabled=True, noise_multiplier=1.1, batch_size=4, delta=1e-5)
+    cfg = DPConfig.from_config(enabled=True, noise_multiplier=1.1, batch_size=4, delta=1e-5)
     x = torch.randn(20, 3, 64, 64)
     first = PrivateSite(_trainer(), x, cfg)
     r1 = first.private_steps(3)
@@ -53,7 +53,7 @@ def test_epsilon_is_cumulative_across_rounds_and_matches_opacus():
 
 
 def test_budget_stops_private_steps():
-    cfg = DPConfig(enabled=True, noise_multiplier=1.0, batch_size=4, epsilon_budget=3.0)
+    cfg = DPConfig.from_config(enabled=True, noise_multiplier=1.0, batch_size=4, epsilon_budget=3.0)
     site = PrivateSite(_trainer(), torch.randn(20, 3, 64, 64), cfg)
     out = site.private_steps(50)
     assert 0 < out["private_steps"] < 50 and out["budget_spent"] and out["epsilon"] <= 3.0
@@ -61,7 +61,7 @@ def test_budget_stops_private_steps():
 
 
 def test_target_epsilon_picks_sigma_for_the_planned_steps():
-    cfg = DPConfig(enabled=True, noise_multiplier=None, target_epsilon=3.0, planned_steps=10, batch_size=4)
+    cfg = DPConfig.from_config(enabled=True, noise_multiplier=None, target_epsilon=3.0, planned_steps=10, batch_size=4)
     site = PrivateSite(_trainer(), torch.randn(20, 3, 64, 64), cfg)
     site.private_steps(10)
     assert site.epsilon() == pytest.approx(3.0, rel=0.05)
@@ -79,7 +79,7 @@ def test_reference_figures_of_the_design_notes():
 
 
 def test_public_steps_do_not_touch_the_accountant():
-    site = PrivateSite(_trainer(), torch.randn(12, 3, 64, 64), DPConfig(enabled=True, batch_size=4))
+    site = PrivateSite(_trainer(), torch.randn(12, 3, 64, 64), DPConfig.from_config(enabled=True, batch_size=4))
     site.private_steps(2)
     eps = site.epsilon()
     with site.public() as tr:
@@ -88,7 +88,7 @@ def test_public_steps_do_not_touch_the_accountant():
 
 
 def test_rdp_accountant_is_selectable():
-    cfg = DPConfig(enabled=True, noise_multiplier=1.0, batch_size=4, accountant="rdp")
+    cfg = DPConfig.from_config(enabled=True, noise_multiplier=1.0, batch_size=4, accountant="rdp")
     site = PrivateSite(_trainer(), torch.randn(20, 3, 64, 64), cfg)
     site.private_steps(2)
     ref = RDPAccountant()
@@ -153,7 +153,7 @@ def test_client_with_dp_but_no_private_data_says_why(tmp_path):
 
 
 def test_an_empty_poisson_batch_is_a_counted_noise_only_step():
-    site = PrivateSite(_trainer(), torch.randn(8, 3, 64, 64), DPConfig(enabled=True, batch_size=2))
+    site = PrivateSite(_trainer(), torch.randn(8, 3, 64, 64), DPConfig.from_config(enabled=True, batch_size=2))
     before = [p.detach().clone() for p in site.trainer.model.parameters()]
     site.loader = [(torch.empty(0, 3, 64, 64),)]  # what Poisson sampling yields when it picks nobody
     assert site.private_steps(1)["private_steps"] == 1 and site.state()["history"] == [[1.0, 0.25, 1]]
@@ -169,7 +169,7 @@ def test_ghost_clipping_gives_the_same_clipped_gradient_as_per_sample_gradients(
     for mode in ("flat", "ghost"):
         tr = _trainer(0)
         PrivateSite(tr, torch.randn(12, 3, 64, 64),
-                           DPConfig(enabled=True, noise_multiplier=0.0, batch_size=6, max_grad_norm=0.05, clipping=mode))
+                           DPConfig.from_config(enabled=True, noise_multiplier=0.0, batch_size=6, max_grad_norm=0.05, clipping=mode))
         torch.manual_seed(1)  # the same masks
         tr.train_step(x)  # a DP-SGD step on a fixed batch (no epsilon: sigma 0 makes it infinite)
         grads[mode] = torch.cat([p.grad.flatten() for p in tr.model.parameters()])

@@ -19,7 +19,7 @@ from mrsfm_model.simulate import (
 )
 from mrsfm_model.spectrum import peak_ppm
 
-GRID = CanonicalGrid()
+GRID = CanonicalGrid.from_config()
 PPM = GRID.ppm()
 BIN_PPM = GRID.bandwidth_hz / GRID.points / GRID.spectrometer_mhz
 BASES = {

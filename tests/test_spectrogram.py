@@ -12,7 +12,12 @@ from mrsfm_model.spectrogram import (
     spectrogram_axes,
 )
 
-GRID = CanonicalGrid()
+GRID = CanonicalGrid.from_config()
+
+
+def unit_cfg(**changes) -> SpectrogramConfig:
+    """The configured spectrogram with pixels in [0, 1] (scale 1), which these tests reason about."""
+    return SpectrogramConfig.from_config(**{"scale": 1.0, **changes})
 
 
 def _fids(n, c, points=2048, seed=0):
@@ -27,11 +32,11 @@ def _fids(n, c, points=2048, seed=0):
 @pytest.mark.parametrize(
     "cfg",
     [
-        SpectrogramConfig(),
-        SpectrogramConfig(hop=16, height=160, width=128, norm="channel"),
-        SpectrogramConfig(height=224, width=224, part="abs"),  # Spectro-ViT's padded canvas
-        SpectrogramConfig(nperseg=128, hop=8, ppm_min=1.0, height=64, width=256, part="imag"),
-        SpectrogramConfig(scale=20.0),  # the config's default input scale
+        unit_cfg(),
+        unit_cfg(hop=16, height=160, width=128, norm="channel"),
+        unit_cfg(height=224, width=224, part="abs"),  # Spectro-ViT's padded canvas
+        unit_cfg(nperseg=128, hop=8, ppm_min=1.0, height=64, width=256, part="imag"),
+        unit_cfg(scale=20.0),  # the config's default input scale
     ],
 )
 def test_torch_matches_scipy_recipe(cfg):
@@ -44,8 +49,8 @@ def test_torch_matches_scipy_recipe(cfg):
 
 def test_scale_multiplies_the_max_normalised_image():
     fid = torch.from_numpy(_fids(2, 3))
-    plain = SpectrogramTransform(SpectrogramConfig(), GRID)(fid)
-    scaled = SpectrogramTransform(SpectrogramConfig(scale=20.0), GRID)(fid)
+    plain = SpectrogramTransform(unit_cfg(), GRID)(fid)
+    scaled = SpectrogramTransform(unit_cfg(scale=20.0), GRID)(fid)
     assert plain.amax().item() == pytest.approx(1.0, abs=1e-6)
     assert torch.allclose(scaled, 20.0 * plain, atol=1e-5)
     with pytest.raises(ValueError, match="positive"):
@@ -53,7 +58,7 @@ def test_scale_multiplies_the_max_normalised_image():
 
 
 def test_default_size_is_the_metabolite_band_without_padding():
-    cfg = SpectrogramConfig()
+    cfg = unit_cfg()
     img = SpectrogramTransform(cfg, GRID)(torch.from_numpy(_fids(1, 1)))[0, 0]
     assert img.shape == (64, 32)
     ppm, t = spectrogram_axes(cfg, GRID)
@@ -61,13 +66,13 @@ def test_default_size_is_the_metabolite_band_without_padding():
     assert t[-1] == pytest.approx(0.155)  # the first 160 ms of the FID
     assert (img.abs().sum(0) > 0).all() and (img.abs().sum(1) > 0).all()  # content everywhere, no padding
 
-    whole = SpectrogramConfig(ppm_min=0.0, height=192, width=208)  # the recipe's plane stays available
+    whole = unit_cfg(ppm_min=0.0, height=192, width=208)  # the recipe's plane stays available
     img = SpectrogramTransform(whole, GRID)(torch.from_numpy(_fids(1, 1)))[0, 0]
     assert img.shape == (192, 208) and (img.abs().sum(0) > 0).sum().item() == 206  # 2 padding columns
 
 
 def test_peak_lands_on_its_ppm_row():
-    cfg = SpectrogramConfig(part="abs")
+    cfg = unit_cfg(part="abs")
     t = np.arange(2048) / GRID.bandwidth_hz
     ppm_line = 2.01
     f = (ppm_line - 4.65) * GRID.spectrometer_mhz
@@ -81,7 +86,7 @@ def test_peak_lands_on_its_ppm_row():
 def test_batched_equals_one_by_one_and_sample_norm_keeps_channel_ratio():
     fid = _fids(4, 3)
     fid[:, 2] *= 0.1  # a weak DIFF-like channel keeps its relative scale
-    tr = SpectrogramTransform(SpectrogramConfig(part="abs"), GRID)
+    tr = SpectrogramTransform(unit_cfg(part="abs"), GRID)
     batch = tr(torch.from_numpy(fid))
     single = torch.stack([tr(torch.from_numpy(x)) for x in fid])
     assert torch.allclose(batch, single, atol=1e-6)
@@ -91,7 +96,7 @@ def test_batched_equals_one_by_one_and_sample_norm_keeps_channel_ratio():
 def test_zero_channel_stays_zero_not_nan():
     fid = _fids(2, 3)
     fid[:, 2] = 0
-    img = SpectrogramTransform(SpectrogramConfig(norm="channel"), GRID)(torch.from_numpy(fid))
+    img = SpectrogramTransform(unit_cfg(norm="channel"), GRID)(torch.from_numpy(fid))
     assert torch.isfinite(img).all() and img[:, 2].abs().max() == 0
 
 
@@ -103,7 +108,7 @@ def test_rejects_real_input():
 def test_cpu_chunking_matches_the_reference():
     """Batches larger than the CPU chunk take the chunked path; it must not change a value."""
     fid = _fids(20, 3, seed=3)
-    tr = SpectrogramTransform(SpectrogramConfig(), GRID)
+    tr = SpectrogramTransform(unit_cfg(), GRID)
     assert 20 * 3 > tr.cpu_chunk
     ours = tr(torch.from_numpy(fid)).numpy()
     ref = np.stack([reference_spectrogram(x, tr.cfg, GRID) for x in fid])

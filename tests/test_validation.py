@@ -8,6 +8,8 @@ import json
 import logging
 import math
 import re
+import tomllib
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -25,6 +27,7 @@ from server.strategy import STRATEGIES, make_strategy
 from server.validate import ValidationSettings, array_problem, norm_outliers
 from server.wire import as_fp32_record, encode, to_state
 
+APP_CONFIG = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
 TEMPLATE = {"w": torch.zeros(6, 8), "b": torch.zeros(8)}
 BF16_NAN = 0x7FC0  # a bf16 NaN's bits, as they travel (int16 view)
 Reply = Callable[[dict], RecordDict]  # global float32 state -> the site's reply content
@@ -236,7 +239,7 @@ def test_robust_strategies_resist_one_site_with_huge_weights(name):
 
 def test_robust_strategies_are_run_settings_and_the_trimmed_default_trims_with_3_sites():
     assert {"fedmedian", "fedtrimmedavg"} <= set(STRATEGIES)
-    assert RunSettings.from_run_config({"strategy": "fedtrimmedavg"}).strategy == "fedtrimmedavg"
+    assert RunSettings.from_run_config({**APP_CONFIG, "strategy": "fedtrimmedavg"}).strategy == "fedtrimmedavg"
     beta = float(_fl("fedtrimmedavg").beta)
     assert int(beta * 3) == 1 and 0 <= beta < 0.5  # Flower's 0.2 would trim nothing with 3 sites
     assert make_strategy("fedtrimmedavg", _fl("fedtrimmedavg"), 2).beta == beta
@@ -248,8 +251,9 @@ def test_every_update_rejected_fails_the_round_naming_each_site_and_reason(tmp_p
             return reply(site, {k: torch.full_like(v, math.nan) for k, v in global_state.items()})
         return make
 
-    settings = RunSettings(overrides="model=micro", num_rounds=1, local_steps=1, run_dir=str(tmp_path / "run"),
-                           sites="unicamp,hcfmrp")
+    settings = RunSettings.from_run_config({**APP_CONFIG, "overrides": "model=micro", "num-rounds": 1,
+                                            "local-steps": 1, "run-dir": str(tmp_path / "run"),
+                                            "sites": "unicamp,hcfmrp"})
     with pytest.raises(RuntimeError) as err:
         run_federation(FakeGrid({11: nan_site("unicamp"), 12: nan_site("hcfmrp")}), settings)
     msg = str(err.value)  # sites in the order Flower sampled them
