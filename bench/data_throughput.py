@@ -12,17 +12,16 @@ Usage: python bench/data_throughput.py [--profile megapress_siemens] [--batch 40
 from __future__ import annotations
 
 import argparse
-import os
 import json
+import os
 import time
 
-import numpy as np
 import torch
 
-from mrsfm_model.data import select_channels
-from mrsfm_model.grid import CanonicalGrid
-from mrsfm_model.simulate import Simulator, load_profile
-from mrsfm_model.spectrogram import SpectrogramConfig, SpectrogramTransform, reference_spectrogram
+from mrsfm_model.data.canonical import CanonicalGrid
+from mrsfm_model.data.simulate import Simulator, load_profile
+from mrsfm_model.data.spectrogram import SpectrogramConfig, SpectrogramTransform, reference_spectrogram
+from mrsfm_model.data.spectrum import select_channels
 
 
 def _rate(fn, n_per_call: int, seconds: float, sync=lambda: None) -> tuple[float, int]:

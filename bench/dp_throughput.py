@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from mrsfm_model.mae import SpectroMAE, mae_config, mae_loss
-from mrsfm_model.privacy import DPConfig, PrivateSite
-from mrsfm_model.train import OptimConfig, Trainer
+from mrsfm_model.model.mae import SpectroMAE, mae_config, mae_loss
+from mrsfm_model.training.privacy import DPConfig, PrivateSite
+from mrsfm_model.training.trainer import OptimConfig, Trainer
 
 
 def _time(step, steps: int, cuda: bool) -> float:

@@ -27,13 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mrsfm_model.benchmark import build_benchmark
 from mrsfm_model.config import load_config
-from mrsfm_model.data import InputBuilder, build_stream
-from mrsfm_model.export import encoder_state, load_encoder, read_encoder_config, shipped
-from mrsfm_model.finetune import FinetuneConfig, random_init_encoder, train_model
-from mrsfm_model.mae import SpectroMAE
-from mrsfm_model.study import baseline_fit_predict
+from mrsfm_model.data.stream import InputBuilder, build_stream
+from mrsfm_model.evaluation.finetune import FinetuneConfig, random_init_encoder, train_model
+from mrsfm_model.evaluation.study import baseline_fit_predict
+from mrsfm_model.evaluation.tasks import build_benchmark
+from mrsfm_model.model.export import encoder_state, load_encoder, read_encoder_config, shipped
+from mrsfm_model.model.mae import SpectroMAE
 
 VALIDATION_SEED = 1
 

@@ -24,8 +24,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mrsfm_model.config import load_config
-from mrsfm_model.mae import SpectroMAE, mae_config, mae_loss
-from mrsfm_model.train import OptimConfig, Trainer
+from mrsfm_model.model.mae import SpectroMAE, mae_config, mae_loss
+from mrsfm_model.training.trainer import OptimConfig, Trainer
 
 
 def matmul_peak(device: torch.device, n: int = 8192, reps: int = 20) -> float:

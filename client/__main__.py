@@ -63,8 +63,8 @@ def check_data_dir(data_dir: str | None) -> str:
     """'' for simulation only, else the folder, which must hold at least one usable spectrum."""
     if not data_dir:
         return ""
+    from mrsfm_model.data.io import load_folder
     from mrsfm_model.errors import MRSDataError
-    from mrsfm_model.io import load_folder
 
     folder = Path(data_dir).expanduser().resolve()
     try:

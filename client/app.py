@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import time
 import zlib
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -34,7 +34,7 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    from server.wire import decode, encode, nbytes
+    from mrsfm_model.model.wire import decode, encode, nbytes
 
     conf = dict(msg.content["config"])
     node = {k: str(v) for k, v in context.node_config.items()}
@@ -54,10 +54,10 @@ def local_round(conf: Mapping, node: Mapping[str, str],
     import shlex
 
     from mrsfm_model.config import load_config, resolve_device
-    from mrsfm_model.data import build_stream
-    from mrsfm_model.mae import build_mae, mae_loss
-    from mrsfm_model.privacy import DPConfig
-    from mrsfm_model.train import OptimConfig, Trainer
+    from mrsfm_model.data.stream import build_stream
+    from mrsfm_model.model.mae import build_mae, mae_loss
+    from mrsfm_model.training.privacy import DPConfig
+    from mrsfm_model.training.trainer import OptimConfig, Trainer
 
     t0 = time.perf_counter()
     site = node["site"]
@@ -119,7 +119,7 @@ def _private_round(trainer, stream, dp, state: Path, site: str, local_steps: int
     STATE/privacy.json, so epsilon is cumulative over every round of the run."""
     import json
 
-    from mrsfm_model.privacy import PrivateSite
+    from mrsfm_model.training.privacy import PrivateSite
 
     if stream.invivo is None:
         raise ValueError(f"site {site}: privacy.enabled=true needs private in vivo spectra (site.data_dir); "

@@ -9,10 +9,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Callable, Sequence
 
-from .errors import MRSDataError
+from mrsfm_model.errors import MRSDataError
+
+# Subcommands other installed packages add: an entry point `name = "module:register"`, where
+# register(subparsers) adds its parser with `func(args, overrides) -> exit code` as default. The
+# federation's `mrsfm demo` comes this way, so the science package never imports server/ or client/.
+COMMANDS = "mrsfm.commands"
 
 
 def _split_overrides(words: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -23,16 +29,16 @@ def _split_overrides(words: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def _data_setup(overrides: Sequence[str]):
     """The composed config and its spectrum -> image recipe (data.InputBuilder)."""
-    from .config import load_config
-    from .data import InputBuilder
+    from mrsfm_model.config import load_config
+    from mrsfm_model.data.stream import InputBuilder
 
     cfg = load_config(overrides)
     return cfg, InputBuilder.from_data_config(cfg.data)
 
 
 def cmd_inspect(args: argparse.Namespace, overrides: list[str]) -> int:
-    from .io import load_spectrum
-    from .spectrum import peak_ppm
+    from mrsfm_model.data.io import load_spectrum
+    from mrsfm_model.data.spectrum import peak_ppm
 
     cfg, builder = _data_setup(overrides)
     spec = load_spectrum(args.file)
@@ -58,7 +64,7 @@ def cmd_inspect(args: argparse.Namespace, overrides: list[str]) -> int:
         for key, value in info.items():
             print(f"{key:<{width}}  {value}")
     if args.png:
-        from .plots import plot_spectrum_and_spectrogram
+        from mrsfm_model.reports.plots import plot_spectrum_and_spectrogram
 
         image = builder.prepare(spec).image.numpy()
         out = plot_spectrum_and_spectrogram(canon, image, builder.channels, builder.spec_cfg, builder.grid, args.png)
@@ -67,7 +73,7 @@ def cmd_inspect(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_convert(args: argparse.Namespace, overrides: list[str]) -> int:
-    from .io import convert_files
+    from mrsfm_model.data.io import convert_files
 
     written, errors = convert_files(args.inputs, args.out)
     for path in written:
@@ -78,8 +84,8 @@ def cmd_convert(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace, overrides: list[str]) -> int:
-    from .config import resolve_device
-    from .simulate import write_simulated
+    from mrsfm_model.config import resolve_device
+    from mrsfm_model.data.simulate import write_simulated
 
     cfg, builder = _data_setup(overrides)
     device = resolve_device(args.device or cfg.device)
@@ -89,18 +95,17 @@ def cmd_simulate(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
-    from .config import load_config
-    from .pretrain import run_pretrain
+    from mrsfm_model.config import load_config
+    from mrsfm_model.training.pretrain import run_pretrain
 
     run_pretrain(load_config(overrides))
     return 0
 
 
 def cmd_finetune(args: argparse.Namespace, overrides: list[str]) -> int:
-    from .config import load_config, resolve_device
-    from .finetune import run_benchmark
-
-    from .export import shipped
+    from mrsfm_model.config import load_config, resolve_device
+    from mrsfm_model.evaluation.finetune import run_benchmark
+    from mrsfm_model.model.export import shipped
 
     cfg = load_config(overrides)
     if args.encoder is None:  # the packaged pretrained encoder
@@ -113,7 +118,7 @@ def cmd_finetune(args: argparse.Namespace, overrides: list[str]) -> int:
         missing = [f"--{n}" for n in ("data", "labels", "target") if getattr(args, n) is None]
         if missing:
             raise ValueError(f"study fine-tuning needs {', '.join(missing)} as well (--data DIR --labels CSV --target COLUMN)")
-        from .study import run_study
+        from mrsfm_model.evaluation.study import run_study
 
         run_study(cfg, args.encoder, args.data, args.labels, args.target, args.out or Path(cfg.run_dir) / "study",
                   resolve_device(cfg.device), task=args.task)
@@ -126,8 +131,8 @@ def cmd_finetune(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_predict(args: argparse.Namespace, overrides: list[str]) -> int:
-    from .config import load_config, resolve_device
-    from .predict import predict_files, write_predictions
+    from mrsfm_model.config import load_config, resolve_device
+    from mrsfm_model.evaluation.predict import predict_files, write_predictions
 
     cfg = load_config(overrides)
     rows, errors = predict_files(args.model, args.inputs, args.out, resolve_device(cfg.device))
@@ -138,13 +143,6 @@ def cmd_predict(args: argparse.Namespace, overrides: list[str]) -> int:
     for err in errors:
         print(f"mrsfm predict: error: {err}", file=sys.stderr)
     return 1 if errors else 0
-
-
-def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
-    from .demo import run_demo
-
-    run_demo(args.out, overrides, rounds=args.rounds)
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,10 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="predictions CSV (default: CSV on stdout)")
     p.set_defaults(func=cmd_predict)
 
-    p = subs.add_parser("demo", help="local federation (SuperLink + 3 SuperNodes) + fine-tune, on shipped files")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p.add_argument("--rounds", type=int, default=3)
-    p.set_defaults(func=cmd_demo)
+    for ep in sorted(entry_points(group=COMMANDS), key=lambda e: e.name):  # e.g. `demo`, from the federation
+        ep.load()(subs)
     return parser
 
 

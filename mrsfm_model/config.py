@@ -7,12 +7,17 @@ import functools
 import os
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+if TYPE_CHECKING:
+    import torch
+
 T = TypeVar("T")
+RESOURCES = Path(__file__).resolve().parent / "resources"  # what the package ships: basis sets, encoders
 
 
 def config_dir() -> Path:
@@ -40,7 +45,7 @@ def load_config(overrides: Sequence[str] = (), name: str = "config") -> DictConf
             raise ValueError(f"bad config override {list(overrides)}: {exc}".splitlines()[0]) from None
 
 
-def resolve_device(name: str | None = "auto") -> "torch.device":
+def resolve_device(name: str | None = "auto") -> torch.device:
     """`auto` picks the GPU when there is one, else the CPU (torch imported here: the site
     launcher reads configs without paying for it)."""
     import torch

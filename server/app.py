@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import shlex
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from logging import ERROR, INFO
-from typing import Mapping
 
 import torch
 from flwr.app import ConfigRecord, Context, MetricRecord
@@ -27,14 +27,16 @@ from flwr.serverapp import Grid, ServerApp
 from omegaconf import OmegaConf
 
 from mrsfm_model.config import config_dir, from_section, load_config
-from mrsfm_model.export import export_encoder, init_mae
-from mrsfm_model.mae import build_mae
-from mrsfm_model.train import load_weights, save_weights
+from mrsfm_model.data.stream import build_stream
+from mrsfm_model.model.export import export_encoder, init_mae
+from mrsfm_model.model.mae import build_mae
+from mrsfm_model.model.weights import load_weights, save_weights
+from mrsfm_model.model.wire import WIRE_DTYPES, as_fp32_record, to_state
+from mrsfm_model.training.pretrain import plot_curve, plot_reconstructions
 
-from .grid import SitesMissingError, WireGrid
 from .rundir import RunDir
 from .strategy import STRATEGIES, make_strategy
-from .wire import WIRE_DTYPES, as_fp32_record, to_state
+from .transport import SitesMissingError, WireGrid
 
 app = ServerApp()
 
@@ -57,7 +59,7 @@ class RunSettings:
     local_sleep_s: float
 
     @classmethod
-    def from_run_config(cls, rc: Mapping) -> "RunSettings":
+    def from_run_config(cls, rc: Mapping) -> RunSettings:
         s = from_section(cls, {f.name: rc[f.name.replace("_", "-")] for f in fields(cls)
                                if f.name.replace("_", "-") in rc}, "run config")
         if s.wire_dtype not in WIRE_DTYPES:
@@ -171,8 +173,6 @@ def _rounds(grid: Grid, s: RunSettings, cfg, model, rd: RunDir, done: int) -> No
 
 def _finish(s: RunSettings, cfg, model, rd: RunDir) -> dict:
     """Encoder export, training curve and a reconstruction figure, as `mrsfm pretrain` leaves them."""
-    from mrsfm_model.data import build_stream
-    from mrsfm_model.pretrain import plot_curve, plot_reconstructions
 
     rows = rd.read_metrics()
     if rows:

@@ -24,8 +24,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+
+from mrsfm_model.data.simulate import write_simulated
+
+from . import pki
+from .rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 SITES = ("unicamp", "hcfmrp", "einstein")
@@ -42,7 +47,6 @@ def free_port() -> int:
 def prepare_site_data(out_dir: str | Path, sites: Sequence[str] = SITES, n_simulated: int = 4) -> dict[str, Path]:
     """Each site's private in vivo folder: real Philips files for the 1st site, real Siemens for
     the 2nd, simulated in vivo-like GE PRESS as NIfTI-MRS for the 3rd (and so on in turn)."""
-    from mrsfm_model.simulate import write_simulated
 
     out = Path(out_dir)
     folders = {}
@@ -135,7 +139,6 @@ class LocalFederation:
 
     def _make_pki(self) -> None:
         """OUT/pki as `python -m server.pki` makes it for a SuperLink on loopback; existing files are kept."""
-        from . import pki
 
         lay = pki.Layout(self.pki)
         if not lay.ca_crt.exists():
@@ -149,7 +152,6 @@ class LocalFederation:
     def register_sites(self, sites: Sequence[str] | None = None):
         """`flwr supernode register` every site's public key (server.pki.register); already registered
         keys (a SuperLink with a database) are fine. Raises RuntimeError naming the ones that failed."""
-        from . import pki
 
         res = pki.register(self.pki, CONNECTION, list(sites or self.sites), env=self.env)
         if not res.ok:
@@ -273,7 +275,7 @@ class LocalFederation:
         self.stop(*[n for n in list(self.procs) if n != "superlink"], grace_s=5.0)
         self.stop("superlink", grace_s=5.0)
 
-    def __enter__(self) -> "LocalFederation":
+    def __enter__(self) -> LocalFederation:
         """Starts the SuperLink (SuperNodes: `start_supernodes`); `with` stops every process group."""
         try:
             self.start_superlink()
@@ -404,7 +406,6 @@ def run_local_federation(out_dir: str | Path, sites: Sequence[str] = SITES, roun
     Extra keyword arguments are run-config keys with '_' for '-' (e.g. wait_timeout_s=60).
     Raises RuntimeError when the run does not finish as completed.
     """
-    from .rundir import RunDir
 
     out = Path(out_dir).resolve()
     t0 = time.monotonic()

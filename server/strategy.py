@@ -10,8 +10,8 @@ keep float32 (numpy's median and mean of float32 stay float32). Updates that are
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ class _Nodes:
 
 
 class Federated:
-    """Mixin for FedAvg-family strategies. `grid` is a server.grid.WireGrid."""
+    """Mixin for FedAvg-family strategies. `grid` is a server.transport.WireGrid."""
 
     round_offset = 0  # rounds completed before this start (resume)
 

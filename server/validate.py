@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Hashable, Iterable, Mapping, TypeVar
+from typing import TypeVar
 
 import torch
 from flwr.app import ArrayRecord, RecordDict
 
 from mrsfm_model.config import ConfigSection
-
-from .wire import decode, to_state
+from mrsfm_model.model.wire import decode, to_state
 
 K = TypeVar("K", bound=Hashable)
 REQUIRED_METRICS = ("num-examples", "loss")  # FedAvg weighs by the first; metrics.jsonl logs both
@@ -48,7 +48,7 @@ class ValidationSettings(ConfigSection):
                              f"update norm), got {self.max_norm_ratio}")
 
     @classmethod
-    def of(cls, cfg: "ValidationSettings | Mapping | None") -> "ValidationSettings":
+    def of(cls, cfg: ValidationSettings | Mapping | None) -> ValidationSettings:
         """From the composed config's `validation` group (a DictConfig or dict); None: the defaults."""
         return cfg if isinstance(cfg, cls) else cls.from_config(cfg)
 

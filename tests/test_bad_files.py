@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from nifti_mrs.create_nmrs import gen_nifti_mrs
 
+from mrsfm_model.data.io import SUPPORTED_SUFFIXES, load_folder, load_spectrum
 from mrsfm_model.errors import MRSDataError
-from mrsfm_model.io import SUPPORTED_SUFFIXES, load_folder, load_spectrum
 
 DATA = Path(__file__).parent / "data"
 PHILIPS = DATA / "invivo" / "philips"

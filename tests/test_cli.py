@@ -84,8 +84,8 @@ def test_study_finetune_needs_all_three_arguments(capsys, tmp_path):
 
 
 def test_predict_refuses_an_encoder_as_model(capsys, tmp_path):
-    from mrsfm_model.export import export_encoder
-    from mrsfm_model.mae import SpectroMAE, mae_config
+    from mrsfm_model.model.export import export_encoder
+    from mrsfm_model.model.mae import SpectroMAE, mae_config
 
     enc = export_encoder(SpectroMAE(mae_config("micro")), tmp_path / "enc.safetensors")
     code, _, err = _run(capsys, "predict", "--model", enc, RDA)

@@ -4,21 +4,21 @@ carry types and validation only, and building a config from code or from the YAM
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from omegaconf import OmegaConf
 
 from mrsfm_model.config import ConfigSection, default_section, load_config
-from mrsfm_model.finetune import FinetuneConfig
-from mrsfm_model.grid import CanonicalGrid
-from mrsfm_model.mae import MAEConfig, configured_mae, mae_config
-from mrsfm_model.privacy import DPConfig
-from mrsfm_model.simulate import SimProfile, load_profile
-from mrsfm_model.spectrogram import SpectrogramConfig
-from mrsfm_model.study import StudyConfig
-from mrsfm_model.train import OptimConfig
+from mrsfm_model.data.canonical import CanonicalGrid
+from mrsfm_model.data.simulate import SimProfile, load_profile
+from mrsfm_model.data.spectrogram import SpectrogramConfig
+from mrsfm_model.evaluation.finetune import FinetuneConfig
+from mrsfm_model.evaluation.study import StudyConfig
+from mrsfm_model.model.mae import MAEConfig, configured_mae, mae_config
+from mrsfm_model.training.privacy import DPConfig
+from mrsfm_model.training.trainer import OptimConfig
 from server.app import RunSettings
 from server.validate import ValidationSettings
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from mrsfm_model.config import load_config
-from mrsfm_model.data import InputBuilder, InVivoSet, build_stream, select_channels
-from mrsfm_model.grid import CanonicalGrid
-from mrsfm_model.spectrogram import SpectrogramConfig
+from mrsfm_model.data.canonical import CanonicalGrid
+from mrsfm_model.data.spectrogram import SpectrogramConfig
+from mrsfm_model.data.spectrum import select_channels
+from mrsfm_model.data.stream import InputBuilder, InVivoSet, build_stream
 
 DATA = Path(__file__).parent / "data"
 CHANNELS = ["OFF", "ON", "DIFF"]

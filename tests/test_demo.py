@@ -3,7 +3,7 @@ loopback, then the fine-tune table; its loss must fall and its table must carry 
 
 import json
 
-from mrsfm_model.demo import run_demo
+from server.demo import run_demo
 
 
 def test_demo_learns_from_the_shipped_model_and_reports_every_arm(tmp_path):

@@ -24,11 +24,11 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from server.grid import WireGrid
+from mrsfm_model.model.wire import as_fp32_record, decode, encode, nbytes, to_state
 from server.local import SITES, LocalFederation, prepare_site_data
 from server.rundir import RunDir
 from server.strategy import make_strategy
-from server.wire import as_fp32_record, decode, encode, nbytes, to_state
+from server.transport import WireGrid
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = {"overrides": "model=micro data.batch_size=4", "local-steps": 3, "sites": ",".join(SITES)}

@@ -8,9 +8,9 @@ import torch
 
 from mrsfm_model.config import load_config
 from mrsfm_model.errors import MRSDataError
-from mrsfm_model.export import build_vit, encoder_state, init_mae, load_encoder, read_encoder_config, shipped
-from mrsfm_model.finetune import RANDOM_INIT, _model
-from mrsfm_model.mae import SpectroMAE, build_mae, mae_config
+from mrsfm_model.evaluation.finetune import RANDOM_INIT, _model
+from mrsfm_model.model.export import build_vit, encoder_state, init_mae, load_encoder, read_encoder_config, shipped
+from mrsfm_model.model.mae import SpectroMAE, build_mae, mae_config
 
 
 def test_random_init_control_is_the_mae_encoder_before_pretraining():
@@ -39,7 +39,7 @@ def test_flat_readout_keeps_each_band_in_its_place():
 
 
 def test_denoising_stream_targets_are_the_same_draws_without_noise():
-    from mrsfm_model.data import build_stream
+    from mrsfm_model.data.stream import build_stream
 
     cfg = load_config(["data.denoise=true", "data.batch_size=4", "data.sim_profiles=[megapress_ge]", "device=cpu"])
     stream = build_stream(cfg.data, seed=5)
@@ -56,7 +56,7 @@ def test_denoising_stream_targets_are_the_same_draws_without_noise():
 def test_shipped_model_loads_with_its_card_and_through_timm():
     import timm
 
-    import mrsfm_model.hub  # noqa: F401  (registers mrsfm_micro)
+    import mrsfm_model.model.hub  # noqa: F401  (registers mrsfm_micro)
 
     path = shipped()
     card = json.loads(path.with_suffix(".json").read_text())
@@ -91,7 +91,7 @@ def test_pretraining_continues_from_the_shipped_model_and_refuses_another_archit
 
 
 def test_missing_shipped_model_is_a_clear_error(monkeypatch, tmp_path):
-    import mrsfm_model.export as export
+    import mrsfm_model.model.export as export
 
     monkeypatch.setattr(export, "SHIPPED_DIR", tmp_path)
     with pytest.raises(MRSDataError, match=str(tmp_path) + ".*shipped pretrained model is missing"):
@@ -99,8 +99,8 @@ def test_missing_shipped_model_is_a_clear_error(monkeypatch, tmp_path):
 
 
 def test_transfer_split_keeps_every_benchmark_generator_out_of_pretraining():
-    from mrsfm_model.benchmark import VENDOR_PROFILES, build_benchmark, generators_seen
-    from mrsfm_model.data import build_stream
+    from mrsfm_model.data.stream import build_stream
+    from mrsfm_model.evaluation.tasks import VENDOR_PROFILES, build_benchmark, generators_seen
 
     transfer = load_config(["data=transfer", "device=cpu"])
     assert generators_seen(transfer.data.sim_profiles) == []
@@ -114,6 +114,6 @@ def test_transfer_split_keeps_every_benchmark_generator_out_of_pretraining():
 
 
 def _basis_of(profile: str):
-    from mrsfm_model.simulate import load_profile
+    from mrsfm_model.data.simulate import load_profile
 
     return load_profile(profile).basis_path().resolve()

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from mrsfm_model.grid import CanonicalGrid, to_canonical
-from mrsfm_model.spectrum import Provenance, Spectrum, peak_ppm
-from mrsfm_model.water import remove_water
+from mrsfm_model.data.canonical import CanonicalGrid, to_canonical
+from mrsfm_model.data.spectrum import Provenance, Spectrum, peak_ppm
+from mrsfm_model.data.water import remove_water
 
 GRID = CanonicalGrid.from_config(remove_water=False)
 

@@ -14,9 +14,8 @@ import pytest
 from nifti_mrs.create_nmrs import gen_nifti_mrs
 from nifti_mrs.nifti_mrs import NIFTI_MRS
 
-from mrsfm_model.errors import MRSDataError
-from mrsfm_model.grid import CanonicalGrid, to_canonical
-from mrsfm_model.io import (
+from mrsfm_model.data.canonical import CanonicalGrid, to_canonical
+from mrsfm_model.data.io import (
     SUPPORTED_SUFFIXES,
     combine_coils,
     convert_files,
@@ -24,7 +23,8 @@ from mrsfm_model.io import (
     load_nifti_mrs_image,
     load_spectrum,
 )
-from mrsfm_model.spectrum import peak_ppm
+from mrsfm_model.data.spectrum import peak_ppm
+from mrsfm_model.errors import MRSDataError
 
 DATA = Path(__file__).parent / "data"
 PHILIPS = DATA / "invivo" / "philips"

@@ -5,9 +5,9 @@ import math
 import numpy as np
 import torch
 
-from mrsfm_model.grid import CanonicalGrid
-from mrsfm_model.lcm import LinearCombinationFit
-from mrsfm_model.simulate import Simulator
+from mrsfm_model.data.canonical import CanonicalGrid
+from mrsfm_model.data.simulate import Simulator
+from mrsfm_model.evaluation.lcm import LinearCombinationFit
 
 
 def test_fit_recovers_amplitudes_of_noise_free_megapress_within_2_percent():

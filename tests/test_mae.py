@@ -5,9 +5,9 @@ import copy
 import pytest
 import torch
 
-from mrsfm_model.export import export_encoder, load_encoder
-from mrsfm_model.mae import SpectroMAE, mae_config, mae_loss
-from mrsfm_model.train import OptimConfig, Trainer, param_groups, warmup_cosine
+from mrsfm_model.model.export import export_encoder, load_encoder
+from mrsfm_model.model.mae import SpectroMAE, mae_config, mae_loss
+from mrsfm_model.training.trainer import OptimConfig, Trainer, param_groups, warmup_cosine
 
 
 @pytest.fixture

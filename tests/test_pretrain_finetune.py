@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from mrsfm_model.benchmark import BENCH_SEED_BASE, build_benchmark, shortcut_accuracy
 from mrsfm_model.config import load_config
-from mrsfm_model.export import load_encoder
-from mrsfm_model.finetune import classification_metrics, mean_ci95, regression_metrics, run_benchmark
-from mrsfm_model.grid import CanonicalGrid
-from mrsfm_model.pretrain import run_pretrain
-from mrsfm_model.spectrogram import SpectrogramTransform
+from mrsfm_model.data.canonical import CanonicalGrid
+from mrsfm_model.data.spectrogram import SpectrogramTransform
+from mrsfm_model.evaluation.finetune import classification_metrics, mean_ci95, regression_metrics, run_benchmark
+from mrsfm_model.evaluation.tasks import BENCH_SEED_BASE, build_benchmark, shortcut_accuracy
+from mrsfm_model.model.export import load_encoder
+from mrsfm_model.training.pretrain import run_pretrain
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_split_is_by_subject_and_samples_are_stratified(bench):
 
 def test_spectrum_baseline_beats_chance_on_the_vendor_task(bench):
     """The yardstick: a linear model on magnitude spectra separates the vendors' basis sets."""
-    from mrsfm_model.finetune import _baseline
+    from mrsfm_model.evaluation.finetune import _baseline
 
     idx = bench.labelled_sample(90, seed=0)
     m = _baseline(bench.spectra[idx], bench.vendor[idx], bench.spectra[bench.test], bench.vendor[bench.test],
@@ -113,8 +113,8 @@ def test_tiny_pretrain_resume_export_and_finetune(tmp_path):
 
 
 def test_encoder_that_does_not_fit_the_data_config_is_refused(tmp_path):
-    from mrsfm_model.export import export_encoder
-    from mrsfm_model.mae import SpectroMAE, mae_config
+    from mrsfm_model.model.export import export_encoder
+    from mrsfm_model.model.mae import SpectroMAE, mae_config
 
     enc = export_encoder(SpectroMAE(mae_config("micro", img_size=(64, 64))), tmp_path / "e.safetensors")
     with pytest.raises(ValueError, match="expects"):

@@ -7,9 +7,9 @@ import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.grad_sample import GradSampleModule
 
-from mrsfm_model.mae import SpectroMAE, mae_config, mae_loss
-from mrsfm_model.privacy import DPConfig, PrivateSite, register_grad_samplers
-from mrsfm_model.train import OptimConfig, Trainer
+from mrsfm_model.model.mae import SpectroMAE, mae_config, mae_loss
+from mrsfm_model.training.privacy import DPConfig, PrivateSite, register_grad_samplers
+from mrsfm_model.training.trainer import OptimConfig, Trainer
 
 
 def _trainer(seed=0):
@@ -111,7 +111,7 @@ def _round(tmp_path, rnd, extra=""):
 
 @pytest.fixture
 def private_folder(tmp_path):
-    from mrsfm_model.simulate import write_simulated
+    from mrsfm_model.data.simulate import write_simulated
 
     write_simulated("press_ge", 8, tmp_path / "private", seed=3)
     return tmp_path

@@ -11,13 +11,18 @@ import numpy as np
 import pytest
 import torch
 
-from mrsfm_model.basis import load_basis
-from mrsfm_model.errors import MRSDataError
-from mrsfm_model.grid import CanonicalGrid
-from mrsfm_model.simulate import (
-    BASIS_DIR, SimProfile, Simulator, available_profiles, load_profile, write_simulated,
+from mrsfm_model.data.basis import load_basis
+from mrsfm_model.data.canonical import CanonicalGrid
+from mrsfm_model.data.simulate import (
+    BASIS_DIR,
+    SimProfile,
+    Simulator,
+    available_profiles,
+    load_profile,
+    write_simulated,
 )
-from mrsfm_model.spectrum import peak_ppm
+from mrsfm_model.data.spectrum import peak_ppm
+from mrsfm_model.errors import MRSDataError
 
 GRID = CanonicalGrid.from_config()
 PPM = GRID.ppm()
@@ -263,7 +268,7 @@ def test_to_spectra_carries_provenance_and_truth(sims):
 def test_write_simulated_round_trips_through_nifti_mrs(tmp_path):
     from nifti_mrs.nifti_mrs import NIFTI_MRS
 
-    from mrsfm_model.io import load_spectrum
+    from mrsfm_model.data.io import load_spectrum
 
     paths = write_simulated("megapress_siemens", 3, tmp_path / "mega", seed=5, grid=GRID, device="cpu")
     assert len(paths) == 3 and all(p.name.endswith(".nii.gz") and p.exists() for p in paths)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from mrsfm_model.grid import CanonicalGrid
-from mrsfm_model.spectrogram import (
+from mrsfm_model.data.canonical import CanonicalGrid
+from mrsfm_model.data.spectrogram import (
     SpectrogramConfig,
     SpectrogramTransform,
     reference_spectrogram,

@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from mrsfm_model.config import load_config
+from mrsfm_model.data.simulate import write_simulated
 from mrsfm_model.errors import MRSDataError
-from mrsfm_model.export import export_encoder
-from mrsfm_model.mae import SpectroMAE, mae_config
-from mrsfm_model.predict import predict_files
-from mrsfm_model.simulate import write_simulated
-from mrsfm_model.study import baseline_fit_predict, cv_folds, load_study, run_study
+from mrsfm_model.evaluation.predict import predict_files
+from mrsfm_model.evaluation.study import baseline_fit_predict, cv_folds, load_study, run_study
+from mrsfm_model.model.export import export_encoder
+from mrsfm_model.model.mae import SpectroMAE, mae_config
 
 RDA = Path(__file__).parent / "data" / "invivo" / "siemens" / "SVS_30.rda"
 # tiny training; water removal (HLSVD) off to keep loading fast: it is not what is tested here
@@ -128,7 +128,7 @@ def test_regression_on_a_numeric_column(cfg, study, tmp_path):
 
 
 def test_token_pooling_is_kept_in_the_study_model(study, tmp_path):
-    from mrsfm_model.predict import load_study_model
+    from mrsfm_model.evaluation.predict import load_study_model
 
     root, rows = study
     cfg = load_config(OVERRIDES + ["++study.seeds=[0]", "finetune.global_pool=token"])
@@ -141,7 +141,7 @@ def test_token_pooling_is_kept_in_the_study_model(study, tmp_path):
         feats = model.forward_features(x)
         assert torch.allclose(model(x), model.head(feats[:, 0]), atol=1e-6)  # the [CLS] token, not the mean
         assert not torch.allclose(model(x), model.head(feats[:, 1:].mean(1)), atol=1e-3)
-    from mrsfm_model.finetune import FinetuneConfig
+    from mrsfm_model.evaluation.finetune import FinetuneConfig
 
     with pytest.raises(ValueError, match="global_pool"):
         FinetuneConfig.from_config({"global_pool": "max"})
@@ -233,9 +233,9 @@ def test_baseline_learns_a_separable_problem():
 
 def test_scratch_architecture_is_the_configured_model():
     """From random weights the study builds exactly `model/` for the configured image (same as pretraining)."""
-    from mrsfm_model.data import InputBuilder
-    from mrsfm_model.finetune import architecture
-    from mrsfm_model.mae import build_mae
+    from mrsfm_model.data.stream import InputBuilder
+    from mrsfm_model.evaluation.finetune import architecture
+    from mrsfm_model.model.mae import build_mae
 
     cfg = load_config(["model.embed_norm=true", "model.patch_size=[4,4]"])
     got = architecture(cfg, None, InputBuilder.from_data_config(cfg.data))

@@ -1,4 +1,4 @@
-"""Server-side update validation and robust aggregation (server/validate.py, server/grid.py,
+"""Server-side update validation and robust aggregation (server/validate.py, server/transport.py,
 server/strategy.py): unit tests through WireGrid + real Flower strategies over a fake Grid, and
 one real federation (SuperLink, 3 SuperNodes, `flwr run`) where one site's client sends NaN."""
 
@@ -8,24 +8,24 @@ import json
 import logging
 import math
 import re
-import tomllib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
+import tomllib
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from safetensors.torch import load_file
 
 from mrsfm_model.config import load_config
+from mrsfm_model.model.wire import as_fp32_record, encode, to_state
 from server.app import RunSettings, run_federation
-from server.grid import WireGrid
 from server.local import SITES, LocalFederation, prepare_site_data, stage_app
 from server.rundir import RunDir
 from server.strategy import STRATEGIES, make_strategy
+from server.transport import WireGrid
 from server.validate import ValidationSettings, array_problem, norm_outliers
-from server.wire import as_fp32_record, encode, to_state
 
 APP_CONFIG = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
 TEMPLATE = {"w": torch.zeros(6, 8), "b": torch.zeros(8)}

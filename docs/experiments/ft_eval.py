@@ -1,14 +1,20 @@
 """Fine-tune on the VALIDATION benchmark (seed 1): the encoder, its random-init twin and timm scratch.
 Usage: [ARMS=pretrained,random_init,scratch SIZES=25,100 SEEDS=3] python docs/experiments/ft_eval.py ENCODER TAG [overrides]"""
-import json, sys, time, os
+import json
+import os
+import sys
+import time
 from pathlib import Path
-import numpy as np, torch
+
+import torch
+
 torch.set_num_threads(int(os.environ.get("THREADS", "2")))
 from mrsfm_model.config import load_config
-from mrsfm_model.data import InputBuilder
-from mrsfm_model.benchmark import build_benchmark
-from mrsfm_model.export import read_encoder_config
-from mrsfm_model.finetune import FinetuneConfig, fit_and_evaluate, RANDOM_INIT
+from mrsfm_model.data.stream import InputBuilder
+from mrsfm_model.evaluation.finetune import RANDOM_INIT, FinetuneConfig, fit_and_evaluate
+from mrsfm_model.evaluation.tasks import build_benchmark
+from mrsfm_model.model.export import read_encoder_config
+
 name, tag = sys.argv[1], sys.argv[2]; enc = Path(name if name.endswith(".safetensors") else f"runs/experiments/{name}/encoder.safetensors"); over = sys.argv[3:]
 sizes = [int(v) for v in os.environ.get("SIZES", "25,100").split(",")]
 seeds = int(os.environ.get("SEEDS", "2"))

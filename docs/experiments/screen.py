@@ -1,16 +1,20 @@
 """Screen: pretrain a variant for S steps, then probe frozen tokens on the VALIDATION benchmark (seed 1)."""
-import json, sys, time, os
+import json
+import os
+import sys
+import time
 from pathlib import Path
-import numpy as np, torch
+
+import numpy as np
+import torch
+
 torch.set_num_threads(int(os.environ.get("THREADS", "2")))
 from mrsfm_model.config import load_config
-from mrsfm_model.data import InputBuilder
-from mrsfm_model.benchmark import build_benchmark
-from mrsfm_model.mae import build_mae
-from mrsfm_model.pretrain import run_pretrain
-from mrsfm_model.export import load_encoder, build_vit
-from mrsfm_model.study import baseline_fit_predict
-from mrsfm_model.finetune import classification_metrics, mean_ci95
+from mrsfm_model.data.stream import InputBuilder
+from mrsfm_model.evaluation.study import baseline_fit_predict
+from mrsfm_model.evaluation.tasks import build_benchmark
+from mrsfm_model.model.export import build_vit, load_encoder
+from mrsfm_model.training.pretrain import run_pretrain
 
 name, steps, *over = sys.argv[1:]
 steps = int(steps)
@@ -31,14 +35,16 @@ def feats(vit):
         t = vit.forward_features(bench.x[i:i+100])
         out.append(torch.cat([t[:, 1:].flatten(1), t[:, 1:].mean(1)], 1))
     return torch.cat(out).numpy()
-from mrsfm_model.mae import configured_mae
+from mrsfm_model.model.mae import configured_mae
+
 torch.manual_seed(0)
 arms = {"pixels": bench.x.flatten(1).numpy()}
 if steps > 0:
     arms["pretrained"] = feats(load_encoder(enc))
 torch.manual_seed(0)
-from mrsfm_model.mae import SpectroMAE
-from mrsfm_model.export import encoder_state
+from mrsfm_model.model.export import encoder_state
+from mrsfm_model.model.mae import SpectroMAE
+
 init = SpectroMAE(configured_mae(cfg.model, cfg.data))
 vit = build_vit(init.cfg); vit.load_state_dict(encoder_state(init), strict=False)
 arms["random_init"] = feats(vit)

@@ -9,9 +9,10 @@ compute per-sample gradients with hooks (no functorch, whose vmap rejects random
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
 from functools import partial
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from timm.layers import LayerNorm, PatchEmbed
@@ -19,7 +20,7 @@ from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from .config import from_section, load_config
+from mrsfm_model.config import from_section, load_config
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class MAEConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> "MAEConfig":
+    def from_dict(cls, raw: Mapping[str, Any]) -> MAEConfig:
         """From a saved model's header or card; options added later take their behaviour before them."""
         return from_section(cls, {"embed_norm": False, "loss_visible": False, **raw}, "mae_config")
 

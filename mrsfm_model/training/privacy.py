@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from opacus import PrivacyEngine
@@ -29,9 +30,9 @@ from timm.layers import LayerNorm as TimmLayerNorm
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from .config import ConfigSection
-from .mae import MaskTokenFill, PrependToken
-from .train import Trainer
+from mrsfm_model.config import ConfigSection
+from mrsfm_model.model.mae import MaskTokenFill, PrependToken
+from mrsfm_model.training.trainer import Trainer
 
 
 @dataclass

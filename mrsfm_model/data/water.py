@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import linalg
 
-from .spectrum import PPM_REFERENCE
+from mrsfm_model.data.spectrum import PPM_REFERENCE
 
 
 def hlsvd(fid: np.ndarray, dwell_s: float, rank: int = 25, points: int = 1024) -> tuple[np.ndarray, np.ndarray]:

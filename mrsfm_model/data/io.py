@@ -18,13 +18,14 @@ import importlib
 import io as _stdio
 import re
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
-from .errors import MRSDataError
-from .spectrum import PPM_REFERENCE, Provenance, Spectrum, normalise_vendor, ppm_axis
+from mrsfm_model.data.spectrum import PPM_REFERENCE, Provenance, Spectrum, normalise_vendor, ppm_axis
+from mrsfm_model.errors import MRSDataError
 
 SUPPORTED_SUFFIXES: tuple[str, ...] = (
     ".nii.gz", ".nii", ".sdat", ".rda", ".ima", ".dcm", ".dat", ".7", ".data", ".list",

@@ -9,44 +9,25 @@ private data in its own sampler.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from .errors import MRSDataError
-from .grid import CanonicalGrid, to_canonical
-from .spectrogram import SpectrogramConfig, SpectrogramTransform
-from .spectrum import VENDORS, Spectrum
+from mrsfm_model.data.canonical import CanonicalGrid, to_canonical
+from mrsfm_model.data.io import load_folder, load_spectrum
+from mrsfm_model.data.simulate import Simulator, load_profile
+from mrsfm_model.data.spectrogram import SpectrogramConfig, SpectrogramTransform
+from mrsfm_model.data.spectrum import VENDORS, Spectrum, select_channels
+from mrsfm_model.errors import MRSDataError
 
 
 def vendor_index(vendor: str | None) -> int:
     """Class index of a vendor in VENDORS, -1 when unknown."""
     return VENDORS.index(vendor) if vendor in VENDORS else -1
-
-
-def select_channels(fid: torch.Tensor, sub: Sequence[str], channels: Sequence[str]) -> torch.Tensor:
-    """(..., n_sub, points) rows named `sub` -> (..., C, points) in `channels` order.
-
-    OFF/ON of unedited data ("avg") are the average itself and DIFF is ON - OFF, so unedited
-    spectra get DIFF = 0 from the definition rather than from a special case.
-    """
-    sub = tuple(sub)
-
-    def row(name: str) -> torch.Tensor:
-        if name in sub:
-            return fid[..., sub.index(name), :]
-        if name == "DIFF":
-            return row("ON") - row("OFF")
-        if name in ("ON", "OFF") and sub == ("avg",):
-            return fid[..., 0, :]
-        if name == "avg":
-            return fid.mean(dim=-2)
-        raise KeyError(f"no sub-spectrum {name!r} among {sub}")
-
-    return torch.stack([row(c) for c in channels], dim=-2)
 
 
 @dataclass
@@ -77,12 +58,12 @@ class InputBuilder:
         self.transform = SpectrogramTransform(spec_cfg, grid)
 
     @classmethod
-    def from_data_config(cls, data_cfg) -> "InputBuilder":
+    def from_data_config(cls, data_cfg) -> InputBuilder:
         return cls(CanonicalGrid.from_config(data_cfg.grid), SpectrogramConfig.from_config(data_cfg.spectrogram),
                    list(data_cfg.channels))
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "InputBuilder":
+    def from_dict(cls, d: dict[str, Any]) -> InputBuilder:
         """Rebuild from `to_dict()` output (stored in a model file)."""
         return cls(CanonicalGrid.from_config(d["grid"]), SpectrogramConfig.from_config(d["spectrogram"]),
                    list(d["channels"]))
@@ -116,7 +97,6 @@ class InputBuilder:
         return Prepared(image=image, fids=fids.numpy(), canonical=canon)
 
     def load(self, path: str | Path) -> Prepared:
-        from .io import load_spectrum
 
         return self.prepare(load_spectrum(path))
 
@@ -137,8 +117,7 @@ class InVivoSet:
         self.x = torch.stack([p.image for p in prepared]) if prepared else torch.empty(0)
 
     @classmethod
-    def from_folder(cls, folder: str | Path, builder: InputBuilder) -> "InVivoSet":
-        from .io import load_folder
+    def from_folder(cls, folder: str | Path, builder: InputBuilder) -> InVivoSet:
 
         folder = Path(folder)
         if not folder.is_dir():
@@ -155,7 +134,7 @@ class MixedStream:
 
     def __init__(
         self,
-        simulators: Sequence,  # mrsfm_model.simulate.Simulator, one per profile
+        simulators: Sequence,  # mrsfm_model.data.simulate.Simulator, one per profile
         transform: SpectrogramTransform,
         channels: Sequence[str],
         batch_size: int,
@@ -245,7 +224,6 @@ class MixedStream:
 def build_stream(data_cfg, seed: int = 0, device: torch.device | str = "cpu",
                  invivo_dir: str | Path | None = None) -> MixedStream:
     """The stream described by a `configs/data/*.yaml` node (shared by every trainer)."""
-    from .simulate import Simulator, load_profile
 
     builder = InputBuilder.from_data_config(data_cfg)
     folder = invivo_dir if invivo_dir is not None else data_cfg.get("invivo_dir")

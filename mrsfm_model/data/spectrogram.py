@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from scipy import signal
 
-from .config import ConfigSection
-from .grid import CanonicalGrid
-from .spectrum import PPM_REFERENCE
+from mrsfm_model.config import ConfigSection
+from mrsfm_model.data.canonical import CanonicalGrid
+from mrsfm_model.data.spectrum import PPM_REFERENCE
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,8 @@ def _finish(spec: torch.Tensor, cfg: SpectrogramConfig, eps: float = 1e-12) -> t
 class SpectrogramTransform:
     """Batched STFT spectrograms: complex FIDs (..., C, points) -> float images (..., C, H, W)."""
 
-    def __init__(self, cfg: SpectrogramConfig = SpectrogramConfig.from_config(), grid: CanonicalGrid = CanonicalGrid.from_config()):
+    def __init__(self, cfg: SpectrogramConfig | None = None, grid: CanonicalGrid | None = None):
+        cfg, grid = cfg or SpectrogramConfig.from_config(), grid or CanonicalGrid.from_config()
         self.cfg, self.grid = cfg, grid
         win = signal.get_window(cfg.window, cfg.nperseg)  # periodic, as scipy.signal.stft uses
         self._window = torch.as_tensor(win / win.sum())  # scipy's default 'spectrum' scaling

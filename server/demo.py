@@ -13,12 +13,18 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
-from .config import load_config, resolve_device
+from mrsfm_model.config import load_config, resolve_device
+from mrsfm_model.data.stream import build_stream
+from mrsfm_model.evaluation.finetune import run_benchmark
+from mrsfm_model.model.mae import build_mae
+from mrsfm_model.model.weights import load_weights
+from mrsfm_model.training.pretrain import plot_reconstructions
+from server.local import run_local_federation
 
 # the rounds start from the shipped model and adapt it to the sites' spectra (the loss falls over the rounds):
 # central check on the real Philips files, 30 steps of batch 16: lr 3e-4 1.18 -> 0.73, lr 1e-3 1.88 -> 0.94
@@ -31,11 +37,7 @@ DEMO_FINETUNE = ["finetune.tasks=[vendor]", "finetune.modes=[linear,full]", "fin
 
 def _figures(run_dir: Path, out: Path, cfg, device: torch.device) -> None:
     """Training curve over rounds and the reconstruction figure of the global model."""
-    from .data import build_stream
-    from .mae import build_mae
-    from .plots import plt
-    from .pretrain import plot_reconstructions
-    from .train import load_weights
+    from mrsfm_model.reports.plots import plt
 
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     fig, ax = plt.subplots(figsize=(5, 3.2))
@@ -61,9 +63,7 @@ def _figures(run_dir: Path, out: Path, cfg, device: torch.device) -> None:
 
 def run_demo(out: str | Path, overrides: Sequence[str] = (), rounds: int = 3, local_steps: int = 10,
              log: Callable[[str], None] = print) -> dict:
-    from server.local import run_local_federation
 
-    from .finetune import run_benchmark
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -30,20 +30,21 @@ from __future__ import annotations
 import json
 import math
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from .basis import UNIT_FWHM_HZ, Basis, load_basis
-from .config import config_dir
-from .grid import CanonicalGrid
-from .spectrum import PPM_REFERENCE, Provenance, Spectrum
+from mrsfm_model.config import RESOURCES, config_dir
+from mrsfm_model.data.basis import UNIT_FWHM_HZ, Basis, load_basis
+from mrsfm_model.data.canonical import CanonicalGrid
+from mrsfm_model.data.spectrum import PPM_REFERENCE, Provenance, Spectrum
 
-BASIS_DIR = Path(__file__).resolve().parent / "resources" / "basis"
+BASIS_DIR = RESOURCES / "basis"
 GAMMA_1H_MHZ_PER_T = 42.577
 
 # Parametric macromolecules and lipids (ppm, FWHM ppm, protons), after the LCModel manual's
@@ -95,7 +96,7 @@ class SimProfile:
         return p if p.is_absolute() else BASIS_DIR / p
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "SimProfile":
+    def from_dict(cls, d: Mapping[str, Any]) -> SimProfile:
         """Every key from the profile's YAML (its defaults list supplies the shared ones)."""
         known = {f.name for f in fields(cls)}
         unknown, missing = sorted(set(d) - known), sorted(known - set(d))

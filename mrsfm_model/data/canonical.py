@@ -12,9 +12,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .config import ConfigSection
-from .spectrum import PPM_REFERENCE, Spectrum, ppm_axis
-from .water import remove_water
+from mrsfm_model.config import ConfigSection
+from mrsfm_model.data.spectrum import PPM_REFERENCE, Spectrum, ppm_axis
+from mrsfm_model.data.water import remove_water
 
 
 @dataclass(frozen=True)

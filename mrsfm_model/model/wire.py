@@ -9,7 +9,7 @@ server's `WireGrid` (the transport layer between the strategy and Flower's Grid)
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch

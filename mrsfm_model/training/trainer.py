@@ -11,15 +11,16 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import ConfigSection
+from mrsfm_model.config import ConfigSection
+from mrsfm_model.model.weights import load_weights, save_weights
 
 LossFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, dict[str, float]]"]
 
@@ -207,17 +208,3 @@ class Trainer:
             torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
-
-
-def save_weights(model: nn.Module, path: str | Path, metadata: dict | None = None) -> Path:
-    """Atomic safetensors write (a crash never leaves half a checkpoint)."""
-    path = Path(path)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
-    tmp.replace(path)
-    return path
-
-
-def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> None:
-    model.load_state_dict(load_file(str(path)), strict=strict)

@@ -4,8 +4,8 @@ returns a timm VisionTransformer ready for fine-tuning (decoder dropped, as in t
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,14 +14,16 @@ from safetensors.torch import save_file
 from timm.layers import LayerNorm
 from timm.models.vision_transformer import VisionTransformer
 
-from .errors import MRSDataError
-from .mae import MAEConfig, SpectroMAE
+from mrsfm_model.config import RESOURCES
+from mrsfm_model.errors import MRSDataError
+from mrsfm_model.model.mae import MAEConfig, SpectroMAE, _sincos
+from mrsfm_model.model.weights import save_weights
 
 ENCODER_PREFIXES = ("patch_embed.", "cls_token.", "blocks.", "norm.")
 # The pretrained model the package ships (made by `mrsfm pretrain`, see its card): NAME.safetensors is
 # the encoder (+ NAME.json, the card), NAME.mae.safetensors the whole MAE, decoder included, so that
 # pretraining, central or federated, can continue from it (`init=shipped`).
-SHIPPED_DIR = Path(__file__).resolve().parent / "resources" / "encoders"
+SHIPPED_DIR = RESOURCES / "encoders"
 SHIPPED_NAME = "mrsfm_micro"
 
 
@@ -93,7 +95,6 @@ def build_vit(cfg: MAEConfig, num_classes: int = 0, global_pool: str = "avg") ->
         qkv_bias=True, class_token=True, global_pool=global_pool, fc_norm=False,
         embed_norm_layer=partial(LayerNorm, eps=1e-6) if cfg.embed_norm else None,
     )
-    from .mae import _sincos
 
     vit.pos_embed.data.copy_(_sincos(cfg.grid_size, cfg.embed_dim))
     vit.pos_embed.requires_grad_(False)
@@ -124,7 +125,6 @@ def shipped(kind: str = "encoder") -> Path:
 
 def save_mae(model: SpectroMAE, path: str | Path) -> Path:
     """The whole MAE (encoder + decoder) with its config in the metadata: a start point for more pretraining."""
-    from .train import save_weights
 
     return save_weights(model, Path(path), {"mae_config": model.cfg.to_dict(), "format": "mrsfm-mae-v1"})
 

@@ -10,14 +10,21 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence, TextIO
+from typing import Any, TextIO
 
 import torch
 from torch import nn
 
-from .data import InputBuilder, Prepared  # noqa: F401  (the recipe a study model file stores)
-from .errors import MRSDataError
+from mrsfm_model.data.io import load_folder, load_spectrum
+from mrsfm_model.data.spectrum import Spectrum
+from mrsfm_model.data.stream import InputBuilder, Prepared  # noqa: F401  (the recipe a study model file stores)
+from mrsfm_model.errors import MRSDataError
+from mrsfm_model.evaluation.finetune import PooledFeatures
+from mrsfm_model.model.export import build_vit
+from mrsfm_model.model.mae import MAEConfig
+from mrsfm_model.model.weights import save_weights
 
 STUDY_FORMAT = "mrsfm-study-model-v1"
 
@@ -25,7 +32,6 @@ STUDY_FORMAT = "mrsfm-study-model-v1"
 # --------------------------------------------------------------------------- the model file
 def save_study_model(model: nn.Module, path: Path, meta: dict[str, Any], card: dict[str, Any]) -> Path:
     """MODEL.safetensors (weights + what prediction needs, in its metadata) and MODEL.json (the card)."""
-    from .train import save_weights
 
     path.parent.mkdir(parents=True, exist_ok=True)
     save_weights(model, path, {"format": STUDY_FORMAT, **meta})
@@ -60,9 +66,6 @@ def read_study_meta(path: str | Path) -> dict[str, Any]:
 
 def build_study_net(meta: dict[str, Any]) -> nn.Module:
     """The module layout `train_model` returns for this mode (full: the ViT; linear: ViT + BN + head)."""
-    from .export import build_vit
-    from .finetune import PooledFeatures
-    from .mae import MAEConfig
 
     mae_cfg = MAEConfig.from_dict(meta["mae_config"])
     n_out = len(meta["labels"]) if meta["task"] == "classification" else 1
@@ -103,7 +106,6 @@ def outputs_to_rows(out: torch.Tensor, meta: dict[str, Any]) -> list[dict[str, A
 
 def _gather(inputs: Sequence[str | Path]) -> tuple[list[Spectrum], list[MRSDataError]]:
     """Folders (every supported file, water references attached) and single files, in order."""
-    from .io import load_folder, load_spectrum
 
     spectra: list[Spectrum] = []
     errors: list[MRSDataError] = []

@@ -21,21 +21,32 @@ import json
 import math
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from .config import ConfigSection
-from .errors import MRSDataError
-from .linear import fit_predict
-from .finetune import (arm_start, FinetuneConfig, architecture, classification_metrics, mean_ci95, predict,
-                       regression_metrics, train_model)
-from .mae import MAEConfig
-from .data import InputBuilder
-from .predict import save_study_model
+from mrsfm_model.config import ConfigSection
+from mrsfm_model.data.io import load_spectrum, reference_candidates, supported_files
+from mrsfm_model.data.stream import InputBuilder
+from mrsfm_model.errors import MRSDataError
+from mrsfm_model.evaluation.finetune import (
+    FinetuneConfig,
+    architecture,
+    arm_start,
+    classification_metrics,
+    mean_ci95,
+    network_outputs,
+    regression_metrics,
+    train_model,
+)
+from mrsfm_model.evaluation.linear import fit_predict
+from mrsfm_model.evaluation.predict import save_study_model
+from mrsfm_model.evaluation.tasks import spectrum_features
+from mrsfm_model.model.mae import MAEConfig
 
 TASKS = ("classification", "regression")
 MISSING_VALUES = {"", "nan", "na", "n/a", "null", "none", "?"}
@@ -213,7 +224,6 @@ def _existing(rows: list[LabelRow], data_dir: Path, labels_csv: Path, warn: Log)
 
 def _unlisted(data_dir: Path, listed: set[Path]) -> list[str]:
     """Spectra files in DIR that labels.csv does not name (water references of named files aside)."""
-    from .io import supported_files, reference_candidates
 
     refs = {c.resolve() for p in listed if p.is_file() for c in reference_candidates(p)}
     return [str(f.relative_to(data_dir)) for f in supported_files(data_dir) if f.resolve() not in listed | refs]
@@ -293,7 +303,6 @@ class StudyData:
 def spectral_features(fids: np.ndarray, builder: InputBuilder, ppm: Sequence[float]) -> np.ndarray:
     """Magnitude spectrum inside `ppm` of each channel, concatenated: the baseline's input
     (the same features as the built-in benchmark's baseline arm)."""
-    from .benchmark import spectrum_features
 
     batch = torch.from_numpy(np.ascontiguousarray(fids))[None]
     return spectrum_features(batch, builder.grid, (float(ppm[0]), float(ppm[1])))[0].numpy()
@@ -306,7 +315,6 @@ def _suffix(name: str) -> str:
 
 def _load_rows(rows: list[LabelRow], builder: InputBuilder, ppm: Sequence[float], labels_csv: Path,
                warn: Log) -> tuple[list[LabelRow], list, list[np.ndarray], list[str]]:
-    from .io import load_spectrum
 
     kept, images, feats, vendors = [], [], [], []
     for r in rows:
@@ -436,7 +444,7 @@ def choose_folds(data: StudyData, requested: int, warn: Log) -> int:
 def baseline_fit_predict(f_train: np.ndarray, y_train: np.ndarray, f_test: np.ndarray, task: str,
                          n_classes: int, l2: float) -> np.ndarray:
     """Multinomial logistic regression (class probabilities) or ridge regression (values) on
-    standardised features, L2 penalty `l2` on the mean loss (mrsfm_model.linear). The yardstick a
+    standardised features, L2 penalty `l2` on the mean loss (mrsfm_model.evaluation.linear). The yardstick a
     deep model must beat."""
     return fit_predict(f_train, y_train, f_test, task, n_classes, l2)
 
@@ -465,7 +473,7 @@ def train_deep(x: torch.Tensor, y: np.ndarray, task: str, n_classes: int, setup:
 
 def deep_outputs(model: torch.nn.Module, x: torch.Tensor, task: str, stats: dict[str, float],
                  device: torch.device) -> np.ndarray:
-    out = predict(model, x, device)
+    out = network_outputs(model, x, device)
     if task == "classification":
         return torch.softmax(out, 1).numpy()
     return out[:, 0].numpy() * stats["std"] + stats["mean"]
@@ -538,7 +546,7 @@ def print_table(arms: dict[str, dict], task: str, log: Log) -> None:
 
 
 def plot_confusion(matrix: np.ndarray, labels: list[str], title: str, out: Path) -> Path:
-    from .plots import plt
+    from mrsfm_model.reports.plots import plt
 
     n = len(labels)
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * n, 1.0 + 0.8 * n))

@@ -11,9 +11,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .grid import CanonicalGrid  # noqa: E402
-from .spectrogram import SpectrogramConfig, spectrogram_axes  # noqa: E402
-from .spectrum import Spectrum  # noqa: E402
+from mrsfm_model.data.canonical import CanonicalGrid  # noqa: E402
+from mrsfm_model.data.spectrogram import SpectrogramConfig, spectrogram_axes  # noqa: E402
+from mrsfm_model.data.spectrum import Spectrum  # noqa: E402
 
 
 def show_spectrogram(ax, image: np.ndarray, lim: float | None = None, signed: bool | None = None, **kwargs) -> None:

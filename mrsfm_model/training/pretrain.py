@@ -16,15 +16,15 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .config import resolve_device
-from .data import build_stream
-from .export import export_encoder, init_mae, save_mae
-from .mae import SpectroMAE, build_mae, mae_loss
-from .train import OptimConfig, Trainer
+from mrsfm_model.config import resolve_device
+from mrsfm_model.data.stream import build_stream
+from mrsfm_model.model.export import export_encoder, init_mae, save_mae
+from mrsfm_model.model.mae import SpectroMAE, build_mae, mae_loss
+from mrsfm_model.training.trainer import OptimConfig, Trainer
 
 
 def plot_curve(metrics_path: Path, out: Path) -> Path:
-    from .plots import plt
+    from mrsfm_model.reports.plots import plt
 
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     rows = [r for r in rows if "loss" in r and "step" in r]
@@ -43,7 +43,7 @@ def plot_curve(metrics_path: Path, out: Path) -> Path:
 @torch.no_grad()
 def plot_reconstructions(model: SpectroMAE, examples: dict[str, torch.Tensor], out: Path, seed: int = 0) -> Path:
     """One row per example: original, masked input, reconstruction (channel 0)."""
-    from .plots import plt, show_spectrogram
+    from mrsfm_model.reports.plots import plt, show_spectrogram
 
     model.eval()
     fig, axes = plt.subplots(len(examples), 3, figsize=(9, 2.8 * len(examples)), squeeze=False)

@@ -7,10 +7,12 @@ The FID sign convention is NIfTI-MRS': spectrum = fftshift(fft(fid)), ppm rising
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+import torch
 
 VENDORS = ("GE", "Philips", "Siemens")
 PPM_REFERENCE = 4.65  # water, the receiver reference used by every reader here
@@ -94,16 +96,34 @@ class Spectrum:
 
     def row(self, name: str) -> np.ndarray:
         """One sub-spectrum FID by name (OFF, ON, DIFF = ON - OFF, avg); unedited data have
-        ON = OFF = the average and DIFF = 0. Defined once, in data.select_channels."""
-        import torch
-
-        from .data import select_channels
-
+        ON = OFF = the average and DIFF = 0. Defined once, in `select_channels`."""
         fid = torch.from_numpy(np.ascontiguousarray(self.fid))
         return select_channels(fid, self.sub, [name])[0].numpy()
 
-    def with_fid(self, fid: np.ndarray, **changes: Any) -> "Spectrum":
+    def with_fid(self, fid: np.ndarray, **changes: Any) -> Spectrum:
         return replace(self, fid=fid, **changes)
+
+
+def select_channels(fid: torch.Tensor, sub: Sequence[str], channels: Sequence[str]) -> torch.Tensor:
+    """(..., n_sub, points) rows named `sub` -> (..., C, points) in `channels` order.
+
+    OFF/ON of unedited data ("avg") are the average itself and DIFF is ON - OFF, so unedited
+    spectra get DIFF = 0 from the definition rather than from a special case.
+    """
+    sub = tuple(sub)
+
+    def row(name: str) -> torch.Tensor:
+        if name in sub:
+            return fid[..., sub.index(name), :]
+        if name == "DIFF":
+            return row("ON") - row("OFF")
+        if name in ("ON", "OFF") and sub == ("avg",):
+            return fid[..., 0, :]
+        if name == "avg":
+            return fid.mean(dim=-2)
+        raise KeyError(f"no sub-spectrum {name!r} among {sub}")
+
+    return torch.stack([row(c) for c in channels], dim=-2)
 
 
 def ppm_axis(points: int, bandwidth_hz: float, spectrometer_mhz: float) -> np.ndarray:

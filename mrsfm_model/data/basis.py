@@ -31,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import MRSDataError
-from .grid import CanonicalGrid, resample_fids
-from .spectrum import PPM_REFERENCE, normalise_vendor
+from mrsfm_model.data.canonical import CanonicalGrid, resample_fids
+from mrsfm_model.data.spectrum import PPM_REFERENCE, normalise_vendor
+from mrsfm_model.errors import MRSDataError
 
 GAMMA_1H_MHZ_PER_T = 42.577
 UNIT_FWHM_HZ = 6.0  # linewidth at which 1 mM Cr's CH3 singlet has unit height

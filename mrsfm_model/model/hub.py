@@ -1,4 +1,4 @@
-"""The shipped pretrained encoder as a timm model: `import mrsfm_model.hub` registers `mrsfm_micro`,
+"""The shipped pretrained encoder as a timm model: `import mrsfm_model.model.hub` registers `mrsfm_micro`,
 then `timm.create_model("mrsfm_micro", pretrained=True, num_classes=3)` returns it with a fresh head
 (`pretrained=False`: the same architecture from random weights). Weights never come from the
 network: they are the file the package ships (mrsfm_model/resources/encoders/)."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from .export import build_vit, load_encoder, read_encoder_config, shipped
+from mrsfm_model.model.export import build_vit, load_encoder, read_encoder_config, shipped
 
 _TIMM_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")  # passed by timm.create_model
 

@@ -15,17 +15,17 @@ spectra's ground truth.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
 
-from .data import select_channels
-from .grid import CanonicalGrid
-from .simulate import Simulator, load_profile
-from .spectrogram import SpectrogramTransform
-from .spectrum import VENDORS
+from mrsfm_model.data.canonical import CanonicalGrid
+from mrsfm_model.data.simulate import Simulator, load_profile
+from mrsfm_model.data.spectrogram import SpectrogramTransform
+from mrsfm_model.data.spectrum import VENDORS, select_channels
+from mrsfm_model.evaluation.lcm import LinearCombinationFit
 
 BENCH_SEED_BASE = 2**40
 VENDOR_PROFILES = ("megapress_ge", "megapress_philips", "megapress_siemens")
@@ -120,7 +120,6 @@ def generators_seen(sim_profiles: Sequence[str], profiles: Sequence[str] = VENDO
 def lcm_ratios(bench: Benchmark, idx: torch.Tensor, grid: CanonicalGrid) -> torch.Tensor:
     """QUANT_TARGETS of spectra `idx` by the linear-combination fit, each with its vendor's basis set:
     (len(idx), len(QUANT_TARGETS)). No labels are used: it is what an MRS user would report."""
-    from .lcm import LinearCombinationFit
 
     out = torch.zeros(len(idx), len(QUANT_TARGETS))
     for v, profile in enumerate(bench.profiles):

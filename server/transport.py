@@ -11,17 +11,18 @@ hospital is named, never waited on forever.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from typing import Callable, Iterable, Mapping
 
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from mrsfm_model.model.wire import decode, encode, nbytes, to_state
+
 from .validate import UpdateValidator, ValidationSettings
-from .wire import decode, encode, nbytes, to_state
 
 
 class SitesMissingError(RuntimeError):

@@ -4,7 +4,7 @@ timm's from-scratch ViT.
 Two modes:
 - linear: the encoder is frozen; its pooled features (`global_pool`; `flat` keeps each ppm band
   in its place) are computed once and the regularised logistic / ridge regression of the
-  non-deep baselines (mrsfm_model.linear) is fitted on them, kept as BatchNorm + Linear;
+  non-deep baselines (mrsfm_model.evaluation.linear) is fitted on them, kept as BatchNorm + Linear;
 - full: the whole ViT is trained by the shared `Trainer`, with layer-wise learning-rate decay,
   its head either fresh or the linear probe's (`head_init: probe`, LP-FT).
 Classification uses cross-entropy and reports accuracy, balanced accuracy and macro-F1;
@@ -14,20 +14,23 @@ regression standardises targets on the training set and reports MAE and R² per 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from .config import ConfigSection
-from .data import InputBuilder
-from .errors import MRSDataError
-from .export import build_vit, load_encoder, read_encoder_config
-from .mae import MAEConfig, configured_mae
-from .train import OptimConfig, Trainer
+from mrsfm_model.config import ConfigSection
+from mrsfm_model.data.spectrum import VENDORS
+from mrsfm_model.data.stream import InputBuilder
+from mrsfm_model.errors import MRSDataError
+from mrsfm_model.evaluation.linear import fit_linear, fit_predict
+from mrsfm_model.evaluation.tasks import QUANT_TARGETS, build_benchmark, generators_seen, lcm_ratios
+from mrsfm_model.model.export import build_vit, encoder_state, load_encoder, read_encoder_config
+from mrsfm_model.model.mae import MAEConfig, SpectroMAE, configured_mae
+from mrsfm_model.training.trainer import OptimConfig, Trainer
 
 
 @dataclass
@@ -45,7 +48,7 @@ class FinetuneConfig(ConfigSection):
     grad_clip: float | None
     global_pool: str  # flat (tokens in ppm order) | avg (mean of patch tokens, MAE's fine-tuning) | token ([CLS])
     head_init: str  # random | probe: full fine-tune starts from the linear probe's head (LP-FT)
-    probe_l2: float  # L2 of the linear probe (the non-deep baselines' estimator, mrsfm_model.linear)
+    probe_l2: float  # L2 of the linear probe (the non-deep baselines' estimator, mrsfm_model.evaluation.linear)
 
     def check(self) -> None:
         if self.mode not in ("full", "linear"):
@@ -97,8 +100,6 @@ def _model(encoder: str | Path | None, mae_cfg: MAEConfig, n_out: int, pool: str
 
 def random_init_encoder(mae_cfg: MAEConfig, n_out: int, pool: str) -> nn.Module:
     """The MAE's encoder at initialisation (seeded by the caller's torch seed), as a timm ViT."""
-    from .export import encoder_state
-    from .mae import SpectroMAE
 
     state = encoder_state(SpectroMAE(mae_cfg))  # drawn first: the same weights a pretraining run seeded alike starts from
     vit = build_vit(mae_cfg, num_classes=n_out, global_pool=pool)
@@ -137,8 +138,7 @@ def train_model(
 def _fit_probe(vit: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str, n_out: int, cfg: FinetuneConfig,
                device: torch.device) -> nn.Sequential:
     """The linear probe: the same regularised logistic / ridge regression as the non-deep baselines
-    (mrsfm_model.linear, L2 `probe_l2`) on the frozen ViT's pooled features, as BatchNorm + Linear."""
-    from .linear import fit_linear
+    (mrsfm_model.evaluation.linear, L2 `probe_l2`) on the frozen ViT's pooled features, as BatchNorm + Linear."""
 
     feats = _features(vit, x, device).numpy()
     target = y.numpy() if task == "classification" else y.numpy().reshape(len(y), -1)
@@ -166,7 +166,7 @@ class PooledFeatures(nn.Module):
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, device: torch.device, bs: int = 64) -> torch.Tensor:
+def network_outputs(model: nn.Module, x: torch.Tensor, device: torch.device, bs: int = 64) -> torch.Tensor:
     model.eval().to(device)
     return torch.cat([model(x[i:i + bs].to(device)).float().cpu() for i in range(0, len(x), bs)])
 
@@ -211,11 +211,11 @@ def fit_and_evaluate(
     """One seed of one arm: train on the labelled sample, score on the held-out test set."""
     if task == "classification":
         model = train_model(x_train, y_train.long(), task, n_classes, encoder, mae_cfg, cfg, seed, device)
-        pred = predict(model, x_test, device).argmax(1).numpy()
+        pred = network_outputs(model, x_test, device).argmax(1).numpy()
         return classification_metrics(y_test.numpy(), pred, n_classes)
     mu, sd = y_train.mean(0), y_train.std(0).clamp_min(1e-6)
     model = train_model(x_train, (y_train - mu) / sd, task, y_train.shape[1], encoder, mae_cfg, cfg, seed, device)
-    pred = predict(model, x_test, device) * sd + mu
+    pred = network_outputs(model, x_test, device) * sd + mu
     return regression_metrics(y_test.numpy(), pred.numpy(), target_names)
 
 
@@ -277,8 +277,6 @@ def run_benchmark(cfg, encoder: str | Path | None, out_dir: str | Path, device: 
     the same ViT). Non-deep arms: logistic / ridge regression on spectra and on the ViT's own pixels,
     and for quantification the linear-combination fit (no labels). Seeds are paired: seed s draws the
     same labelled sample for every arm, so differences are taken per seed."""
-    from .benchmark import QUANT_TARGETS, build_benchmark, generators_seen, lcm_ratios
-    from .spectrum import VENDORS
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -379,10 +377,8 @@ def print_paired(paired: list[dict], log=print) -> None:
 
 def _baseline(f_train: torch.Tensor, y_train: torch.Tensor, f_test: torch.Tensor, y_test: torch.Tensor, task: str,
               n_classes: int, l2: float) -> dict[str, float]:
-    """The non-deep arm (mrsfm_model.linear, as the linear probe) scored like the deep ones; the
+    """The non-deep arm (mrsfm_model.evaluation.linear, as the linear probe) scored like the deep ones; the
     regression targets are fitted together (ridge treats each column on its own)."""
-    from .benchmark import QUANT_TARGETS
-    from .linear import fit_predict
 
     a, b = f_train.numpy(), f_test.numpy()
     if task == "vendor":
@@ -400,7 +396,7 @@ def print_table(rows: list[dict], log=print) -> None:
 
 
 def plot_table(rows: list[dict], out: Path) -> Path:
-    from .plots import plt
+    from mrsfm_model.reports.plots import plt
 
     tasks = sorted({r["task"] for r in rows})
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.6), squeeze=False)

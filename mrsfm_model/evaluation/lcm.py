@@ -26,8 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .grid import CanonicalGrid
-from .spectrum import PPM_REFERENCE
+from mrsfm_model.data.canonical import CanonicalGrid
+from mrsfm_model.data.simulate import Simulator
+from mrsfm_model.data.spectrum import PPM_REFERENCE
 
 
 @dataclass
@@ -59,9 +60,8 @@ class LinearCombinationFit:
         self.t = torch.arange(grid.points, dtype=torch.float32) / grid.bandwidth_hz
 
     @classmethod
-    def from_profile(cls, profile: str, grid: CanonicalGrid, **kw) -> "LinearCombinationFit":
+    def from_profile(cls, profile: str, grid: CanonicalGrid, **kw) -> LinearCombinationFit:
         """The basis set (metabolites and macromolecules) of a simulation profile."""
-        from .simulate import Simulator
 
         sim = Simulator(profile, grid, device="cpu")
         k, n_sub = sim._bank.shape[0], len(sim.sub)
