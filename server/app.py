@@ -17,7 +17,7 @@ import shlex
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from logging import ERROR, INFO
 
 import torch
@@ -152,7 +152,7 @@ def _rounds(grid: Grid, s: RunSettings, cfg, model, rd: RunDir, done: int) -> No
                        "bytes_up": r.bytes_up, "bytes_down": r.bytes_down, **_privacy(r.metrics)} for r in ok],
             "dropped": [{"site": r.site, "node_id": r.node_id, "error": r.error} for r in replies if not r.ok],
             "round_seconds": round(now - clock[0], 3), "wire_dtype": s.wire_dtype, "strategy": s.strategy,
-            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "time": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         clock[0] = now
         strategy.save_state(rd.server_state(rnd))

@@ -13,12 +13,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import DATA
 from nifti_mrs.create_nmrs import gen_nifti_mrs
 
 from mrsfm_model.data.io import SUPPORTED_SUFFIXES, load_folder, load_spectrum
 from mrsfm_model.errors import MRSDataError
 
-DATA = Path(__file__).parent / "data"
 PHILIPS = DATA / "invivo" / "philips"
 SIEMENS = DATA / "invivo" / "siemens"
 NIFTI = DATA / "nifti_mrs"

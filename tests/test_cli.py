@@ -1,13 +1,12 @@
 """The `mrsfm` command line as a user types it: output, files, one-line errors, exit codes."""
 
 import json
-from pathlib import Path
 
 import pytest
+from helpers import DATA
 
 from mrsfm_model.cli import main
 
-DATA = Path(__file__).parent / "data"
 PHILIPS = DATA / "invivo" / "philips" / "sub-01_PRESS_35_act.sdat"
 RDA = DATA / "invivo" / "siemens" / "SVS_30.rda"
 

@@ -4,10 +4,10 @@ carry types and validation only, and building a config from code or from the YAM
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 from omegaconf import OmegaConf
 
 from mrsfm_model.config import ConfigSection, default_section, load_config

@@ -1,9 +1,9 @@
 """Training data: in vivo folder + simulated stream, deterministic in (seed, step)."""
 
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import DATA
 
 from mrsfm_model.config import load_config
 from mrsfm_model.data.canonical import CanonicalGrid
@@ -11,7 +11,6 @@ from mrsfm_model.data.spectrogram import SpectrogramConfig
 from mrsfm_model.data.spectrum import select_channels
 from mrsfm_model.data.stream import InputBuilder, InVivoSet, build_stream
 
-DATA = Path(__file__).parent / "data"
 CHANNELS = ["OFF", "ON", "DIFF"]
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 SITE_ENV = {"MRSFM_SITE": "unicamp", "MRSFM_SUPERLINK": "lab.example.org:8000", "MRSFM_DATA": "/data/mrs"}
 TLS_FLAGS = ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile")

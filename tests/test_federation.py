@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from helpers import live_members, run_module, wait_for
 
 from mrsfm_model.model.wire import as_fp32_record, decode, encode, nbytes, to_state
 from server.local import SITES, LocalFederation, prepare_site_data
@@ -30,7 +29,6 @@ from server.rundir import RunDir
 from server.strategy import make_strategy
 from server.transport import WireGrid
 
-REPO = Path(__file__).resolve().parents[1]
 RUN = {"overrides": "model=micro data.batch_size=4", "local-steps": 3, "sites": ",".join(SITES)}
 
 
@@ -120,11 +118,6 @@ def test_run_dir_resume_point_drops_uncommitted_metrics(tmp_path):
 
 
 # -- the site launcher ----------------------------------------------------------------------------------
-def _client(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "client", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
-
-
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -132,21 +125,21 @@ def _closed_port() -> int:
 
 
 def test_launcher_unknown_site_is_one_clear_line():
-    res = _client("--site", "nosuch")
+    res = run_module("client", "--site", "nosuch")
     assert res.returncode != 0 and res.stdout == ""
     assert res.stderr.strip().count("\n") == 0
     assert "unknown site 'nosuch'" in res.stderr and all(s in res.stderr for s in SITES)
 
 
 def test_launcher_unreachable_superlink_is_one_clear_line():
-    res = _client("--site", "unicamp", f"site.superlink=127.0.0.1:{_closed_port()}")
+    res = run_module("client", "--site", "unicamp", f"site.superlink=127.0.0.1:{_closed_port()}")
     assert res.returncode != 0 and res.stderr.strip().count("\n") == 0
     assert "cannot reach the SuperLink at 127.0.0.1:" in res.stderr
 
 
 def test_launcher_data_dir_without_spectra_is_one_clear_line(tmp_path):
     (tmp_path / "notes.txt").write_text("no spectra here")
-    res = _client("--site", "hcfmrp", f"site.data_dir={tmp_path}")
+    res = run_module("client", "--site", "hcfmrp", f"site.data_dir={tmp_path}")
     assert res.returncode != 0 and res.stderr.strip().count("\n") == 0
     assert "no usable spectra" in res.stderr and str(tmp_path) in res.stderr
 
@@ -154,14 +147,6 @@ def test_launcher_data_dir_without_spectra_is_one_clear_line(tmp_path):
 # -- a real federation on loopback --------------------------------------------------------------------
 def _count(path: Path, text: str) -> int:
     return path.read_text(errors="replace").count(text) if path.exists() else 0
-
-
-def _wait_for(cond, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout_s:g} s for {what}")
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -183,10 +168,10 @@ def federation(tmp_path_factory):
             runner = threading.Thread(target=lambda: res2.update(fed.run(
                 {**RUN, "num-rounds": 4, "run-dir": str(run_dir), "min-sites": 2}, timeout_s=240)))
             runner.start()
-            _wait_for(lambda: started("hcfmrp") >= 3, 120, "round 3 to start at hcfmrp")
+            wait_for(lambda: started("hcfmrp") >= 3, 120, "round 3 to start at hcfmrp")
             fed.stop("supernode_hcfmrp", sig=signal.SIGTERM, grace_s=5)  # a site dies mid-round
-            _wait_for(lambda: rd.last_round() >= 3, 120, "round 3 to complete without hcfmrp")
-            _wait_for(lambda: started("unicamp") >= 4, 60, "round 4 to start")
+            wait_for(lambda: rd.last_round() >= 3, 120, "round 3 to complete without hcfmrp")
+            wait_for(lambda: started("unicamp") >= 4, 60, "round 4 to start")
             fed.stop("superlink", sig=signal.SIGKILL, grace_s=1)  # the server side crashes mid-round
             runner.join(60)
             phases[2] = res2
@@ -252,22 +237,9 @@ def test_superlink_restart_resumes_from_the_last_completed_round(federation):
     assert sorted(s["site"] for s in rows[3]["sites"]) == ["einstein", "unicamp"]
 
 
-def _live_members(pgid: int) -> list[str]:
-    """Processes of group `pgid` that are not zombies (a killed orphan waits for init to reap it)."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            out.append(stat.parent.name)
-    return out
-
-
 def test_every_process_group_is_gone_afterwards(federation):
     assert len(federation["groups"]) >= 5, federation.get("error")  # SuperLink x2, SuperNodes, restarts
     deadline = time.monotonic() + 10
-    while (left := {g: m for g in federation["groups"] if (m := _live_members(g))}) and time.monotonic() < deadline:
+    while (left := {g: m for g in federation["groups"] if (m := live_members(g))}) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left, f"processes left in groups: {left}"

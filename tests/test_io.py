@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import DATA
 from nifti_mrs.create_nmrs import gen_nifti_mrs
 from nifti_mrs.nifti_mrs import NIFTI_MRS
 
@@ -26,7 +27,6 @@ from mrsfm_model.data.io import (
 from mrsfm_model.data.spectrum import peak_ppm
 from mrsfm_model.errors import MRSDataError
 
-DATA = Path(__file__).parent / "data"
 PHILIPS = DATA / "invivo" / "philips"
 SIEMENS = DATA / "invivo" / "siemens"
 NIFTI = DATA / "nifti_mrs"

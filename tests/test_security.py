@@ -20,8 +20,6 @@ import json
 import socket
 import ssl
 import stat
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -30,20 +28,15 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from helpers import live_members, run_module, text_of, wait_for
 
 from server import pki
 from server.local import CONNECTION, LocalFederation, prepare_site_data
 from server.rundir import RunDir
 
-REPO = Path(__file__).resolve().parents[1]
 SITES = ["unicamp", "hcfmrp"]  # registered; einstein's key is made but never registered
 # flower-supernode's DEBUG line when a TLS port drops its plain HTTP request
 PLAINTEXT_REFUSED = "Connection attempt failed with exception: Server disconnected without sending a response"
-
-
-def _pki(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "server.pki", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=60)
 
 
 def _mode(path: Path) -> int:
@@ -59,7 +52,7 @@ def test_pki_superlink_certificate_is_signed_by_the_ca_and_names_the_requested_h
     out = tmp_path / "pki"
     for args in (["ca"], ["superlink", "--host", "lab.example.org", "--host", "Fed.Example.org", "--ip", "10.0.0.5"],
                  ["site", "unicamp", "hcfmrp"]):
-        res = _pki(*args, "--out", str(out))
+        res = run_module("server.pki", *args, "--out", str(out))
         assert res.returncode == 0, res.stderr
     ca = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
     cert = x509.load_pem_x509_certificate((out / "superlink.crt").read_bytes())
@@ -125,7 +118,7 @@ def test_pki_never_overwrites_without_force_and_says_which_file(tmp_path):
         (["site", "hcfmrp", "unicamp"], "unicamp.key"),  # all or nothing: hcfmrp is not made either
     ]
     for args, name in cases:
-        res = _pki(*args, "--out", str(out))
+        res = run_module("server.pki", *args, "--out", str(out))
         assert res.returncode != 0 and res.stdout == "", args
         assert res.stderr.strip().count("\n") == 0 and str(out / "") in res.stderr and name in res.stderr, res.stderr
         assert "--force" in res.stderr
@@ -136,12 +129,12 @@ def test_pki_never_overwrites_without_force_and_says_which_file(tmp_path):
            (["superlink", "--ip", "10.0.0.300"], "not an IP address"),
            (["site", "../escape"], "site name")]
     for args, text in bad:
-        res = _pki(*args, "--out", str(out), "--force")
+        res = run_module("server.pki", *args, "--out", str(out), "--force")
         assert res.returncode != 0 and res.stderr.strip().count("\n") == 0 and text in res.stderr, res.stderr
     assert _snapshot(out) == before
 
     empty = tmp_path / "no-ca"
-    res = _pki("superlink", "--out", str(empty), "--host", "lab.example.org")
+    res = run_module("server.pki", "superlink", "--out", str(empty), "--host", "lab.example.org")
     assert res.returncode != 0 and f"{empty / 'ca.crt'} not found" in res.stderr and "server.pki ca" in res.stderr
     assert not empty.exists()
 
@@ -151,11 +144,6 @@ def test_pki_never_overwrites_without_force_and_says_which_file(tmp_path):
 
 
 # -- the site launcher --------------------------------------------------------------------------------
-def _client(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "client", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
-
-
 def test_launcher_turns_the_site_tls_settings_into_supernode_flags(tmp_path):
     out = tmp_path / "pki"
     pki.make_ca(out)
@@ -166,7 +154,7 @@ def test_launcher_turns_the_site_tls_settings_into_supernode_flags(tmp_path):
         superlink = f"127.0.0.1:{listener.getsockname()[1]}"
         tls = ["site.insecure=false", f"site.root_certificates={out / 'ca.crt'}", f"site.auth_private_key={key}",
                f"site.superlink={superlink}"]
-        res = _client("--site", "unicamp", "--dry-run", *tls)
+        res = run_module("client", "--site", "unicamp", "--dry-run", *tls)
     assert res.returncode == 0, res.stderr
     cmd = res.stdout.split()
     assert cmd[0] == "flower-supernode" and "--insecure" not in cmd
@@ -176,25 +164,12 @@ def test_launcher_turns_the_site_tls_settings_into_supernode_flags(tmp_path):
 
     # a file flower-supernode would refuse without naming it: one line naming it (before any network)
     tls[2] = f"site.auth_private_key={out / 'ca.key'}"
-    res = _client("--site", "unicamp", *tls)
+    res = run_module("client", "--site", "unicamp", *tls)
     assert res.returncode != 0 and res.stderr.strip().count("\n") == 0
     assert f"site.auth_private_key {out / 'ca.key'} is not an unencrypted OpenSSH EC private key" in res.stderr
 
 
 # -- a secure federation on loopback ------------------------------------------------------------------
-def _text(path: Path) -> str:
-    return path.read_text(errors="replace") if path.exists() else ""
-
-
-def _wait_for(cond, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.3)
-    return True
-
-
 def _nodes(fed: LocalFederation) -> dict[int, str]:
     """`flwr supernode list`: node id -> status, through the TLS connection of config.toml."""
     res = fed.flwr("supernode", "list", CONNECTION, "--format", "json")
@@ -234,10 +209,10 @@ def secure(tmp_path_factory):
                                   "wait-timeout-s": 90}, timeout_s=180)
             res["run_s"] = time.monotonic() - t0
             unregistered = fed.procs["unregistered"]
-            _wait_for(lambda: unregistered.poll() is not None, 30)
+            wait_for(lambda: unregistered.poll() is not None, 30)
             res["unregistered_rc"] = unregistered.poll()
             plaintext_log = fed.logs / "plaintext.log"
-            _wait_for(lambda: PLAINTEXT_REFUSED in _text(plaintext_log), 30)
+            wait_for(lambda: PLAINTEXT_REFUSED in text_of(plaintext_log), 30)
             res["plaintext_alive"] = fed.procs["plaintext"].poll() is None
             res["nodes"] = _nodes(fed)
 
@@ -270,7 +245,7 @@ def _get(secure, key):
 def test_secure_superlink_speaks_only_tls(secure):
     assert _get(secure, "https_health") == "HTTP 200"  # verified against pki/ca.crt for 127.0.0.1
     assert _get(secure, "plaintext_http").startswith("refused")
-    assert "Uvicorn running on https://127.0.0.1" in _text(secure["logs"] / "superlink.log")
+    assert "Uvicorn running on https://127.0.0.1" in text_of(secure["logs"] / "superlink.log")
     reg = _get(secure, "registration")
     assert sorted(reg.registered) == sorted(SITES) and not reg.failed
 
@@ -283,7 +258,7 @@ def test_registered_sites_train_over_tls(secure):
     assert [r["round"] for r in rows] == [1]
     assert sorted(s["site"] for s in rows[0]["sites"]) == sorted(SITES)  # never einstein
     for site in SITES:
-        log = _text(secure["logs"] / f"supernode_{site}.log")
+        log = text_of(secure["logs"] / f"supernode_{site}.log")
         assert "Starting insecure channel" not in log
         assert f"SuperNode ID: {secure['registration'].registered[site]}" in log
     nodes = _get(secure, "nodes")
@@ -292,15 +267,15 @@ def test_registered_sites_train_over_tls(secure):
 
 def test_an_unregistered_key_is_refused(secure):
     rc = _get(secure, "unregistered_rc")
-    log = _text(secure["logs"] / "unregistered.log")
+    log = text_of(secure["logs"] / "unregistered.log")
     assert rc not in (None, 0), f"the unregistered SuperNode is still running or exited 0: {log[-2000:]}"
     assert "Failed to activate SuperNode" in log and "SuperNode ID" not in log
-    assert "No SuperNode found with the given public key" in _text(secure["logs"] / "superlink.log")
+    assert "No SuperNode found with the given public key" in text_of(secure["logs"] / "superlink.log")
     assert len(_get(secure, "nodes")) == len(SITES)
 
 
 def test_a_plaintext_supernode_is_refused(secure):
-    log = _text(secure["logs"] / "plaintext.log")
+    log = text_of(secure["logs"] / "plaintext.log")
     assert "Starting insecure channel" in log  # it really tried without TLS...
     assert PLAINTEXT_REFUSED in log and "SuperNode ID" not in log  # ...and the TLS port hung up on it
     assert _get(secure, "plaintext_alive")  # still retrying: never a node, never a message
@@ -313,22 +288,10 @@ def test_in_memory_state_forgets_registrations_on_restart(secure):
     assert set(after.registered.values()).isdisjoint(before.registered.values())  # ...with new node ids
 
 
-def _live_members(pgid: int) -> list[str]:
-    out = []
-    for st in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = st.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            out.append(st.parent.name)
-    return out
-
-
 def test_every_process_group_is_gone_afterwards(secure):
     assert len(secure["groups"]) >= 5, secure.get("error")  # SuperLink x2, 2 sites, 2 intruders
     deadline = time.monotonic() + 10
-    while (left := {g: m for g in secure["groups"] if (m := _live_members(g))}) and time.monotonic() < deadline:
+    while (left := {g: m for g in secure["groups"] if (m := live_members(g))}) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left, f"processes left in groups: {left}"
 

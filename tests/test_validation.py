@@ -9,13 +9,12 @@ import logging
 import math
 import re
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import pytest
-import tomllib
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from helpers import APP_CONFIG
 from safetensors.torch import load_file
 
 from mrsfm_model.config import load_config
@@ -27,7 +26,6 @@ from server.strategy import STRATEGIES, make_strategy
 from server.transport import WireGrid
 from server.validate import ValidationSettings, array_problem, norm_outliers
 
-APP_CONFIG = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
 TEMPLATE = {"w": torch.zeros(6, 8), "b": torch.zeros(8)}
 BF16_NAN = 0x7FC0  # a bf16 NaN's bits, as they travel (int16 view)
 Reply = Callable[[dict], RecordDict]  # global float32 state -> the site's reply content

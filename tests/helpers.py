@@ -1,0 +1,51 @@
+"""Helpers the test files share (imported as `from helpers import ...`; fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "tests" / "data"
+# [tool.flwr.app.config]: what Flower hands the ServerApp when a run sets nothing
+APP_CONFIG = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+
+
+def run_module(module: str, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
+    """`python -m MODULE ARGS` from the repository root, as a user types it (e.g. `client --site X`)."""
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout_s)
+
+
+def wait_for(cond: Callable[[], bool], timeout_s: float, what: str | None = None, poll_s: float = 0.2) -> bool:
+    """Poll `cond` until it holds: True, or after `timeout_s` False (or TimeoutError naming `what`)."""
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            if what:
+                raise TimeoutError(f"waited {timeout_s:g} s for {what}")
+            return False
+        time.sleep(poll_s)
+    return True
+
+
+def text_of(path: Path) -> str:
+    """A log's text so far ('' before the process has written it)."""
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def live_members(pgid: int) -> list[str]:
+    """Processes of group `pgid` that are not zombies (a killed orphan waits for init to reap it)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            out.append(stat.parent.name)
+    return out
