@@ -54,10 +54,9 @@ def main() -> None:
         if variant == "non_dp":
             step = lambda: trainer.train_step(x)  # noqa: E731
         else:
-            PrivateSite(trainer, torch.randn(batch * 4, 3, *model.cfg.img_size),
-                        DPConfig.from_config(enabled=True, noise_multiplier=1.0, batch_size=batch, clipping=variant[3:].replace(
-                            "hooks", "flat")))
-            step = lambda: trainer.train_step(x)  # noqa: E731  (fixed batch: time the step, not sampling)
+            site = PrivateSite(trainer, torch.randn(batch * 4, 3, *model.cfg.img_size), DPConfig.from_config(
+                enabled=True, noise_multiplier=1.0, batch_size=batch, clipping=variant[3:].replace("hooks", "flat")))
+            step = lambda: site.private_step(x)  # noqa: E731  (fixed batch: time the step, not sampling)
         dt = _time(step, steps, cuda)
         results[variant] = batch / dt
         rec = {"variant": variant, "size": size, "batch": batch, "samples_per_s": round(batch / dt, 1),

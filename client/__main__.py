@@ -140,7 +140,7 @@ def supernode_command(cfg, train_words: list[str], data_dir: str) -> list[str]:
         cmd += ["--auth-supernode-private-key", str(key)]
     local = list(s.get("overrides") or []) + train_words
     node = {"site": str(s.name), "data-dir": data_dir, "state-dir": str(Path(str(s.state_dir)).expanduser()),
-            "device": str(s.device), "overrides": " ".join(_word(w) for w in local)}
+            "device": str(s.device), "log-level": str(s.log_level), "overrides": " ".join(_word(w) for w in local)}
     return cmd + ["--node-config", " ".join(_literal(k, v) for k, v in node.items())]
 
 

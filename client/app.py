@@ -18,7 +18,10 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from mrsfm_model import logs
+
 app = ClientApp()
+_log = logs.get_logger("client")
 
 
 def _node(context: Context, key: str, default: str = "") -> str:
@@ -60,6 +63,7 @@ def local_round(conf: Mapping, node: Mapping[str, str],
     from mrsfm_model.training.trainer import OptimConfig, Trainer
 
     t0 = time.perf_counter()
+    logs.setup(node.get("log-level") or "INFO")  # the site's own level (site.log_level)
     site = node["site"]
     overrides = [f"+fl={conf['strategy']}", *shlex.split(str(conf["overrides"])),  # the coordinator's
                  *shlex.split(node.get("overrides", ""))]  # then this site's (its vendor mix, privacy, ...)
@@ -81,7 +85,7 @@ def local_round(conf: Mapping, node: Mapping[str, str],
     stream = build_stream(cfg.data, seed=seed, device=device, invivo_dir=data_dir or None)
     n_invivo = 0 if stream.invivo is None else len(stream.invivo)
     for err in [] if stream.invivo is None else stream.invivo.errors:
-        print(f"[mrsfm] {site}: skipped {err}", flush=True)
+        _log.warning(f"[mrsfm] {site}: skipped {err}")
     dp = DPConfig.from_config(cfg.privacy)
     mu = float(conf.get("proximal-mu", 0.0))
     loss_fn = _proximal(mae_loss, model, mu) if mu > 0 and not dp.enabled else mae_loss
@@ -105,8 +109,8 @@ def local_round(conf: Mapping, node: Mapping[str, str],
     trainer.save(state)
     dp_note = (f", epsilon {metrics['epsilon']:.2f} after {metrics['private-steps']:.0f} private step(s) this round"
                if dp.enabled else "")
-    print(f"[mrsfm] {site} round {rnd}: {local_steps} steps in {seconds:.1f} s, loss {loss:.4f}, "
-          f"{n_invivo} in vivo spectra from {data_dir or '(none: simulation only)'} on {device}{dp_note}", flush=True)
+    _log.info(f"[mrsfm] {site} round {rnd}: {local_steps} steps in {seconds:.1f} s, loss {loss:.4f}, "
+              f"{n_invivo} in vivo spectra from {data_dir or '(none: simulation only)'} on {device}{dp_note}")
     return model.state_dict(), {"num-examples": local_steps * stream.batch_size, "loss": loss,
                                 "local-seconds": seconds, "setup-seconds": setup, **metrics}
 
@@ -144,9 +148,9 @@ def _private_round(trainer, stream, dp, state: Path, site: str, local_steps: int
     tmp.write_text(json.dumps(dp_site.state()))
     tmp.replace(path)
     if out["budget_spent"]:
-        print(f"[mrsfm] {site}: privacy budget spent (epsilon {out['epsilon']:.3f} of {dp.epsilon_budget}); "
-              + ("no private steps this round" if spent_before else "private steps stop here")
-              + ", training continues on shared simulated data only", flush=True)
+        _log.warning(f"[mrsfm] {site}: privacy budget spent (epsilon {out['epsilon']:.3f} of {dp.epsilon_budget}); "
+                     + ("no private steps this round" if spent_before else "private steps stop here")
+                     + ", training continues on shared simulated data only")
     return {"loss": out["loss"], "epsilon": out["epsilon"], "delta": out["delta"],
             "private-steps": out["private_steps"], "noise-multiplier": out["noise_multiplier"],
             "budget-spent": float(out["budget_spent"])}

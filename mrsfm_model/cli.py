@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
 
+from mrsfm_model import logs
 from mrsfm_model.errors import MRSDataError
 
 # Subcommands other installed packages add: an entry point `name = "module:register"`, where
@@ -147,6 +148,8 @@ def cmd_predict(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mrsfm", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default="INFO", choices=logs.LEVELS,
+                        help="messages of the `mrsfm` logger tree shown (default INFO; WARNING: results only)")
     subs = parser.add_subparsers(dest="command", required=True)
 
     p = subs.add_parser("inspect", help="show provenance, NAA position and (optionally) a figure of one file")
@@ -199,6 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     words, overrides = _split_overrides(list(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(words)
+    logs.setup(args.log_level)
     func: Callable[[argparse.Namespace, list[str]], int] = args.func
     try:
         return func(args, overrides)

@@ -21,15 +21,16 @@ RESOURCES = Path(__file__).resolve().parent / "resources"  # what the package sh
 
 
 def config_dir() -> Path:
-    """The repository's `configs/` (MRSFM_CONFIG_DIR overrides, e.g. for a site's own copy)."""
+    """`configs/`: MRSFM_CONFIG_DIR (e.g. a site's own copy), else the copy an installed wheel
+    carries (mrsfm_model/configs), else the checkout's, beside the package."""
     env = os.environ.get("MRSFM_CONFIG_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parents[1] / "configs"
-    if not (path / "config.yaml").is_file():
-        raise FileNotFoundError(
-            f"{path}: no config.yaml here; install mrsfm from its checkout with `pip install -e .` "
-            "or set MRSFM_CONFIG_DIR to a configs folder"
-        )
-    return path
+    here = Path(__file__).resolve().parent
+    candidates = [Path(env)] if env else [here / "configs", here.parent / "configs"]
+    for path in candidates:
+        if (path / "config.yaml").is_file():
+            return path
+    raise FileNotFoundError(f"{candidates[0]}: no config.yaml here; set MRSFM_CONFIG_DIR to a configs folder "
+                            "or reinstall mrsfm")
 
 
 def load_config(overrides: Sequence[str] = (), name: str = "config") -> DictConfig:

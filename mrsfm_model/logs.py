@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 
+Log = Callable[[str], None]  # what functions that report progress take: a logger's .info by default
 ROOT = "mrsfm"
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -21,10 +21,13 @@ import torch
 from mrsfm_model.config import load_config, resolve_device
 from mrsfm_model.data.stream import build_stream
 from mrsfm_model.evaluation.finetune import run_benchmark
+from mrsfm_model.logs import Log, get_logger
 from mrsfm_model.model.mae import build_mae
 from mrsfm_model.model.weights import load_weights
 from mrsfm_model.training.pretrain import plot_reconstructions
-from server.local import run_local_federation
+from server.local import SHIPPED_INVIVO, run_local_federation
+
+_log = get_logger("server")
 
 # the rounds start from the shipped model and adapt it to the sites' spectra (the loss falls over the rounds):
 # central check on the real Philips files, 30 steps of batch 16: lr 3e-4 1.18 -> 0.73, lr 1e-3 1.88 -> 0.94
@@ -56,13 +59,13 @@ def _figures(run_dir: Path, out: Path, cfg, device: torch.device) -> None:
     last = sorted((run_dir / "rounds").glob("round_*[0-9].safetensors"))[-1]
     load_weights(model, last)
     stream = build_stream(cfg.data, seed=cfg.seed, device="cpu",
-                          invivo_dir=Path(__file__).resolve().parents[1] / "tests" / "data" / "invivo" / "philips")
+                          invivo_dir=SHIPPED_INVIVO / "philips")
     examples = {"in vivo (Philips)": stream.invivo.x[0], "simulated": stream.sim_batch(10**6, k=1).x[0]}
     plot_reconstructions(model.to(device), examples, out / "reconstruction.png", seed=cfg.seed)
 
 
 def run_demo(out: str | Path, overrides: Sequence[str] = (), rounds: int = 3, local_steps: int = 10,
-             log: Callable[[str], None] = print) -> dict:
+             log: Log = _log.info) -> dict:
 
 
     out = Path(out).resolve()

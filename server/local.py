@@ -24,17 +24,22 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+from mrsfm_model.config import RESOURCES
 from mrsfm_model.data.simulate import write_simulated
+from mrsfm_model.logs import Log, get_logger
 
 from . import pki
 from .rundir import RunDir
 
-REPO = Path(__file__).resolve().parents[1]
+_log = get_logger("server")
+
+ROOT = Path(__file__).resolve().parents[1]  # holds server/ and client/: the checkout, or site-packages
 SITES = ("unicamp", "hcfmrp", "einstein")
-SHIPPED_INVIVO = REPO / "tests" / "data" / "invivo"
+SHIPPED_INVIVO = RESOURCES / "examples" / "invivo"  # real Philips and Siemens spectra the package ships
 CONNECTION = "mrsfm-local"
 
 
@@ -64,25 +69,30 @@ def prepare_site_data(out_dir: str | Path, sites: Sequence[str] = SITES, n_simul
     return folders
 
 
+def app_manifest() -> Path:
+    """The Flower app's pyproject.toml: the checkout's, or the copy a wheel installs in PREFIX/share/mrsfm."""
+    for path in (ROOT / "pyproject.toml", Path(sys.prefix) / "share" / "mrsfm" / "pyproject.toml"):
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"no pyproject.toml beside {ROOT} nor in {Path(sys.prefix) / 'share' / 'mrsfm'}; "
+                            "reinstall mrsfm")
+
+
 def stage_app(out_dir: str | Path) -> Path:
     """The Flower app (pyproject.toml + the files its fab-include names) copied to OUT/app/mrsfm.
 
     `flwr run DIR` walks every file under DIR before filtering (the repository's .venv included:
     ~45k files, ~5 CPU-seconds per run); the copy gives the same FAB in a fraction of that."""
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        import tomli as tomllib
-
     dst = Path(out_dir) / "app" / "mrsfm"
     shutil.rmtree(dst, ignore_errors=True)
     dst.mkdir(parents=True)
-    shutil.copy2(REPO / "pyproject.toml", dst / "pyproject.toml")
-    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["fab-include"]
+    manifest = app_manifest()
+    shutil.copy2(manifest, dst / "pyproject.toml")
+    patterns = tomllib.loads(manifest.read_text())["tool"]["flwr"]["app"]["fab-include"]
     for pattern in patterns:
-        for f in REPO.glob(pattern):
-            (dst / f.relative_to(REPO)).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(f, dst / f.relative_to(REPO))
+        for f in ROOT.glob(pattern):
+            (dst / f.relative_to(ROOT)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, dst / f.relative_to(ROOT))
     return dst
 
 
@@ -105,7 +115,7 @@ class LocalFederation:
     """Start/stop the processes of a loopback federation; `run()` one `flwr run` on it."""
 
     def __init__(self, out_dir: str | Path, sites: Sequence[str] = SITES, data_dirs: dict[str, Path] | None = None,
-                 log: Callable[[str], None] = print, threads_per_site: int | None = None, secure: bool = False,
+                 log: Log = _log.info, threads_per_site: int | None = None, secure: bool = False,
                  database: str | Path | None = None):
         """`secure`: TLS + SuperNode authentication with a PKI under OUT/pki (made once, then reused).
         `database`: the SuperLink's SQLite state file (default: in memory); registered site keys live in
@@ -394,7 +404,7 @@ def _sigterm_as_interrupt():
 def run_local_federation(out_dir: str | Path, sites: Sequence[str] = SITES, rounds: int = 2, local_steps: int = 5,
                          overrides: Iterable[str] = ("model=micro", "data.batch_size=8"), strategy: str = "fedavg",
                          wire_dtype: str = "bf16", min_sites: int | None = None, timeout_s: float = 900.0,
-                         log: Callable[[str], None] = print, secure: bool = False, **run_config) -> dict:
+                         log: Log = _log.info, secure: bool = False, **run_config) -> dict:
     """Federated MAE pretraining of `sites` on loopback; everything lands under `out_dir`.
 
     out_dir/run/ the run directory (rounds/, metrics.jsonl, encoder.safetensors, ...),

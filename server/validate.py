@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -27,7 +27,10 @@ import torch
 from flwr.app import ArrayRecord, RecordDict
 
 from mrsfm_model.config import ConfigSection
+from mrsfm_model.logs import Log, get_logger
 from mrsfm_model.model.wire import decode, to_state
+
+_log = get_logger("server")
 
 K = TypeVar("K", bound=Hashable)
 REQUIRED_METRICS = ("num-examples", "loss")  # FedAvg weighs by the first; metrics.jsonl logs both
@@ -157,7 +160,7 @@ class UpdateValidator:
     one-line reason for every reply that may not. See the module docstring for the checks."""
 
     def __init__(self, template: Mapping[str, torch.Tensor], wire_dtype: str,
-                 settings: ValidationSettings | Mapping | None = None, say: Callable[[str], None] = print):
+                 settings: ValidationSettings | Mapping | None = None, say: Log = _log.info):
         self.template, self.wire_dtype, self.settings = template, wire_dtype, ValidationSettings.of(settings)
         self.say = say
         self._said_few = False  # the "too few sites to judge norms" note, once per run

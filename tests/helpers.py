@@ -11,6 +11,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"
+INVIVO = REPO / "mrsfm_model" / "resources" / "examples" / "invivo"  # real spectra the package ships
 # [tool.flwr.app.config]: what Flower hands the ServerApp when a run sets nothing
 APP_CONFIG = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
 

@@ -13,14 +13,14 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import DATA
+from helpers import DATA, INVIVO
 from nifti_mrs.create_nmrs import gen_nifti_mrs
 
 from mrsfm_model.data.io import SUPPORTED_SUFFIXES, load_folder, load_spectrum
 from mrsfm_model.errors import MRSDataError
 
-PHILIPS = DATA / "invivo" / "philips"
-SIEMENS = DATA / "invivo" / "siemens"
+PHILIPS = INVIVO / "philips"
+SIEMENS = INVIVO / "siemens"
 NIFTI = DATA / "nifti_mrs"
 
 

@@ -3,12 +3,12 @@
 import json
 
 import pytest
-from helpers import DATA
+from helpers import INVIVO
 
 from mrsfm_model.cli import main
 
-PHILIPS = DATA / "invivo" / "philips" / "sub-01_PRESS_35_act.sdat"
-RDA = DATA / "invivo" / "siemens" / "SVS_30.rda"
+PHILIPS = INVIVO / "philips" / "sub-01_PRESS_35_act.sdat"
+RDA = INVIVO / "siemens" / "SVS_30.rda"
 
 
 def _run(capsys, *argv):

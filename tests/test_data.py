@@ -3,7 +3,7 @@
 
 import pytest
 import torch
-from helpers import DATA
+from helpers import DATA, INVIVO
 
 from mrsfm_model.config import load_config
 from mrsfm_model.data.canonical import CanonicalGrid
@@ -24,7 +24,7 @@ def test_select_channels_diff_is_on_minus_off_and_zero_when_unedited():
 
 @pytest.fixture(scope="module")
 def invivo():
-    return InVivoSet.from_folder(DATA / "invivo", InputBuilder(CanonicalGrid.from_config(), SpectrogramConfig.from_config(), CHANNELS))
+    return InVivoSet.from_folder(INVIVO, InputBuilder(CanonicalGrid.from_config(), SpectrogramConfig.from_config(), CHANNELS))
 
 
 def test_invivo_folder_loads_every_real_file(invivo):

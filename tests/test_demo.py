@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import site
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,8 +29,11 @@ FLOWER_SCRIPTS = ("flwr", "flower-superlink", "flower-supernode", "flower-supere
 def installed(tmp_path_factory) -> dict:
     """A venv with the wheel of this checkout installed, and a working folder outside the checkout."""
     root = tmp_path_factory.mktemp("wheel")
+    src = root / "src"  # a clean copy: no stale build/ of an earlier layout can slip into the wheel
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "build", "dist", "*.egg-info",
+                                                             "__pycache__", ".pytest_cache", ".ruff_cache"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(root / "dist"), str(REPO)], check=True, capture_output=True, text=True, timeout=300)
+                    str(root / "dist"), str(src)], check=True, capture_output=True, text=True, timeout=300)
     (wheel,) = (root / "dist").glob("mrsfm-*.whl")
     venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
@@ -66,9 +71,13 @@ def test_the_wheel_carries_the_package_its_configs_and_examples(installed):
 
 
 def test_the_site_launcher_runs_from_the_wheel(installed):
-    res = _run(installed, str(installed["py"]), "-m", "client", "--site", "unicamp", "--dry-run")
+    with socket.socket() as lab:  # a port that answers, standing in for the lab's SuperLink
+        lab.bind(("127.0.0.1", 0))
+        lab.listen()
+        res = _run(installed, str(installed["py"]), "-m", "client", "--site", "unicamp", "--dry-run",
+                   f"site.superlink=127.0.0.1:{lab.getsockname()[1]}")
     assert res.returncode == 0, res.stderr
-    assert "flower-supernode" in res.stdout and 'site="unicamp"' in res.stdout
+    assert "flower-supernode" in res.stdout and 'site="unicamp"' in res.stdout and 'log-level="INFO"' in res.stdout
 
 
 def test_demo_learns_from_the_shipped_model_and_reports_every_arm(installed):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import REPO
+from helpers import INVIVO, REPO
 
 DEPLOY = REPO / "deploy"
 SITE_ENV = {"MRSFM_SITE": "unicamp", "MRSFM_SUPERLINK": "lab.example.org:8000", "MRSFM_DATA": "/data/mrs"}
@@ -233,7 +233,7 @@ def test_the_kits_site_words_make_a_tls_supernode_command(tmp_path, fake_superli
                 value = str(root / value.lstrip("/"))
             words.append(f"{key}={value}")
         local = site_words(words)
-        shutil.copytree(REPO / "tests" / "data" / "invivo" / "philips", local["site.data_dir"])
+        shutil.copytree(INVIVO / "philips", local["site.data_dir"])
         for key in ("site.root_certificates", "site.auth_private_key"):
             Path(local[key]).parent.mkdir(parents=True, exist_ok=True)
             Path(local[key]).write_text("dummy\n")
@@ -264,9 +264,11 @@ def test_dockerfile_installs_the_package_the_way_the_commands_expect():
     copied = {w.rstrip("/") for ln in lines if ln.startswith("COPY") for w in ln.split()[1:-1]}
     for src in copied:
         assert (REPO / src).exists(), f"COPY {src}: no such path in the repository"
-    # what `pip install -e .` needs: the packages setuptools includes, the readme pyproject names, configs/
+    # what the wheel is built from: the packages setuptools includes, the readme pyproject names, configs/
     assert {"pyproject.toml", "README.md", "mrsfm_model", "server", "client", "configs"} <= copied
-    assert any("pip install -e ." in ln for ln in lines)
+    run = " && ".join(ln for ln in lines if ln.startswith("RUN"))
+    assert re.search(r"pip wheel --no-deps -w (\S+) \.\s+&& pip install \1/mrsfm-\*\.whl\s+&& rm -rf", run), run
+    assert "pip install -e" not in run  # the image runs the installed wheel, not a checkout
     assert "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1" in text
     user = [ln.split()[1] for ln in lines if ln.startswith("USER")]
     assert user and user[-1] not in ("root", "0")

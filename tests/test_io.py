@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import DATA
+from helpers import DATA, INVIVO
 from nifti_mrs.create_nmrs import gen_nifti_mrs
 from nifti_mrs.nifti_mrs import NIFTI_MRS
 
@@ -27,8 +27,8 @@ from mrsfm_model.data.io import (
 from mrsfm_model.data.spectrum import peak_ppm
 from mrsfm_model.errors import MRSDataError
 
-PHILIPS = DATA / "invivo" / "philips"
-SIEMENS = DATA / "invivo" / "siemens"
+PHILIPS = INVIVO / "philips"
+SIEMENS = INVIVO / "siemens"
 NIFTI = DATA / "nifti_mrs"
 PRESS = PHILIPS / "sub-01_PRESS_35_act.sdat"
 MM = PHILIPS / "sub-01_MM_TI600_act.SDAT"

@@ -78,13 +78,16 @@ def test_reference_figures_of_the_design_notes():
     assert acc.get_epsilon(1e-5) == pytest.approx(8.4, abs=0.5)
 
 
-def test_public_steps_do_not_touch_the_accountant():
-    site = PrivateSite(_trainer(), torch.randn(12, 3, 64, 64), DPConfig.from_config(enabled=True, batch_size=4))
+def test_public_steps_do_not_touch_the_accountant_and_the_trainer_is_never_rewired():
+    tr = _trainer()
+    model, optimizer, loss_fn, clip = tr.model, tr.optimizer, tr.loss_fn, tr.cfg.grad_clip
+    site = PrivateSite(tr, torch.randn(12, 3, 64, 64), DPConfig.from_config(enabled=True, batch_size=4))
     site.private_steps(2)
     eps = site.epsilon()
-    with site.public() as tr:
-        tr.train_step(torch.randn(6, 3, 64, 64))
-    assert site.epsilon() == eps and site.state()["history"][0][2] == 2
+    tr.train_step(torch.randn(6, 3, 64, 64))  # the Trainer's own step: no hooks, no noise, no accounting
+    assert site.epsilon() == eps and site.state()["history"][0][2] == 2 and tr.step == 3
+    assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in model.parameters())
+    assert (tr.model, tr.optimizer, tr.loss_fn, tr.cfg.grad_clip) == (model, optimizer, loss_fn, clip)
 
 
 def test_rdp_accountant_is_selectable():
@@ -140,7 +143,7 @@ def test_client_stops_private_steps_when_the_budget_is_spent_and_keeps_training(
     _, m2 = _round(private_folder, 2, f"privacy.epsilon_budget={budget}")
     assert (m1["private-steps"], m1["budget-spent"]) == (1, 1.0) and m1["epsilon"] <= budget
     assert m2["private-steps"] == 0 and m2["epsilon"] == m1["epsilon"] and m2["num-examples"] == 16
-    assert "privacy budget spent" in capfd.readouterr().out
+    assert "warning: [mrsfm] einstein: privacy budget spent" in capfd.readouterr().err  # the site log, at WARNING
 
 
 def test_client_with_dp_but_no_private_data_says_why(tmp_path):
@@ -168,10 +171,10 @@ def test_ghost_clipping_gives_the_same_clipped_gradient_as_per_sample_gradients(
     grads = {}
     for mode in ("flat", "ghost"):
         tr = _trainer(0)
-        PrivateSite(tr, torch.randn(12, 3, 64, 64),
-                           DPConfig.from_config(enabled=True, noise_multiplier=0.0, batch_size=6, max_grad_norm=0.05, clipping=mode))
+        site = PrivateSite(tr, torch.randn(12, 3, 64, 64), DPConfig.from_config(
+            enabled=True, noise_multiplier=0.0, batch_size=6, max_grad_norm=0.05, clipping=mode))
         torch.manual_seed(1)  # the same masks
-        tr.train_step(x)  # a DP-SGD step on a fixed batch (no epsilon: sigma 0 makes it infinite)
+        site.private_step(x)  # a DP-SGD step on a fixed batch (no epsilon: sigma 0 makes it infinite)
         grads[mode] = torch.cat([p.grad.flatten() for p in tr.model.parameters()])
     plain = _trainer(0)
     torch.manual_seed(1)

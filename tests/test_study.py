@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import INVIVO
 
 from mrsfm_model.config import load_config
 from mrsfm_model.data.simulate import write_simulated
@@ -22,7 +23,7 @@ from mrsfm_model.evaluation.study import baseline_fit_predict, cv_folds, load_st
 from mrsfm_model.model.export import export_encoder
 from mrsfm_model.model.mae import SpectroMAE, mae_config
 
-RDA = Path(__file__).parent / "data" / "invivo" / "siemens" / "SVS_30.rda"
+RDA = INVIVO / "siemens" / "SVS_30.rda"
 # tiny training; water removal (HLSVD) off to keep loading fast: it is not what is tested here
 OVERRIDES = ["device=cpu", "data.grid.remove_water=false", "++study.folds=3", "++study.seeds=[0,1]",
              "++study.steps=2", "++study.batch_size=8", "finetune.warmup_steps=1"]

@@ -28,9 +28,12 @@ from mrsfm_model.data.stream import InputBuilder
 from mrsfm_model.errors import MRSDataError
 from mrsfm_model.evaluation.linear import fit_linear, fit_predict
 from mrsfm_model.evaluation.tasks import QUANT_TARGETS, build_benchmark, generators_seen, lcm_ratios
+from mrsfm_model.logs import Log, get_logger
 from mrsfm_model.model.export import build_vit, encoder_state, load_encoder, read_encoder_config
 from mrsfm_model.model.mae import MAEConfig, SpectroMAE, configured_mae
 from mrsfm_model.training.trainer import OptimConfig, Trainer
+
+_log = get_logger("evaluation")
 
 
 @dataclass
@@ -269,7 +272,8 @@ def arm_start(arm: str, encoder: str | Path | None) -> str | Path | None:
     return {"pretrained": encoder, "random_init": RANDOM_INIT, "scratch": None}[arm]
 
 
-def run_benchmark(cfg, encoder: str | Path | None, out_dir: str | Path, device: torch.device, log=print) -> dict:
+def run_benchmark(cfg, encoder: str | Path | None, out_dir: str | Path, device: torch.device,
+                  log: Log = _log.info) -> dict:
     """Every arm, mode, label size and seed -> table, paired differences, JSON and PNG.
 
     Deep arms: `pretrained` (the encoder), `random_init` (the same MAE encoder at its initialisation,
@@ -365,7 +369,7 @@ def paired_differences(rows: list[dict]) -> list[dict]:
     return out
 
 
-def print_paired(paired: list[dict], log=print) -> None:
+def print_paired(paired: list[dict], log: Log = _log.info) -> None:
     if not paired:
         return
     log("paired differences (same labelled sample per seed; mean and 95% interval over seeds):")
@@ -387,7 +391,7 @@ def _baseline(f_train: torch.Tensor, y_train: torch.Tensor, f_test: torch.Tensor
     return regression_metrics(y_test.numpy(), fit_predict(a, y_train.numpy(), b, "regression", 0, l2), QUANT_TARGETS)
 
 
-def print_table(rows: list[dict], log=print) -> None:
+def print_table(rows: list[dict], log: Log = _log.info) -> None:
     log(f"{'task':<7}{'init':<12}{'mode':<9}{'labels':>7}  {'metric':<14}{'mean':>7}  {'95% CI':>8}")
     for r in rows:
         key = HEADLINE[r["task"]]

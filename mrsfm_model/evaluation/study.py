@@ -21,7 +21,7 @@ import json
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -46,13 +46,14 @@ from mrsfm_model.evaluation.finetune import (
 from mrsfm_model.evaluation.linear import fit_predict
 from mrsfm_model.evaluation.predict import save_study_model
 from mrsfm_model.evaluation.tasks import spectrum_features
+from mrsfm_model.logs import Log, get_logger
 from mrsfm_model.model.mae import MAEConfig
 
 TASKS = ("classification", "regression")
 MISSING_VALUES = {"", "nan", "na", "n/a", "null", "none", "?"}
 METRICS = {"classification": ("accuracy", "balanced_accuracy", "macro_f1"), "regression": ("mae", "r2")}
 HEADLINE_METRIC = {"classification": "balanced_accuracy", "regression": "r2"}
-Log = Callable[[str], None]
+_log = get_logger("evaluation")
 
 
 # --------------------------------------------------------------------------- settings
@@ -363,7 +364,7 @@ def _check_usable(rows: list[LabelRow], n_listed: int, task: str, target: str, l
 
 
 def load_study(cfg, data_dir: Path, labels_csv: Path, target: str, task: str | None = None,
-               log: Log = print) -> StudyData:
+               log: Log = _log.info) -> StudyData:
     """labels.csv + DIR -> StudyData, dropping unusable rows with a warning each; refuses what cannot work."""
     data_dir, labels_csv = Path(data_dir), Path(labels_csv)
     scfg = StudyConfig.from_config(cfg.get("study"))
@@ -597,7 +598,7 @@ def _final_model(data: StudyData, setup: DeepSetup, seed: int, log: Log) -> tupl
 
 
 def run_study(cfg, encoder: Path | None, data_dir: Path, labels_csv: Path, target: str, out_dir: Path,
-              device: torch.device | str, task: str | None = None, log: Log = print) -> dict[str, Any]:
+              device: torch.device | str, task: str | None = None, log: Log = _log.info) -> dict[str, Any]:
     """Evaluate (grouped stratified k-fold CV x seeds; pretrained / random_init / scratch / baseline), then train
     and save the final model. Writes study.json, confusion.png (classification), model.safetensors
     + model.json under out_dir; returns the study.json content."""

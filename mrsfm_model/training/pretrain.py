@@ -18,9 +18,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from mrsfm_model.config import resolve_device
 from mrsfm_model.data.stream import build_stream
+from mrsfm_model.logs import Log, get_logger
 from mrsfm_model.model.export import export_encoder, init_mae, save_mae
 from mrsfm_model.model.mae import SpectroMAE, build_mae, mae_loss
 from mrsfm_model.training.trainer import OptimConfig, Trainer
+
+_log = get_logger("training")
 
 
 def plot_curve(metrics_path: Path, out: Path) -> Path:
@@ -68,7 +71,7 @@ def plot_reconstructions(model: SpectroMAE, examples: dict[str, torch.Tensor], o
     return out
 
 
-def run_pretrain(cfg: DictConfig, log=print) -> dict:
+def run_pretrain(cfg: DictConfig, log: Log = _log.info) -> dict:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))

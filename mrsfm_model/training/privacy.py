@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from mrsfm_model.config import ConfigSection
 from mrsfm_model.model.mae import MaskTokenFill, PrependToken
-from mrsfm_model.training.trainer import Trainer
+from mrsfm_model.training.trainer import StepPolicy, Trainer
 
 
 @dataclass
@@ -81,7 +80,9 @@ def noise_for_target(cfg: DPConfig, sample_rate: float) -> float:
 
 
 class PrivateSite:
-    """Wraps a Trainer so its model trains with DP-SGD on `private_x` and normally elsewhere."""
+    """DP-SGD on `private_x` as a collaborator of a Trainer: its private steps run through the
+    Trainer's one training step with a private StepPolicy (Opacus' module and optimizer); every
+    other step is the Trainer's own. The Trainer itself is never rewired."""
 
     def __init__(self, trainer: Trainer, private_x: torch.Tensor, cfg: DPConfig, state: dict | None = None,
                  seed: int = 0):
@@ -117,13 +118,9 @@ class PrivateSite:
             )
         self.loader = rest[-1]
         self.dp_model, self.dp_optimizer = model, optimizer
-        self._loss_fn = trainer.loss_fn
-        trainer.model = trainer.forward_model = model
-        trainer.optimizer = optimizer
-        if self.ghost:
-            trainer.loss_fn = self._ghost_loss
-        self._clip = trainer.cfg.grad_clip
-        trainer.cfg.grad_clip = None  # Opacus clips per sample
+        # Opacus clips per sample, so no global clip; its hooks run only during private steps
+        self.policy = StepPolicy(model, optimizer, self._ghost_loss if self.ghost else trainer.loss_fn, None)
+        self.dp_model.disable_hooks()
 
     def _ghost_loss(self, model: nn.Module, batch) -> tuple[DPTensorFastGradientClipping, dict]:
         """Ghost clipping needs one loss per sample: its backward runs twice (norms, then the
@@ -170,7 +167,7 @@ class PrivateSite:
                         p.grad_sample = p.new_zeros((0, *p.shape))
                 self.dp_optimizer.step()
             else:
-                last = self.trainer.train_step(batch)
+                last = self.private_step(batch)
             done += 1
         return {"private_steps": done, "epsilon": self.epsilon(), "budget_spent": not self.budget_left(),
                 **({"private_loss": float(last["loss"])} if last else {})}
@@ -191,30 +188,21 @@ class PrivateSite:
                     losses.append(out["private_loss"])
                 if not refused:
                     continue
-            with self.public() as tr:
-                losses.append(float(tr.train_step(next(public_batches))["loss"]))
+            losses.append(float(self.trainer.train_step(next(public_batches))["loss"]))
         return {"loss": sum(losses) / max(1, len(losses)), "private_steps": done, "public_steps": steps - done,
                 "epsilon": self.epsilon(), "delta": self.cfg.delta, "noise_multiplier": self.noise_multiplier,
                 "sample_rate": self.sample_rate, "budget_spent": not self.budget_left()}
 
-    def close(self) -> Trainer:
-        """Remove the Opacus hooks and hand the trainer back as it was (plain model and optimizer),
-        e.g. to save it: its optimizer state is the original AdamW's."""
-        tr = self.trainer
-        tr.model = tr.forward_model = self.dp_model.to_standard_module()
-        tr.optimizer, tr.cfg.grad_clip, tr.loss_fn = self.dp_optimizer.original_optimizer, self._clip, self._loss_fn
-        return tr
-
-    @contextlib.contextmanager
-    def public(self):
-        """Non-private steps on shared simulated data: hooks off, the plain optimizer, normal clipping."""
-        tr = self.trainer
-        self.dp_model.disable_hooks()
-        tr.optimizer, tr.cfg.grad_clip, tr.loss_fn = self.dp_optimizer.original_optimizer, self._clip, self._loss_fn
+    def private_step(self, batch: torch.Tensor) -> dict:
+        """One DP-SGD step on a private batch: the Trainer's step with the private policy, Opacus'
+        per-sample hooks on for exactly this step."""
+        self.dp_model.enable_hooks()
         try:
-            yield tr
+            return self.trainer.train_step(batch, self.policy)
         finally:
-            self.dp_model.enable_hooks()
-            tr.optimizer, tr.cfg.grad_clip = self.dp_optimizer, None
-            if self.ghost:
-                tr.loss_fn = self._ghost_loss
+            self.dp_model.disable_hooks()
+
+    def close(self) -> Trainer:
+        """Remove the Opacus hooks from the model; the Trainer (its AdamW state included) is as it was."""
+        self.dp_model.to_standard_module()
+        return self.trainer

@@ -46,6 +46,19 @@ class OptimConfig(ConfigSection):
             raise ValueError(f"config train.amp: expected auto|bf16|fp16|none, got {self.amp!r}")
 
 
+@dataclass(frozen=True)
+class StepPolicy:
+    """What one optimisation step runs: the module called forward, the optimizer stepped, the loss
+    and the gradient clipping. The Trainer has its own (`plain_step`); a collaborator hands another
+    to `train_step` instead of rewiring the Trainer (DP-SGD: the Opacus-wrapped module and
+    optimizer, per-sample clipping inside, so no global clip)."""
+
+    forward: nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_fn: LossFn
+    grad_clip: float | None
+
+
 def _layer_id(name: str, n_layers: int) -> int:
     """0 for embeddings/tokens, i+1 for encoder block i, n_layers+1 for everything after."""
     if name.startswith(("patch_embed", "cls_token", "pos_embed", "mask_token")):
@@ -115,27 +128,34 @@ class Trainer:
             g["lr"] = self.lr * factor * g.get("lr_scale", 1.0)
         return self.lr * factor
 
-    def train_step(self, batch: Any) -> dict[str, float | torch.Tensor]:
-        """One optimisation step. Loss and gradient norm come back as device tensors: reading
-        them (a GPU sync) is left to `fit`'s logging, so the GPU is never stalled per step."""
+    def plain_step(self) -> StepPolicy:
+        """The Trainer's own step: its model, AdamW, loss and gradient clipping."""
+        return StepPolicy(self.forward_model, self.optimizer, self.loss_fn, self.cfg.grad_clip)
+
+    def train_step(self, batch: Any, policy: StepPolicy | None = None) -> dict[str, float | torch.Tensor]:
+        """One optimisation step, the Trainer's own or `policy`'s (a collaborator such as DP-SGD
+        passes its private step; the schedule, precision and step count stay the Trainer's).
+        Loss and gradient norm come back as device tensors: reading them (a GPU sync) is left
+        to `fit`'s logging, so the GPU is never stalled per step."""
+        p = policy or self.plain_step()
         self.model.train()
         lr = self._set_lr()
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            loss, metrics = self.loss_fn(self.forward_model, batch)
-        self.optimizer.zero_grad(set_to_none=True)
+            loss, metrics = p.loss_fn(p.forward, batch)
+        p.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
+            self.scaler.unscale_(p.optimizer)
         else:
             loss.backward()
         grad_norm = None
-        if self.cfg.grad_clip:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        if p.grad_clip:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), p.grad_clip)
         if self.scaler is not None:
-            self.scaler.step(self.optimizer)
+            self.scaler.step(p.optimizer)
             self.scaler.update()
         else:
-            self.optimizer.step()
+            p.optimizer.step()
         self.step += 1
         out = {"step": self.step, "loss": loss.detach(), "lr": lr, **metrics}
         if grad_norm is not None:
