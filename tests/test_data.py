@@ -3,7 +3,7 @@
 
 import pytest
 import torch
-from helpers import DATA, INVIVO
+from helpers import INVIVO
 
 from mrsfm_model.config import load_config
 from mrsfm_model.data.canonical import CanonicalGrid
@@ -62,7 +62,7 @@ def test_every_invivo_spectrum_is_seen_once_per_epoch(invivo):
 
 
 def test_build_stream_reads_the_configured_folder():
-    cfg = load_config([f"data.invivo_dir={DATA / 'invivo' / 'siemens'}", "data.batch_size=4",
+    cfg = load_config([f"data.invivo_dir={INVIVO / 'siemens'}", "data.batch_size=4",
                        "data.sim_profiles=[press_siemens]"])
     stream = build_stream(cfg.data, seed=0)
     assert len(stream.invivo) == 2 and stream.n_invivo == 1

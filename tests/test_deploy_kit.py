@@ -214,6 +214,7 @@ def fake_superlink():
         yield f"127.0.0.1:{srv.getsockname()[1]}"
 
 
+@pytest.mark.slow  # the real site launcher for each of the kit's sites
 def test_the_kits_site_words_make_a_tls_supernode_command(tmp_path, fake_superlink):
     """`python -m client --dry-run` with the words of the compose file and of the unit (absolute
     paths moved under tmp_path, dummy certificate and key, shipped spectra as the data): it takes

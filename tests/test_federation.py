@@ -137,6 +137,7 @@ def test_launcher_unreachable_superlink_is_one_clear_line():
     assert "cannot reach the SuperLink at 127.0.0.1:" in res.stderr
 
 
+@pytest.mark.slow  # reads a folder through the real launcher process
 def test_launcher_data_dir_without_spectra_is_one_clear_line(tmp_path):
     (tmp_path / "notes.txt").write_text("no spectra here")
     res = run_module("client", "--site", "hcfmrp", f"site.data_dir={tmp_path}")

@@ -98,6 +98,7 @@ def test_missing_shipped_model_is_a_clear_error(monkeypatch, tmp_path):
         export.shipped()
 
 
+@pytest.mark.slow  # a real pretraining stream over every profile
 def test_transfer_split_keeps_every_benchmark_generator_out_of_pretraining():
     from mrsfm_model.data.stream import build_stream
     from mrsfm_model.evaluation.tasks import VENDOR_PROFILES, build_benchmark, generators_seen

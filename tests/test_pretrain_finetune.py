@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import INVIVO
 
 from mrsfm_model.config import load_config
 from mrsfm_model.data.canonical import CanonicalGrid
@@ -63,11 +64,12 @@ def test_metrics_on_known_values():
     assert ci["mean"] == 2.0 and ci["ci95"] == pytest.approx(4.303 * 1 / np.sqrt(3), rel=1e-3)
 
 
+@pytest.mark.slow  # minutes of CPU on a slow machine: pretrain, resume, export, fine-tune
 def test_tiny_pretrain_resume_export_and_finetune(tmp_path):
     run = tmp_path / "run"
     over = [f"run_dir={run}", "device=cpu", "train.steps=4", "train.checkpoint_every=2", "train.log_every=2",
             "data.batch_size=6", "data.sim_profiles=[megapress_ge,press_siemens]",
-            f"data.invivo_dir={__import__('pathlib').Path(__file__).parent / 'data' / 'invivo' / 'philips'}"]
+            f"data.invivo_dir={INVIVO / 'philips'}"]
     logs: list[str] = []
     run_pretrain(load_config(over), log=logs.append)
     for name in ("encoder.safetensors", "encoder.json", "metrics.jsonl", "training_curve.png", "reconstruction.png",

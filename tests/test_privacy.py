@@ -120,6 +120,7 @@ def private_folder(tmp_path):
     return tmp_path
 
 
+@pytest.mark.slow  # whole client rounds (config, data, model, trainer), like the two below
 @pytest.mark.parametrize("clipping", ["flat", "ghost"])
 def test_client_reports_cumulative_epsilon_equal_to_an_independent_accountant(private_folder, clipping):
     _, m1 = _round(private_folder, 1, f"privacy.clipping={clipping}")
@@ -135,6 +136,7 @@ def test_client_reports_cumulative_epsilon_equal_to_an_independent_accountant(pr
     assert saved["history"] == [[1.1, 0.25, 4]] and saved["accountant"] == "prv"
 
 
+@pytest.mark.slow
 def test_client_stops_private_steps_when_the_budget_is_spent_and_keeps_training(private_folder, capfd):
     one = PRVAccountant()
     one.step(noise_multiplier=1.1, sample_rate=2 / 8)

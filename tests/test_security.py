@@ -297,6 +297,7 @@ def test_every_process_group_is_gone_afterwards(secure):
 
 
 # -- SQLite state keeps the registrations ------------------------------------------------------------
+@pytest.mark.slow  # two real SuperLink starts
 def test_database_state_keeps_registrations_across_a_superlink_restart(tmp_path):
     fed = LocalFederation(tmp_path, ["unicamp"], log=lambda m: None, secure=True, database=tmp_path / "state.db")
     with fed:

@@ -288,6 +288,7 @@ def broken_train(msg, context):
 '''
 
 
+@pytest.mark.slow  # a real federation (SuperLink, 3 SuperNodes, flwr run)
 def test_a_site_sending_nan_is_dropped_and_the_run_completes(tmp_path):
     app = stage_app(tmp_path)
     (app / "client" / "broken.py").write_text(BROKEN_CLIENT)
