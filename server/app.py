@@ -32,6 +32,7 @@ from mrsfm_model.model.export import export_encoder, init_mae
 from mrsfm_model.model.mae import build_mae
 from mrsfm_model.model.weights import load_weights, save_weights
 from mrsfm_model.model.wire import WIRE_DTYPES, as_fp32_record, to_state
+from mrsfm_model.training.monitor import Scalars
 from mrsfm_model.training.pretrain import plot_curve, plot_reconstructions
 
 from .rundir import RunDir
@@ -127,6 +128,7 @@ def _rounds(grid: Grid, s: RunSettings, cfg, model, rd: RunDir, done: int) -> No
         "total-steps": s.num_rounds * s.local_steps,
         "wire-dtype": s.wire_dtype, "local-sleep-s": s.local_sleep_s, "run-key": rd.key()})
     clock = [time.monotonic()]
+    scalars = Scalars(rd.path, bool(cfg.train.tensorboard), resume_step=done + 1)
 
     def on_round_end(local_round: int, arrays) -> MetricRecord | None:
         """Flower calls this after every round: checkpoint + metrics line (round 0: the start)."""
@@ -158,6 +160,10 @@ def _rounds(grid: Grid, s: RunSettings, cfg, model, rd: RunDir, done: int) -> No
         strategy.save_state(rd.server_state(rnd))
         rd.append_metrics(record)
         save_weights(model, rd.checkpoint(rnd), {"round": rnd, "strategy": s.strategy})  # commit point
+        scalars.add({"loss": loss, "num_sites": len(ok), "round_seconds": record["round_seconds"]}, rnd, "round")
+        for site in record["sites"]:
+            scalars.add({k: site[k] for k in ("loss", "epsilon", "bytes_up", "bytes_down", "local_seconds")
+                         if k in site}, rnd, f"site/{site['site']}")
         rd.save_sites(wgrid.sites)
         per_site = ", ".join(f"{r.site} {float(r.metrics['loss']):.4f} ({r.bytes_up / 1e6:.2f} MB up"
                              + (f", epsilon {float(r.metrics['epsilon']):.2f}" if "epsilon" in r.metrics else "")
@@ -167,8 +173,11 @@ def _rounds(grid: Grid, s: RunSettings, cfg, model, rd: RunDir, done: int) -> No
             + f" -> {rd.checkpoint(rnd)}")
         return MetricRecord({"loss": loss})
 
-    strategy.start(wgrid, as_fp32_record(model.state_dict()), num_rounds=s.num_rounds - done,
-                   timeout=s.round_timeout_s, train_config=train_config, evaluate_fn=on_round_end)
+    try:
+        strategy.start(wgrid, as_fp32_record(model.state_dict()), num_rounds=s.num_rounds - done,
+                       timeout=s.round_timeout_s, train_config=train_config, evaluate_fn=on_round_end)
+    finally:
+        scalars.close()
 
 
 def _finish(s: RunSettings, cfg, model, rd: RunDir) -> dict:

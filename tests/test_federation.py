@@ -211,6 +211,19 @@ def test_three_sites_two_rounds_checkpoint_and_metrics_every_round(federation):
     assert (rd.path / "encoder.safetensors").is_file() and (rd.path / "training_curve.png").is_file()
 
 
+def test_the_server_writes_tensorboard_beside_its_metrics_across_the_resume(federation):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rd = federation["rd"]
+    acc = EventAccumulator(str(rd.path / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    rows = rd.read_metrics()
+    assert [e.step for e in acc.Scalars("round/loss")] == [r["round"] for r in rows]  # no doubles after resume
+    assert [round(e.value, 5) for e in acc.Scalars("round/loss")] == [round(r["loss"], 5) for r in rows]
+    assert {f"site/{s}/loss" for s in SITES} | {f"site/{s}/bytes_up" for s in SITES} <= tags
+
+
 def test_site_killed_mid_round_the_round_aggregates_the_others(federation):
     _phase(federation, 2)
     rows = {r["round"]: r for r in federation["rd"].read_metrics()}

@@ -21,6 +21,7 @@ from mrsfm_model.data.stream import build_stream
 from mrsfm_model.logs import Log, get_logger
 from mrsfm_model.model.export import export_encoder, init_mae, save_mae
 from mrsfm_model.model.mae import SpectroMAE, build_mae, mae_loss
+from mrsfm_model.training.monitor import Scalars
 from mrsfm_model.training.trainer import OptimConfig, Trainer
 
 _log = get_logger("training")
@@ -91,6 +92,7 @@ def run_pretrain(cfg: DictConfig, log: Log = _log.info) -> dict:
         log(f"resumed from {ckpt} at step {trainer.step}")
     elif cfg.get("init"):
         log(f"starting from {init_mae(model, cfg.init)}")
+    trainer.scalars = Scalars(run_dir, bool(cfg.train.tensorboard), resume_step=trainer.step)
     every = int(cfg.train.checkpoint_every) or steps
     last: dict = {}
     while trainer.step < steps:
@@ -114,5 +116,6 @@ def run_pretrain(cfg: DictConfig, log: Log = _log.info) -> dict:
                        "denoise": bool(cfg.data.denoise), "seed": int(cfg.seed)}}
     export_encoder(model, run_dir / "encoder.safetensors", card)
     save_mae(model, run_dir / "mae.safetensors")
+    trainer.scalars.close()
     log(f"encoder -> {run_dir / 'encoder.safetensors'}")
     return card

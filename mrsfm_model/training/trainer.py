@@ -18,9 +18,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from mrsfm_model.config import ConfigSection
 from mrsfm_model.model.weights import load_weights, save_weights
+from mrsfm_model.training.monitor import Scalars
 
 LossFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, dict[str, float]]"]
 
@@ -120,6 +122,8 @@ class Trainer:
         self.step = 0
         self.run_dir = Path(run_dir) if run_dir else None
         self.progress = progress
+        self.scalars: Scalars | None = None  # TensorBoard beside metrics.jsonl, when a run wants it
+        self._bar = None  # one progress bar over the whole run, across `fit` calls
 
     # -- the one training step ---------------------------------------------------------------
     def _set_lr(self) -> float:
@@ -171,10 +175,12 @@ class Trainer:
         on_log: Callable[[dict], None] | None = None,
         desc: str = "train",
     ) -> dict[str, float]:
-        """Run `steps` steps from `batches`; log a mean every `log_every` steps; return the last mean."""
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc=desc, disable=not self.progress, dynamic_ncols=True, leave=False)
+        """Run `steps` steps from `batches`; log a mean every `log_every` steps; return the last mean.
+        The progress bar counts to `total_steps` over every call (a run saved in chunks, resumed)."""
+        if self._bar is None:
+            self._bar = tqdm(total=self.total_steps, initial=self.step, desc=desc, disable=not self.progress,
+                             dynamic_ncols=True)
+        bar = self._bar
         window: list[dict] = []
         last: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -191,10 +197,14 @@ class Trainer:
                 if on_log:
                     on_log(last)
                 window = []
-        bar.close()
+        if self.step >= self.total_steps:
+            bar.close()
+            self._bar = None
         return last
 
     def log(self, record: dict) -> None:
+        if self.scalars is not None:
+            self.scalars.add({k: v for k, v in record.items() if k not in ("step", "seconds")}, record["step"], "train")
         if self.run_dir is None:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
