@@ -32,6 +32,7 @@ from mrsfm_model.model.export import export_encoder, init_mae
 from mrsfm_model.model.mae import build_mae
 from mrsfm_model.model.weights import load_weights, save_weights
 from mrsfm_model.model.wire import WIRE_DTYPES, as_fp32_record, to_state
+from mrsfm_model.reports.cards import pretraining_card
 from mrsfm_model.training.monitor import Scalars
 from mrsfm_model.training.pretrain import plot_curve, plot_reconstructions
 
@@ -189,12 +190,10 @@ def _finish(s: RunSettings, cfg, model, rd: RunDir) -> dict:
     stream = build_stream(cfg.data, seed=cfg.seed, device="cpu")
     plot_reconstructions(model, {"simulated": stream.sim_batch(10**6, k=len(stream.simulators) or 1).x[0]},
                          rd.path / "reconstruction.png", seed=cfg.seed)
-    card = {"trained_rounds": rd.last_round(), "local_steps": s.local_steps,
-            "federated": {"strategy": s.strategy, "wire_dtype": s.wire_dtype,
-                          "sites": sorted({x["site"] for r in rows for x in r["sites"]})},
-            "grid": OmegaConf.to_container(cfg.data.grid), "spectrogram": OmegaConf.to_container(cfg.data.spectrogram),
-            "channels": list(cfg.data.channels), "final_loss": rows[-1]["loss"] if rows else None,
-            "privacy": privacy_summary(rows)}
+    card = pretraining_card(cfg, rows[-1]["loss"] if rows else None, trained_rounds=rd.last_round(),
+                            local_steps=s.local_steps, privacy=privacy_summary(rows),
+                            federated={"strategy": s.strategy, "wire_dtype": s.wire_dtype,
+                                       "sites": sorted({x["site"] for r in rows for x in r["sites"]})})
     export_encoder(model, rd.path / "encoder.safetensors", card)
     for site, p in card["privacy"].items():
         say(f"privacy of {site}: " + (f"epsilon {p['epsilon']:.3f} at delta {p['delta']:g} after {p['private_steps']} "

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,7 @@ from mrsfm_model.evaluation.tasks import QUANT_TARGETS, build_benchmark, generat
 from mrsfm_model.logs import Log, get_logger
 from mrsfm_model.model.export import build_vit, encoder_state, load_encoder, read_encoder_config
 from mrsfm_model.model.mae import MAEConfig, SpectroMAE, configured_mae
+from mrsfm_model.reports.cards import read_card
 from mrsfm_model.training.trainer import OptimConfig, Trainer
 
 _log = get_logger("evaluation")
@@ -244,10 +245,8 @@ def architecture(cfg, encoder: Path | None, builder: InputBuilder) -> MAEConfig:
 def input_differences(encoder: Path, builder: InputBuilder) -> list[str]:
     """Each data.* setting in which the encoder's pretraining (per its card) differs from this run,
     as 'data.KEY: encoder A, this run B'."""
-    from dataclasses import asdict
 
-    card_path = encoder.with_suffix(".json")
-    card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    card = read_card(encoder) or {}
     try:
         theirs = InputBuilder.from_dict({"grid": card.get("grid", {}), "spectrogram": card.get("spectrogram", {}),
                                          "channels": card.get("channels", builder.channels)})
@@ -294,8 +293,7 @@ def run_benchmark(cfg, encoder: str | Path | None, out_dir: str | Path, device: 
     test = bench.test
     transfer = None
     if encoder:
-        card_path = Path(encoder).with_suffix(".json")
-        pre = json.loads(card_path.read_text()).get("data", {}).get("sim_profiles") if card_path.is_file() else None
+        pre = (read_card(encoder) or {}).get("data", {}).get("sim_profiles")
         if pre is not None:
             seen = generators_seen(pre)
             transfer = {"pretraining_profiles": pre, "benchmark_generators_seen": seen, "transfer": not seen}

@@ -48,6 +48,7 @@ from mrsfm_model.evaluation.predict import save_study_model
 from mrsfm_model.evaluation.tasks import spectrum_features
 from mrsfm_model.logs import Log, get_logger
 from mrsfm_model.model.mae import MAEConfig
+from mrsfm_model.reports.cards import read_card
 
 TASKS = ("classification", "regression")
 MISSING_VALUES = {"", "nan", "na", "n/a", "null", "none", "?"}
@@ -532,9 +533,7 @@ def encoder_provenance(encoder: Path | None) -> dict[str, Any]:
     """Which weights the model started from: file, checksum and the encoder's own model card."""
     if encoder is None:
         return {"init": "random (no --encoder)"}
-    card_path = encoder.with_suffix(".json")
-    card = json.loads(card_path.read_text()) if card_path.is_file() else None
-    return {"init": "pretrained", "path": str(encoder.resolve()), "sha256": _sha256(encoder), "card": card}
+    return {"init": "pretrained", "path": str(encoder.resolve()), "sha256": _sha256(encoder), "card": read_card(encoder)}
 
 
 # --------------------------------------------------------------------------- report

@@ -21,6 +21,7 @@ from mrsfm_model.data.stream import build_stream
 from mrsfm_model.logs import Log, get_logger
 from mrsfm_model.model.export import export_encoder, init_mae, save_mae
 from mrsfm_model.model.mae import SpectroMAE, build_mae, mae_loss
+from mrsfm_model.reports.cards import pretraining_card
 from mrsfm_model.training.monitor import Scalars
 from mrsfm_model.training.trainer import OptimConfig, Trainer
 
@@ -106,14 +107,8 @@ def run_pretrain(cfg: DictConfig, log: Log = _log.info) -> dict:
     plot_reconstructions(model, examples, run_dir / "reconstruction.png", seed=cfg.seed)
     if (run_dir / "metrics.jsonl").exists():
         plot_curve(run_dir / "metrics.jsonl", run_dir / "training_curve.png")
-    card = {"trained_steps": trainer.step, "batch_size": stream.batch_size,
-            "data": {"sim_profiles": list(cfg.data.sim_profiles), "invivo_dir": cfg.data.get("invivo_dir"),
-                     "invivo_spectra": 0 if stream.invivo is None else len(stream.invivo),
-                     "invivo_fraction": cfg.data.invivo_fraction},
-            "grid": OmegaConf.to_container(cfg.data.grid), "spectrogram": OmegaConf.to_container(cfg.data.spectrogram),
-            "channels": list(cfg.data.channels), "final_loss": last.get("loss"), "init": cfg.get("init"),
-            "recipe": {"model": OmegaConf.to_container(cfg.model), "train": OmegaConf.to_container(cfg.train),
-                       "denoise": bool(cfg.data.denoise), "seed": int(cfg.seed)}}
+    card = pretraining_card(cfg, last.get("loss"), trained_steps=trainer.step, batch_size=stream.batch_size)
+    card["data"]["invivo_spectra"] = 0 if stream.invivo is None else len(stream.invivo)
     export_encoder(model, run_dir / "encoder.safetensors", card)
     save_mae(model, run_dir / "mae.safetensors")
     trainer.scalars.close()
