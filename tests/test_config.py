@@ -15,7 +15,7 @@ from mrsfm_model.data.canonical import CanonicalGrid
 from mrsfm_model.data.simulate import SimProfile, load_profile
 from mrsfm_model.data.spectrogram import SpectrogramConfig
 from mrsfm_model.evaluation.finetune import FinetuneConfig
-from mrsfm_model.evaluation.study import StudyConfig
+from mrsfm_model.evaluation.study_data import StudyConfig
 from mrsfm_model.model.mae import MAEConfig, configured_mae, mae_config
 from mrsfm_model.training.privacy import DPConfig
 from mrsfm_model.training.trainer import OptimConfig

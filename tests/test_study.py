@@ -19,7 +19,8 @@ from mrsfm_model.config import load_config
 from mrsfm_model.data.simulate import write_simulated
 from mrsfm_model.errors import MRSDataError
 from mrsfm_model.evaluation.predict import predict_files
-from mrsfm_model.evaluation.study import baseline_fit_predict, cv_folds, load_study, run_study
+from mrsfm_model.evaluation.study import baseline_fit_predict, run_study
+from mrsfm_model.evaluation.study_data import cv_folds, load_study
 from mrsfm_model.model.export import export_encoder
 from mrsfm_model.model.mae import SpectroMAE, mae_config
 
