@@ -16,14 +16,8 @@ from nifti_mrs.create_nmrs import gen_nifti_mrs
 from nifti_mrs.nifti_mrs import NIFTI_MRS
 
 from mrsfm_model.data.canonical import CanonicalGrid, to_canonical
-from mrsfm_model.data.io import (
-    SUPPORTED_SUFFIXES,
-    combine_coils,
-    convert_files,
-    load_folder,
-    load_nifti_mrs_image,
-    load_spectrum,
-)
+from mrsfm_model.data.io import SUPPORTED_SUFFIXES, convert_files, load_folder, load_spectrum
+from mrsfm_model.data.nifti import combine_coils, load_nifti_mrs_image
 from mrsfm_model.data.spectrum import peak_ppm
 from mrsfm_model.errors import MRSDataError
 

@@ -32,10 +32,9 @@ from pathlib import Path
 import numpy as np
 
 from mrsfm_model.data.canonical import CanonicalGrid, resample_fids
-from mrsfm_model.data.spectrum import PPM_REFERENCE, normalise_vendor
+from mrsfm_model.data.spectrum import GAMMA_1H_MHZ_PER_T, PPM_REFERENCE, normalise_vendor
 from mrsfm_model.errors import MRSDataError
 
-GAMMA_1H_MHZ_PER_T = 42.577
 UNIT_FWHM_HZ = 6.0  # linewidth at which 1 mM Cr's CH3 singlet has unit height
 CR_WINDOW_PPM = (2.9, 3.15)
 OSPREY_LCMODEL_REF_PPM = 4.68  # Osprey writes .BASIS files with the receiver at 4.68 ppm

@@ -42,10 +42,9 @@ from omegaconf import OmegaConf
 from mrsfm_model.config import RESOURCES, config_dir
 from mrsfm_model.data.basis import UNIT_FWHM_HZ, Basis, load_basis
 from mrsfm_model.data.canonical import CanonicalGrid
-from mrsfm_model.data.spectrum import PPM_REFERENCE, Provenance, Spectrum
+from mrsfm_model.data.spectrum import GAMMA_1H_MHZ_PER_T, PPM_REFERENCE, Provenance, Spectrum
 
 BASIS_DIR = RESOURCES / "basis"
-GAMMA_1H_MHZ_PER_T = 42.577
 
 # Parametric macromolecules and lipids (ppm, FWHM ppm, protons), after the LCModel manual's
 # defaults and Osprey's MM basis; used only when the basis set has none of its own.

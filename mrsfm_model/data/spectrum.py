@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 VENDORS = ("GE", "Philips", "Siemens")
+GAMMA_1H_MHZ_PER_T = 42.577  # 1H gyromagnetic ratio / 2 pi
 PPM_REFERENCE = 4.65  # water, the receiver reference used by every reader here
 
 
