@@ -20,7 +20,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from server.local import SITES, LocalFederation
+from server.example_sites import SITES
+from server.local import LocalFederation
 
 
 def main() -> None:

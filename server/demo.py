@@ -25,7 +25,8 @@ from mrsfm_model.logs import Log, get_logger
 from mrsfm_model.model.mae import build_mae
 from mrsfm_model.model.weights import load_weights
 from mrsfm_model.training.pretrain import plot_reconstructions
-from server.local import SHIPPED_INVIVO, run_local_federation
+from server.example_sites import SHIPPED_INVIVO
+from server.local import run_local_federation
 
 _log = get_logger("server")
 

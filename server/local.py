@@ -17,29 +17,24 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-import tomllib
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from mrsfm_model.config import RESOURCES
-from mrsfm_model.data.simulate import write_simulated
 from mrsfm_model.logs import Log, get_logger
 
 from . import pki
+from .bundle import run_config_arg, stage_app
+from .example_sites import SITES, prepare_site_data
 from .rundir import RunDir
 
 _log = get_logger("server")
 
-ROOT = Path(__file__).resolve().parents[1]  # holds server/ and client/: the checkout, or site-packages
-SITES = ("unicamp", "hcfmrp", "einstein")
-SHIPPED_INVIVO = RESOURCES / "examples" / "invivo"  # real Philips and Siemens spectra the package ships
 CONNECTION = "mrsfm-local"
 
 
@@ -47,68 +42,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def prepare_site_data(out_dir: str | Path, sites: Sequence[str] = SITES, n_simulated: int = 4) -> dict[str, Path]:
-    """Each site's private in vivo folder: real Philips files for the 1st site, real Siemens for
-    the 2nd, simulated in vivo-like GE PRESS as NIfTI-MRS for the 3rd (and so on in turn)."""
-
-    out = Path(out_dir)
-    folders = {}
-    for i, site in enumerate(sites):
-        folder = out / site
-        if not folder.is_dir() or not any(folder.iterdir()):
-            folder.mkdir(parents=True, exist_ok=True)
-            if i % 3 == 2:
-                write_simulated("press_ge", n_simulated, folder, seed=100 + i)
-            else:
-                src = SHIPPED_INVIVO / ("philips" if i % 3 == 0 else "siemens")
-                for f in sorted(src.iterdir()):
-                    shutil.copy2(f, folder / f.name)
-        folders[site] = folder
-    return folders
-
-
-def app_manifest() -> Path:
-    """The Flower app's pyproject.toml: the checkout's, or the copy a wheel installs in PREFIX/share/mrsfm."""
-    for path in (ROOT / "pyproject.toml", Path(sys.prefix) / "share" / "mrsfm" / "pyproject.toml"):
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"no pyproject.toml beside {ROOT} nor in {Path(sys.prefix) / 'share' / 'mrsfm'}; "
-                            "reinstall mrsfm")
-
-
-def stage_app(out_dir: str | Path) -> Path:
-    """The Flower app (pyproject.toml + the files its fab-include names) copied to OUT/app/mrsfm.
-
-    `flwr run DIR` walks every file under DIR before filtering (the repository's .venv included:
-    ~45k files, ~5 CPU-seconds per run); the copy gives the same FAB in a fraction of that."""
-    dst = Path(out_dir) / "app" / "mrsfm"
-    shutil.rmtree(dst, ignore_errors=True)
-    dst.mkdir(parents=True)
-    manifest = app_manifest()
-    shutil.copy2(manifest, dst / "pyproject.toml")
-    patterns = tomllib.loads(manifest.read_text())["tool"]["flwr"]["app"]["fab-include"]
-    for pattern in patterns:
-        for f in ROOT.glob(pattern):
-            (dst / f.relative_to(ROOT)).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(f, dst / f.relative_to(ROOT))
-    return dst
-
-
-def _toml(value) -> str:
-    """A run-config / node-config value as Flower parses it ('literal' strings, no escapes)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if "'" in str(value):
-        raise ValueError(f"value {value!r} must not contain a single quote")
-    return f"'{value}'"
-
-
-def run_config_arg(values: dict) -> str:
-    return " ".join(f"{k}={_toml(v)}" for k, v in values.items())
 
 
 class LocalFederation:

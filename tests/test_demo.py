@@ -63,7 +63,7 @@ def _run(installed: dict, *cmd: str, timeout_s: float = 120) -> subprocess.Compl
 def test_the_wheel_carries_the_package_its_configs_and_examples(installed):
     res = _run(installed, str(installed["py"]), "-c",
                "import mrsfm_model, server, client; from mrsfm_model.config import config_dir; "
-               "from server.local import SHIPPED_INVIVO, app_manifest; "
+               "from server.bundle import app_manifest; from server.example_sites import SHIPPED_INVIVO; "
                "print(mrsfm_model.__file__, config_dir(), SHIPPED_INVIVO, app_manifest(), sep='\\n')")
     assert res.returncode == 0, res.stderr
     for line in res.stdout.split():

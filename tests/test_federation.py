@@ -24,7 +24,8 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from helpers import live_members, run_module, wait_for
 
 from mrsfm_model.model.wire import as_fp32_record, decode, encode, nbytes, to_state
-from server.local import SITES, LocalFederation, prepare_site_data
+from server.example_sites import SITES, prepare_site_data
+from server.local import LocalFederation
 from server.rundir import RunDir
 from server.strategy import make_strategy
 from server.transport import WireGrid

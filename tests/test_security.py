@@ -31,7 +31,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from helpers import live_members, run_module, text_of, wait_for
 
 from server import pki
-from server.local import CONNECTION, LocalFederation, prepare_site_data
+from server.example_sites import prepare_site_data
+from server.local import CONNECTION, LocalFederation
 from server.rundir import RunDir
 
 SITES = ["unicamp", "hcfmrp"]  # registered; einstein's key is made but never registered

@@ -20,7 +20,9 @@ from safetensors.torch import load_file
 from mrsfm_model.config import load_config
 from mrsfm_model.model.wire import as_fp32_record, encode, to_state
 from server.app import RunSettings, run_federation
-from server.local import SITES, LocalFederation, prepare_site_data, stage_app
+from server.bundle import stage_app
+from server.example_sites import SITES, prepare_site_data
+from server.local import LocalFederation
 from server.rundir import RunDir
 from server.strategy import STRATEGIES, make_strategy
 from server.transport import WireGrid
