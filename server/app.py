@@ -13,6 +13,7 @@ rounds/round_XXXX.safetensors.
 
 from __future__ import annotations
 
+import math
 import shlex
 import time
 from collections.abc import Mapping
@@ -120,7 +121,8 @@ def run_federation(grid: Grid, s: RunSettings) -> dict:
 
 def _rounds(grid: Grid, s: RunSettings, cfg, model, rd: RunDir, done: int) -> None:
     wgrid = WireGrid(grid, model.state_dict(), s.wire_dtype, s.min_sites, s.wait_timeout_s,
-                     s.expected_sites(), rd.load_sites(), logger=say, validation=cfg.validation)
+                     s.expected_sites(), rd.load_sites(), logger=say, validation=cfg.validation,
+                     examples_per_update=s.local_steps * int(cfg.data.batch_size))
     strategy = make_strategy(s.strategy, cfg.fl, s.min_sites)
     strategy.round_offset = done
     strategy.load_state(rd.server_state(done))
@@ -150,6 +152,8 @@ def _rounds(grid: Grid, s: RunSettings, cfg, model, rd: RunDir, done: int) -> No
             "round": rnd, "step": rnd * s.local_steps, "loss": loss, "num_sites": len(ok),
             "sites": [{"site": r.site, "node_id": r.node_id, "loss": float(r.metrics["loss"]),
                        "num_examples": int(r.metrics["num-examples"]),
+                       **({"reported_examples": _claim(r.metrics["reported-examples"])}
+                          if "reported-examples" in r.metrics else {}),
                        "local_seconds": round(float(r.metrics.get("local-seconds", 0.0)), 3),
                        "setup_seconds": round(float(r.metrics.get("setup-seconds", 0.0)), 3),
                        "bytes_up": r.bytes_up, "bytes_down": r.bytes_down, **_privacy(r.metrics)} for r in ok],
@@ -202,6 +206,11 @@ def _finish(s: RunSettings, cfg, model, rd: RunDir) -> dict:
                                       "no differential privacy (plain SGD on its private data, if any)"))
     say(f"encoder -> {rd.path / 'encoder.safetensors'}")
     return card
+
+
+def _claim(value) -> float | str:
+    """A site's own num-examples as the metrics line can hold it (JSON has no NaN; absent: 'none')."""
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else str(value).lower()
 
 
 def _privacy(metrics: dict) -> dict:

@@ -10,6 +10,7 @@ repeats a round.
 from __future__ import annotations
 
 import json
+import os
 import re
 import uuid
 from pathlib import Path
@@ -37,31 +38,45 @@ class RunDir:
         return max(done, default=0)
 
     def read_metrics(self) -> list[dict]:
+        """The complete lines; a torn last line (a file written by an older version, or copied while
+        being written) is left out, as its round is redone on resume."""
         if not self.metrics.is_file():
             return []
-        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+        lines = [line for line in self.metrics.read_text(errors="replace").splitlines() if line.strip()]
+        rows = []
+        for i, line in enumerate(lines):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i < len(lines) - 1:
+                    raise ValueError(f"{self.metrics} line {i + 1} is not JSON (only a torn last line is "
+                                     "tolerated)") from None
+        return rows
+
+    def _write_metrics(self, rows: list[dict]) -> None:
+        _atomic_write(self.metrics, "".join(json.dumps(r) + "\n" for r in rows))
 
     def trim_metrics(self, last_round: int) -> None:
-        """Drop lines of rounds after `last_round` (their checkpoint was never committed)."""
+        """Drop lines of rounds after `last_round` (their checkpoint was never committed) and any torn line."""
         rows = self.read_metrics()
         keep = [r for r in rows if int(r.get("round", 0)) <= last_round]
-        if len(keep) != len(rows):
-            tmp = self.metrics.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-            tmp.replace(self.metrics)
+        if self.metrics.is_file() and self.metrics.read_text(errors="replace") != "".join(
+                json.dumps(r) + "\n" for r in keep):
+            self._write_metrics(keep)
 
     def append_metrics(self, record: dict) -> None:
+        """One more line, written as a whole new file and renamed into place: a crash leaves the old
+        file or the new one, never half a line."""
         self.path.mkdir(parents=True, exist_ok=True)
-        with open(self.metrics, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self._write_metrics([*self.read_metrics(), record])
 
     def key(self) -> str:
         """A random id made when the run dir is first used and kept across resumes: sites keep their
         optimizer state under it, so a new run in a reused path never inherits a stale one."""
         p = self.path / "run_id"
-        if not p.is_file():
+        if not p.is_file() or not p.read_text().strip():
             self.path.mkdir(parents=True, exist_ok=True)
-            p.write_text(uuid.uuid4().hex[:12] + "\n")
+            _atomic_write(p, uuid.uuid4().hex[:12] + "\n")
         return p.read_text().strip()
 
     def load_sites(self) -> dict[int, str]:
@@ -69,4 +84,14 @@ class RunDir:
         return {int(k): v for k, v in json.loads(p.read_text()).items()} if p.is_file() else {}
 
     def save_sites(self, sites: dict[int, str]) -> None:
-        (self.path / "sites.json").write_text(json.dumps({str(k): v for k, v in sites.items()}, indent=1))
+        _atomic_write(self.path / "sites.json", json.dumps({str(k): v for k, v in sites.items()}, indent=1))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write beside, flush to disk, rename over: readers see the old file or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -46,8 +46,14 @@ class WireGrid(Grid):
     def __init__(self, grid: Grid, template: Mapping[str, torch.Tensor], wire_dtype: str, min_sites: int,
                  wait_timeout_s: float, expected_sites: Iterable[str] = (), sites: dict[int, str] | None = None,
                  logger: Callable[[str], None] | None = None,
-                 validation: ValidationSettings | Mapping | None = None):
-        """`validation`: configs/validation (`cfg.validation`) or ValidationSettings; None: its defaults."""
+                 validation: ValidationSettings | Mapping | None = None, *, examples_per_update: int):
+        """`validation`: configs/validation (`cfg.validation`) or ValidationSettings; None: its defaults.
+        `examples_per_update`: what the server asked each site for (local steps x batch size); it
+        replaces the site's own `num-examples`, so no site can weigh itself up (1e12) or break the
+        round (NaN) by what it claims."""
+        if not examples_per_update > 0:
+            raise ValueError(f"examples_per_update must be > 0, got {examples_per_update}")
+        self.examples_per_update = int(examples_per_update)
         self.grid, self.template, self.wire_dtype = grid, template, wire_dtype
         self.min_sites, self.wait_timeout_s = min_sites, wait_timeout_s
         self.expected = list(expected_sites)
@@ -125,6 +131,7 @@ class WireGrid(Grid):
                 continue
             for key, state in updates[node].items():
                 content[key] = encode(state, "fp32")
+            self._server_weight(content, metrics)
             report.append(SiteReply(node, site, True, metrics, down, up))
             kept.append(reply)
         for node in set(sent) - {r.node_id for r in report}:
@@ -140,6 +147,15 @@ class WireGrid(Grid):
         if is_train:
             self.last_train = report
         return kept
+
+    def _server_weight(self, content: RecordDict, metrics: dict) -> None:
+        """The aggregation weight is the server's, whatever the site claimed (kept, if it differs,
+        as `reported-examples` for the metrics line)."""
+        record = next(iter(content.metric_records.values()))
+        claimed = record.get("num-examples")
+        record["num-examples"] = metrics["num-examples"] = self.examples_per_update
+        if claimed != self.examples_per_update:
+            metrics["reported-examples"] = claimed
 
     # -- bounded wait for sites ---------------------------------------------------------------------
     def wait_for_sites(self, poll_s: float = 1.0, log_every_s: float = 10.0) -> list[int]:

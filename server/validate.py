@@ -33,7 +33,7 @@ from mrsfm_model.model.wire import decode, to_state
 _log = get_logger("server")
 
 K = TypeVar("K", bound=Hashable)
-REQUIRED_METRICS = ("num-examples", "loss")  # FedAvg weighs by the first; metrics.jsonl logs both
+REQUIRED_METRICS = ("loss",)  # metrics.jsonl logs it; the aggregation weight is the server's (transport.py)
 State = dict[str, torch.Tensor]
 
 
@@ -101,8 +101,6 @@ def reply_problem(content: RecordDict, sent_keys: Iterable[str], template: Mappi
         return f"{len(metrics)} MetricRecords, expected one"
     if bad := [k for k in REQUIRED_METRICS if not isinstance(metrics[0].get(k), (int, float))]:
         return f"no numeric {', '.join(bad)} in its metrics"
-    if float(metrics[0]["num-examples"]) <= 0:
-        return f"num-examples is {metrics[0]['num-examples']}"
     return next((why for key in want if (why := array_problem(content[key], template, wire_dtype, dtypes))), None)
 
 

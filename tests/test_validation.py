@@ -28,6 +28,7 @@ from server.strategy import STRATEGIES, make_strategy
 from server.transport import WireGrid
 from server.validate import ValidationSettings, array_problem, norm_outliers
 
+EXAMPLES = 12  # what the server asks each site for per round (local steps x batch size)
 TEMPLATE = {"w": torch.zeros(6, 8), "b": torch.zeros(8)}
 BF16_NAN = 0x7FC0  # a bf16 NaN's bits, as they travel (int16 view)
 Reply = Callable[[dict], RecordDict]  # global float32 state -> the site's reply content
@@ -82,7 +83,7 @@ def one_round(bad: Reply | None, strategy: str = "fedavg", validation: dict | No
     if bad is not None:
         sites[14] = bad
     grid = WireGrid(FakeGrid(sites), TEMPLATE, "bf16", min_sites=len(sites), wait_timeout_s=1, logger=say,
-                    validation=validation)
+                    validation=validation, examples_per_update=EXAMPLES)
     strat = make_strategy(strategy, fl, min_sites=len(sites))
     arrays = as_fp32_record(TEMPLATE)
     for rnd in range(1, rounds + 1):
@@ -96,8 +97,9 @@ def bf16(state: dict) -> dict:
 
 
 def weighted_mean(good: dict) -> dict:
-    total = sum(n for _, _, n in good.values())
-    return {k: sum(bf16(w)[k] * n for _, w, n in good.values()) / total for k in TEMPLATE}
+    """FedAvg as the server weighs it: every site by what it was asked for (here the same), not by
+    the num-examples it claims (GOOD's differ)."""
+    return {k: sum(bf16(w)[k] for _, w, _ in good.values()) / len(good) for k in TEMPLATE}
 
 
 def _with(mutate: Callable[[ArrayRecord], None], state: dict | None = None, **kw) -> Reply:
@@ -134,9 +136,9 @@ BROKEN = {  # kind -> (einstein's reply, the reason it must be rejected with)
     "norm": (_with(lambda r: None, state=trained(4, scale=100.0)),
              r"update norm [\d.e+]+ is \d+x the median of the other sites \([\d.]+\)"),
     "nan loss": (_with(lambda r: None, loss=float("nan")), r"non-finite loss \(nan\)$"),
-    "no weight": (lambda g: RecordDict({"arrays": encode(trained(4)), "metrics": MetricRecord({"loss": 1.0}),
-                                        "site": ConfigRecord({"site": "einstein"})}),
-                  r"no numeric num-examples in its metrics$"),
+    "no loss": (lambda g: RecordDict({"arrays": encode(trained(4)), "metrics": MetricRecord({"num-examples": 5}),
+                                      "site": ConfigRecord({"site": "einstein"})}),
+                r"no numeric loss in its metrics$"),
     "no arrays": (lambda g: RecordDict({"metrics": MetricRecord({"num-examples": 5, "loss": 1.0}),
                                         "site": ConfigRecord({"site": "einstein"})}),
                   r"array records \[\], expected \['arrays'\]$"),
@@ -160,6 +162,22 @@ def test_a_broken_update_is_rejected_with_its_reason_and_the_others_averaged(kin
     warning = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(f"site einstein (node 14) sent an update that was {rejected[0].error}; aggregating the 3 other"
                in w for w in warning), warning
+
+
+@pytest.mark.parametrize("claim", [1e12, float("nan"), -5, None])
+def test_the_server_weighs_every_site_by_what_it_asked_for_whatever_it_claims(claim):
+    def liar(global_state):
+        content = reply("einstein", trained(4))
+        content["metrics"] = MetricRecord({"loss": 1.0} if claim is None else {"num-examples": claim, "loss": 1.0})
+        return content
+
+    got, grid = one_round(liar)
+    assert all(r.ok for r in grid.last_train)  # the claim neither takes over nor breaks the round
+    assert {r.metrics["num-examples"] for r in grid.last_train} == {EXAMPLES}
+    liar_metrics = next(r.metrics for r in grid.last_train if r.site == "einstein")
+    assert "reported-examples" in liar_metrics
+    everyone = {**GOOD, 14: ("einstein", trained(4), EXAMPLES)}
+    torch.testing.assert_close(got["w"].double(), weighted_mean(everyone)["w"], rtol=1e-6, atol=1e-7)
 
 
 def test_validation_off_keeps_only_what_decoding_needs():
@@ -288,6 +306,21 @@ def broken_train(msg, context):
         arrays[key] = Array(a)
     return reply
 '''
+
+
+def test_a_resume_tolerates_a_torn_last_metrics_line_and_writes_whole_lines(tmp_path):
+    sites = {11: lambda g: reply("unicamp", g), 12: lambda g: reply("hcfmrp", g)}
+    conf = {**APP_CONFIG, "overrides": "model=micro", "num-rounds": 2, "local-steps": 1,
+            "run-dir": str(tmp_path / "run"), "sites": "unicamp,hcfmrp"}
+    run_federation(FakeGrid(sites), RunSettings.from_run_config(conf))
+    rd = RunDir(tmp_path / "run")
+    text = rd.metrics.read_text()
+    rd.metrics.write_text(text + text.splitlines()[-1][:40])  # a crash in the middle of writing a line
+    assert [r["round"] for r in rd.read_metrics()] == [1, 2]
+    run_federation(FakeGrid(sites), RunSettings.from_run_config({**conf, "num-rounds": 3}))
+    lines = rd.metrics.read_text().splitlines()
+    assert [json.loads(line)["round"] for line in lines] == [1, 2, 3]  # every line whole, none repeated
+    assert not list(rd.path.glob("*.tmp")) and (rd.path / "sites.json").is_file()
 
 
 @pytest.mark.slow  # a real federation (SuperLink, 3 SuperNodes, flwr run)
