@@ -10,6 +10,7 @@ Heavy imports live inside the handlers, so that a `query` (which site are you?) 
 
 from __future__ import annotations
 
+import re
 import time
 import zlib
 from collections.abc import Callable, Mapping
@@ -21,6 +22,7 @@ from flwr.clientapp import ClientApp
 from mrsfm_model import logs
 
 app = ClientApp()
+RUN_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what RunDir.key() makes; anything else could climb out of state-dir
 _log = logs.get_logger("client")
 
 
@@ -65,6 +67,9 @@ def local_round(conf: Mapping, node: Mapping[str, str],
     t0 = time.perf_counter()
     logs.setup(node.get("log-level") or "INFO")  # the site's own level (site.log_level)
     site = node["site"]
+    if not RUN_KEY.fullmatch(str(conf.get("run-key", ""))):  # it names a folder under this site's state-dir
+        raise ValueError(f"site {site}: refused the server's run-key {str(conf.get('run-key'))[:80]!r} "
+                         "(a plain name of letters, digits, - and _ is expected)")
     overrides = [f"+fl={conf['strategy']}", *shlex.split(str(conf["overrides"])),  # the coordinator's
                  *shlex.split(node.get("overrides", ""))]  # then this site's (its vendor mix, privacy, ...)
     cfg = load_config(overrides)

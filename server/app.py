@@ -14,12 +14,14 @@ rounds/round_XXXX.safetensors.
 from __future__ import annotations
 
 import math
+import os
 import shlex
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from logging import ERROR, INFO
+from pathlib import Path
 
 import torch
 from flwr.app import ConfigRecord, Context, MetricRecord
@@ -71,12 +73,22 @@ class RunSettings:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {s.strategy!r}")
         if s.num_rounds < 1 or s.local_steps < 1 or s.min_sites < 1:
             raise ValueError("num-rounds, local-steps and min-sites must be >= 1")
+        root = run_root()
+        if not (root / Path(s.run_dir).expanduser()).resolve().is_relative_to(root):
+            raise ValueError(f"run-dir {s.run_dir} is outside {root}, where this SuperLink keeps its runs "
+                             "(MRSFM_RUN_ROOT, else its working directory)")
         return s
 
     def expected_sites(self) -> list[str]:
         if self.sites.strip():
             return [x.strip() for x in self.sites.split(",") if x.strip()]
         return sorted(p.stem for p in (config_dir() / "site").glob("*.yaml"))
+
+
+def run_root() -> Path:
+    """Where runs may be written: MRSFM_RUN_ROOT (set by the lab's SuperLink service), else the
+    ServerApp's working directory. Whoever submits a run chooses its run-dir, so it is confined."""
+    return Path(os.environ.get("MRSFM_RUN_ROOT") or os.getcwd()).expanduser().resolve()
 
 
 def say(msg: str) -> None:

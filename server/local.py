@@ -74,7 +74,8 @@ class LocalFederation:
         self.env = {**os.environ, "FLWR_HOME": str(self.home),
                     "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1",
-                    "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+                    "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+                    "MRSFM_RUN_ROOT": os.environ.get("MRSFM_RUN_ROOT") or str(self.out)}  # runs go under OUT
         tls = f'root-certificates = "{self.pki / "ca.crt"}"\n' if secure else "insecure = true\n"
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'

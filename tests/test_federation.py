@@ -105,6 +105,18 @@ def test_fedadam_moments_survive_a_restart(tmp_path):
     assert (b.m_t["w"] == a.m_t["w"]).all() and (b.v_t["w"] == a.v_t["w"]).all()
 
 
+@pytest.mark.parametrize("key", ["../../escape", "/abs", "a/b", ""])
+def test_a_site_refuses_a_run_key_that_is_not_a_plain_name(key, tmp_path):
+    from client.app import local_round
+
+    conf = {"strategy": "fedavg", "server-round": 1, "local-steps": 1, "total-steps": 1, "wire-dtype": "bf16",
+            "run-key": key, "overrides": "model=micro"}
+    node = {"site": "unicamp", "state-dir": str(tmp_path / "state"), "device": "cpu", "overrides": ""}
+    with pytest.raises(ValueError, match="unicamp: refused the server's run-key"):
+        local_round(conf, node, lambda template: template)
+    assert not any(tmp_path.iterdir())  # nothing written anywhere
+
+
 def test_run_dir_resume_point_drops_uncommitted_metrics(tmp_path):
     rd = RunDir(tmp_path)
     rd.rounds.mkdir()

@@ -159,8 +159,13 @@ def test_bad_rows_are_dropped_with_a_warning_each(cfg, study, tmp_path):
     root, rows = study
     base = rows[:6] + rows[20:26]  # 3 GE + 3 Siemens subjects
     (root / "data" / "broken.nii.gz").write_bytes(b"not a spectrum")
+    outside = root / "elsewhere2.nii.gz"  # real spectra, but not in the study's folder
+    for name in ("elsewhere.nii.gz", outside.name):
+        shutil.copy(root / "data" / rows[4]["file"], root / name)
     bad = [{**rows[0], "file": "ge/missing.nii.gz"}, {**rows[1], "vendor": "NaN"}, {**rows[2], "vendor": ""},
-           dict(rows[3]), {"file": "broken.nii.gz", "group": "x", "vendor": "GE"}]
+           dict(rows[3]), {"file": "broken.nii.gz", "group": "x", "vendor": "GE"},
+           {"file": "../elsewhere.nii.gz", "group": "y", "vendor": "GE"},
+           {"file": str(outside), "group": "z", "vendor": "GE"}]
     logs: list[str] = []
     data = load_study(cfg, root / "data", write_labels(tmp_path / "labels.csv", base + bad), "vendor",
                       log=logs.append)
@@ -169,6 +174,7 @@ def test_bad_rows_are_dropped_with_a_warning_each(cfg, study, tmp_path):
     assert "line 14" in text and "line 15" in text and "no value for 'vendor'" in text  # NaN / empty label
     assert f"{rows[3]['file']!r} is listed 2 times" in text  # duplicate reported
     assert "broken.nii.gz cannot be used" in text  # unreadable file, with the loader's reason
+    assert "'../elsewhere.nii.gz' is outside" in text and f"{str(outside)!r} is outside" in text  # confined
     assert all(line.startswith("warning: ") for line in logs)
     assert len(data) == 12 and sorted(data.labels) == ["GE", "Siemens"]  # the good rows are used
     (root / "data" / "broken.nii.gz").unlink()

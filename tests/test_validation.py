@@ -255,6 +255,15 @@ def test_robust_strategies_resist_one_site_with_huge_weights(name):
     assert avg["w"].min() > 1e5  # what FedAvg makes of the same round
 
 
+@pytest.mark.parametrize("run_dir", ["../outside", "/etc/mrsfm-run", "runs/../../x"])
+def test_a_run_dir_outside_the_run_root_is_refused(run_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("MRSFM_RUN_ROOT", str(tmp_path / "runs"))
+    with pytest.raises(ValueError, match=rf"run-dir {re.escape(run_dir)} is outside {re.escape(str(tmp_path))}/runs"):
+        RunSettings.from_run_config({**APP_CONFIG, "run-dir": run_dir})
+    inside = RunSettings.from_run_config({**APP_CONFIG, "run-dir": str(tmp_path / "runs" / "fed-1")})
+    assert inside.run_dir.endswith("fed-1")
+
+
 def test_robust_strategies_are_run_settings_and_the_trimmed_default_trims_with_3_sites():
     assert {"fedmedian", "fedtrimmedavg"} <= set(STRATEGIES)
     assert RunSettings.from_run_config({**APP_CONFIG, "strategy": "fedtrimmedavg"}).strategy == "fedtrimmedavg"
@@ -263,7 +272,8 @@ def test_robust_strategies_are_run_settings_and_the_trimmed_default_trims_with_3
     assert make_strategy("fedtrimmedavg", _fl("fedtrimmedavg"), 2).beta == beta
 
 
-def test_every_update_rejected_fails_the_round_naming_each_site_and_reason(tmp_path):
+def test_every_update_rejected_fails_the_round_naming_each_site_and_reason(tmp_path, monkeypatch):
+    monkeypatch.setenv("MRSFM_RUN_ROOT", str(tmp_path))
     def nan_site(site: str) -> Reply:
         def make(global_state):
             return reply(site, {k: torch.full_like(v, math.nan) for k, v in global_state.items()})
@@ -308,7 +318,8 @@ def broken_train(msg, context):
 '''
 
 
-def test_a_resume_tolerates_a_torn_last_metrics_line_and_writes_whole_lines(tmp_path):
+def test_a_resume_tolerates_a_torn_last_metrics_line_and_writes_whole_lines(tmp_path, monkeypatch):
+    monkeypatch.setenv("MRSFM_RUN_ROOT", str(tmp_path))
     sites = {11: lambda g: reply("unicamp", g), 12: lambda g: reply("hcfmrp", g)}
     conf = {**APP_CONFIG, "overrides": "model=micro", "num-rounds": 2, "local-steps": 1,
             "run-dir": str(tmp_path / "run"), "sites": "unicamp,hcfmrp"}

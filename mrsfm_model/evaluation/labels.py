@@ -149,9 +149,13 @@ def _drop_duplicates(rows: list[LabelRow], labels_csv: Path, warn: Log) -> list[
 
 
 def existing_rows(rows: list[LabelRow], data_dir: Path, labels_csv: Path, warn: Log) -> list[LabelRow]:
-    out = []
+    """Rows whose file exists inside the data folder (`../x`, absolute paths or links out are dropped:
+    a labels file must not make the study read spectra from elsewhere)."""
+    out, root = [], data_dir.resolve()
     for r in rows:
-        if r.path.is_file():
+        if not r.path.resolve().is_relative_to(root):
+            warn(f"{labels_csv.name} line {r.line}: file {r.file!r} is outside {data_dir}; row dropped")
+        elif r.path.is_file():
             out.append(r)
         else:
             what = "is a folder, not a file" if r.path.is_dir() else f"not found in {data_dir}"
