@@ -58,7 +58,7 @@ def local_round(conf: Mapping, node: Mapping[str, str],
     Returns the locally trained state dict and the metrics the server logs."""
     import shlex
 
-    from mrsfm_model.config import load_config, resolve_device
+    from mrsfm_model.config import load_config, resolve_device, site_owned_keys
     from mrsfm_model.data.stream import build_stream
     from mrsfm_model.model.mae import build_mae, mae_loss
     from mrsfm_model.training.privacy import DPConfig
@@ -70,7 +70,13 @@ def local_round(conf: Mapping, node: Mapping[str, str],
     if not RUN_KEY.fullmatch(str(conf.get("run-key", ""))):  # it names a folder under this site's state-dir
         raise ValueError(f"site {site}: refused the server's run-key {str(conf.get('run-key'))[:80]!r} "
                          "(a plain name of letters, digits, - and _ is expected)")
-    overrides = [f"+fl={conf['strategy']}", *shlex.split(str(conf["overrides"])),  # the coordinator's
+    theirs = shlex.split(str(conf["overrides"]))
+    if owned := site_owned_keys(theirs):
+        msg = (f"[mrsfm] {site}: refused the coordinator's override of {', '.join(owned)} (privacy settings and "
+               "data paths are the site's own: set them in its site config)")
+        _log.error(msg)
+        raise ValueError(msg)
+    overrides = [f"+fl={conf['strategy']}", *theirs,  # the coordinator's
                  *shlex.split(node.get("overrides", ""))]  # then this site's (its vendor mix, privacy, ...)
     cfg = load_config(overrides)
     device = resolve_device(node.get("device") or "auto")

@@ -46,6 +46,18 @@ def load_config(overrides: Sequence[str] = (), name: str = "config") -> DictConf
             raise ValueError(f"bad config override {list(overrides)}: {exc}".splitlines()[0]) from None
 
 
+# Settings that belong to a site alone: its privacy and where its private data are. A coordinator's
+# override of any of them is refused (by the ServerApp when a run is submitted, and by every site).
+SITE_OWNED = ("privacy", "data.invivo_dir")
+
+
+def site_owned_keys(overrides: Sequence[str]) -> list[str]:
+    """The keys among Hydra override words (`privacy.delta=0.5`, `+privacy.x=1`, `privacy=other`,
+    `~data.invivo_dir`) that only a site may set."""
+    keys = [w.split("=", 1)[0].lstrip("+~") for w in overrides]
+    return [k for k in keys if any(k == o or k.startswith(o + ".") for o in SITE_OWNED)]
+
+
 def resolve_device(name: str | None = "auto") -> torch.device:
     """`auto` picks the GPU when there is one, else the CPU (torch imported here: the site
     launcher reads configs without paying for it)."""

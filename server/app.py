@@ -29,7 +29,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import OmegaConf
 
-from mrsfm_model.config import config_dir, from_section, load_config
+from mrsfm_model.config import config_dir, from_section, load_config, site_owned_keys
 from mrsfm_model.data.stream import build_stream
 from mrsfm_model.model.export import export_encoder, init_mae
 from mrsfm_model.model.mae import build_mae
@@ -73,6 +73,9 @@ class RunSettings:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {s.strategy!r}")
         if s.num_rounds < 1 or s.local_steps < 1 or s.min_sites < 1:
             raise ValueError("num-rounds, local-steps and min-sites must be >= 1")
+        if owned := site_owned_keys(shlex.split(s.overrides)):
+            raise ValueError(f"overrides set {', '.join(owned)}: privacy settings and data paths belong to each "
+                             "site (its configs/site/<site>.yaml); every site would refuse the run")
         root = run_root()
         if not (root / Path(s.run_dir).expanduser()).resolve().is_relative_to(root):
             raise ValueError(f"run-dir {s.run_dir} is outside {root}, where this SuperLink keeps its runs "

@@ -1,6 +1,7 @@
 """DP-SGD at a site: correct per-sample gradients, cumulative epsilon across rounds, budget stop."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -105,10 +106,10 @@ def _round(tmp_path, rnd, extra=""):
 
     conf = {"strategy": "fedavg", "server-round": rnd, "local-steps": 4, "total-steps": 8, "wire-dtype": "bf16",
             "run-key": "run", "overrides": "model=micro data.batch_size=4 data.invivo_fraction=0.5 "
-            "data.sim_profiles=[press_ge] privacy.enabled=true privacy.noise_multiplier=1.1 privacy.batch_size=2 "
-            + extra}
+            "data.sim_profiles=[press_ge]"}
     node = {"site": "einstein", "data-dir": str(tmp_path / "private"), "state-dir": str(tmp_path / "state"),
-            "device": "cpu", "overrides": ""}
+            "device": "cpu",  # privacy is the site's own (its site config's overrides), never the coordinator's
+            "overrides": "privacy.enabled=true privacy.noise_multiplier=1.1 privacy.batch_size=2 " + extra}
     return local_round(conf, node, lambda template: {k: v.clone() for k, v in template.items()})
 
 
@@ -152,9 +153,24 @@ def test_client_with_dp_but_no_private_data_says_why(tmp_path):
     from client.app import local_round
 
     conf = {"strategy": "fedavg", "server-round": 1, "local-steps": 2, "total-steps": 2, "wire-dtype": "bf16",
-            "run-key": "run", "overrides": "model=micro data.batch_size=4 privacy.enabled=true"}
+            "run-key": "run", "overrides": "model=micro data.batch_size=4"}
     with pytest.raises(ValueError, match="needs private in vivo spectra"):
-        local_round(conf, {"site": "x", "state-dir": str(tmp_path), "device": "cpu"}, lambda t: t)
+        local_round(conf, {"site": "x", "state-dir": str(tmp_path), "device": "cpu",
+                           "overrides": "privacy.enabled=true"}, lambda t: t)
+
+
+@pytest.mark.parametrize("word", ["privacy.delta=0.5", "+privacy.epsilon_budget=100", "privacy=default",
+                                  "~privacy.enabled", "data.invivo_dir=/etc"])
+def test_a_site_refuses_the_coordinators_privacy_and_data_path_overrides(word, tmp_path, capsys):
+    from client.app import local_round
+
+    conf = {"strategy": "fedavg", "server-round": 1, "local-steps": 1, "total-steps": 1, "wire-dtype": "bf16",
+            "run-key": "run", "overrides": f"model=micro {word}"}
+    key = word.split("=")[0].lstrip("+~")
+    with pytest.raises(ValueError, match=rf"x: refused the coordinator's override of {re.escape(key)} "):
+        local_round(conf, {"site": "x", "state-dir": str(tmp_path / "state"), "device": "cpu"}, lambda t: t)
+    assert f"refused the coordinator's override of {key}" in capsys.readouterr().err  # in the site's log
+    assert not (tmp_path / "state").exists()
 
 
 def test_an_empty_poisson_batch_is_a_counted_noise_only_step():

@@ -264,6 +264,12 @@ def test_a_run_dir_outside_the_run_root_is_refused(run_dir, tmp_path, monkeypatc
     assert inside.run_dir.endswith("fed-1")
 
 
+def test_a_run_whose_overrides_set_site_owned_keys_is_refused_at_submission():
+    with pytest.raises(ValueError, match=r"overrides set privacy.delta, data.invivo_dir: privacy settings and data "
+                                         r"paths belong to each site"):
+        RunSettings.from_run_config({**APP_CONFIG, "overrides": "model=micro privacy.delta=0.5 data.invivo_dir=/x"})
+
+
 def test_robust_strategies_are_run_settings_and_the_trimmed_default_trims_with_3_sites():
     assert {"fedmedian", "fedtrimmedavg"} <= set(STRATEGIES)
     assert RunSettings.from_run_config({**APP_CONFIG, "strategy": "fedtrimmedavg"}).strategy == "fedtrimmedavg"
