@@ -111,7 +111,7 @@ def local_round(conf: Mapping, node: Mapping[str, str],
     setup = time.perf_counter() - t0
     t1 = time.perf_counter()
     if dp.enabled:
-        metrics = _private_round(trainer, stream, dp, state, site, local_steps, int(conf["total-steps"]), seed)
+        metrics = _private_round(trainer, stream, dp, state, site, local_steps, int(conf["total-steps"]))
         loss = metrics.pop("loss")
     else:
         last = trainer.fit(stream(trainer.step), local_steps, log_every=local_steps, desc=f"{site} round {rnd}")
@@ -126,8 +126,7 @@ def local_round(conf: Mapping, node: Mapping[str, str],
                                 "local-seconds": seconds, "setup-seconds": setup, **metrics}
 
 
-def _private_round(trainer, stream, dp, state: Path, site: str, local_steps: int, total_steps: int,
-                   seed: int) -> dict[str, float]:
+def _private_round(trainer, stream, dp, state: Path, site: str, local_steps: int, total_steps: int) -> dict[str, float]:
     """DP-SGD on the private in vivo spectra, non-private steps on the shared simulated ones.
 
     The private share of the steps is `data.invivo_fraction`; the accountant's history lives in
@@ -145,7 +144,7 @@ def _private_round(trainer, stream, dp, state: Path, site: str, local_steps: int
         dp.planned_steps = max(1, round(total_steps * frac))
     path = state / "privacy.json"
     saved = json.loads(path.read_text()) if path.is_file() else None
-    dp_site = PrivateSite(trainer, stream.invivo.x.to(trainer.device), dp, state=saved, seed=seed + trainer.step)
+    dp_site = PrivateSite(trainer, stream.invivo.x.to(trainer.device), dp, state=saved)
     if saved is not None and abs(saved["noise_multiplier"] - dp_site.noise_multiplier) > 1e-9:
         raise ValueError(f"site {site}: privacy settings changed during the run (noise multiplier "
                          f"{saved['noise_multiplier']:.4g} -> {dp_site.noise_multiplier:.4g}); {path} holds the "

@@ -182,6 +182,22 @@ def test_an_empty_poisson_batch_is_a_counted_noise_only_step():
     assert any(moved) and all(torch.isfinite(p).all() for p in site.trainer.model.parameters())
 
 
+def test_noise_and_sampling_cannot_be_regenerated_from_the_config_or_the_seeds():
+    """Two sites with the same config, data, model, seeds and global RNG state: their private steps
+    must differ (the noise and the Poisson draws come from OS entropy, not from anything the
+    coordinator knows or a checkpoint stores)."""
+    after = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        tr = _trainer(0)
+        site = PrivateSite(tr, torch.arange(16 * 3 * 64 * 64, dtype=torch.float32).reshape(16, 3, 64, 64) / 1e5,
+                           DPConfig.from_config(enabled=True, noise_multiplier=1.0, batch_size=8))
+        torch.manual_seed(1)  # the same masks in both
+        site.private_steps(1)
+        after.append(torch.cat([p.detach().flatten() for p in tr.model.parameters()]))
+    assert not torch.equal(after[0], after[1])
+
+
 def test_ghost_clipping_gives_the_same_clipped_gradient_as_per_sample_gradients():
     """Noise off and a clipping norm every sample exceeds: both modes must apply the same
     per-sample clipping (which differs from clipping the batch gradient)."""

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import secrets
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -73,6 +74,13 @@ def register_grad_samplers() -> None:
     _REGISTERED = True
 
 
+def secret_generator(device: torch.device | str) -> torch.Generator:
+    """A torch generator seeded with 63 bits from the OS's CSPRNG (`secrets`), kept in memory only."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(secrets.randbits(63))
+    return gen
+
+
 def noise_for_target(cfg: DPConfig, sample_rate: float) -> float:
     """sigma that spends exactly target_epsilon over planned_steps (Opacus' search)."""
     return get_noise_multiplier(target_epsilon=cfg.target_epsilon, target_delta=cfg.delta,
@@ -84,8 +92,7 @@ class PrivateSite:
     Trainer's one training step with a private StepPolicy (Opacus' module and optimizer); every
     other step is the Trainer's own. The Trainer itself is never rewired."""
 
-    def __init__(self, trainer: Trainer, private_x: torch.Tensor, cfg: DPConfig, state: dict | None = None,
-                 seed: int = 0):
+    def __init__(self, trainer: Trainer, private_x: torch.Tensor, cfg: DPConfig, state: dict | None = None):
         register_grad_samplers()
         self.trainer, self.cfg = trainer, cfg
         n = len(private_x)
@@ -103,15 +110,23 @@ class PrivateSite:
             raise ValueError(f"privacy.clipping must be flat or ghost, got {cfg.clipping!r}")
         self.ghost = cfg.clipping == "ghost"
         self.noise_multiplier = float(sigma)
+        # Which private samples a step draws (Poisson) and the Gaussian noise come from generators
+        # seeded from the operating system's CSPRNG, never from the config, the site's seed or any
+        # saved state: whoever knows those cannot regenerate them (the global torch generator, which
+        # masking uses and checkpoints save, is not touched by DP).
         loader = DataLoader(TensorDataset(private_x), batch_size=min(cfg.batch_size, n),
-                            generator=torch.Generator().manual_seed(seed))
-        self.engine = PrivacyEngine(accountant=cfg.accountant)
-        if state:
-            self.engine.accountant.history = [tuple(h) for h in state["history"]]
+                            generator=secret_generator("cpu"))
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # secure-RNG advice: we document the choice
+            # Opacus' advice is its secure_mode (torchcsprng, which no package index offers for this
+            # torch); the generators here stand in: seeded from OS entropy, never stored (their
+            # streams are Mersenne/Philox, not a CSPRNG's: see README, Differential privacy)
+            warnings.filterwarnings("ignore", message="Secure RNG turned off")
+            self.engine = PrivacyEngine(accountant=cfg.accountant)
+            if state:
+                self.engine.accountant.history = [tuple(h) for h in state["history"]]
             model, optimizer, *rest = self.engine.make_private(
                 module=trainer.model, optimizer=trainer.optimizer, data_loader=loader,
+                noise_generator=secret_generator(trainer.device),
                 noise_multiplier=self.noise_multiplier, max_grad_norm=cfg.max_grad_norm, poisson_sampling=True,
                 grad_sample_mode="ghost" if self.ghost else "hooks",
                 **({"criterion": nn.MSELoss()} if self.ghost else {}),  # Opacus wants one; ours: _ghost_loss
