@@ -59,6 +59,18 @@ def check_superlink(address: str, timeout_s: float = 5.0) -> None:
                         "running there, and is the port open to this machine?") from None
 
 
+def check_runtime_port(port: int) -> None:
+    """flower-supernode would die with a traceback on a port already taken (another SuperNode of
+    this machine, a leftover process): say so in one line instead."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", int(port)))
+        except OSError as exc:
+            raise SiteError(f"site.runtime_port {port} is in use on this machine ({exc.strerror or exc}); another "
+                            "SuperNode may be running: stop it, or give this site a free port "
+                            "(site.runtime_port=...)") from None
+
+
 def check_data_dir(data_dir: str | None) -> str:
     """'' for simulation only, else the folder, which must hold at least one usable spectrum."""
     if not data_dir:
@@ -156,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = supernode_command(cfg, train_words, data_dir)
         if not args.dry_run:  # --dry-run checks that the files are there and readable, not what they hold
             check_tls_files(cfg)
+        check_runtime_port(int(cfg.site.runtime_port))
         check_superlink(str(cfg.site.superlink))
         if args.dry_run:
             print(shlex.join(cmd))

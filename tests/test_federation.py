@@ -150,6 +150,17 @@ def test_launcher_unreachable_superlink_is_one_clear_line():
     assert "cannot reach the SuperLink at 127.0.0.1:" in res.stderr
 
 
+def test_launcher_runtime_port_in_use_is_one_clear_line():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        res = run_module("client", "--site", "unicamp", f"site.runtime_port={port}",
+                         f"site.superlink=127.0.0.1:{port}")
+    assert res.returncode != 0 and res.stderr.strip().count("\n") == 0, res.stderr
+    assert f"site.runtime_port {port} is in use on this machine" in res.stderr
+
+
 @pytest.mark.slow  # reads a folder through the real launcher process
 def test_launcher_data_dir_without_spectra_is_one_clear_line(tmp_path):
     (tmp_path / "notes.txt").write_text("no spectra here")
