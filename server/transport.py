@@ -10,6 +10,7 @@ hospital is named, never waited on forever.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -23,6 +24,12 @@ from flwr.serverapp import Grid
 from mrsfm_model.model.wire import decode, encode, nbytes, to_state
 
 from .validate import UpdateValidator, ValidationSettings
+
+SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # what configs/site/<name>.yaml can be called
+
+
+def _printable(text: str, n: int = 40) -> str:
+    return "".join(c if c.isprintable() else "?" for c in text[:n])
 
 
 class SitesMissingError(RuntimeError):
@@ -108,8 +115,7 @@ class WireGrid(Grid):
         nodes = [to_node.get(r.metadata.reply_to_message_id, r.metadata.src_node_id) for r in replies]
         answered = {node: r.content for node, r in zip(nodes, replies) if not r.has_error()}
         for node, content in answered.items():
-            self.sites[node] = (str(content.config_records["site"]["site"]) if "site" in content.config_records
-                                else f"node {node}")
+            self.name_site(node, content)
         if is_train:
             updates, rejected = self.validate(answered, {node: globals_.get(node, {}) for node in answered})
         else:  # no checks on other replies (none carry weights today: evaluation is off)
@@ -157,6 +163,32 @@ class WireGrid(Grid):
         if claimed != self.examples_per_update:
             metrics["reported-examples"] = claimed
 
+    def name_site(self, node: int, content: RecordDict) -> str:
+        """The name this run uses for `node`. A site names itself, but the name is the server's to
+        keep: it must be a plain name (no control characters or paths reach logs and files), a node
+        keeps the name it first had, and a name another connected node holds is not taken over
+        (with node authentication the node id is the registered key)."""
+        claim = str(content.config_records["site"]["site"]) if "site" in content.config_records else ""
+        known = self.sites.get(node)
+        if known is not None and not known.startswith("node "):
+            if claim and claim != known:
+                self.say(f"node {node} ({known}) now calls itself {_printable(claim)!r}; it stays {known}")
+            return known
+        name = f"node {node}"
+        if not SITE_NAME.fullmatch(claim):
+            if claim:
+                self.say(f"node {node} sent a site name that is not a plain name ({_printable(claim)!r}); "
+                         f"called {name}")
+        elif any(n == claim and other != node for other, n in self.sites.items()
+                 if other in set(self.grid.get_node_ids())):
+            name = f"node {node} (claims {claim})"
+            self.say(f"node {node} claims to be {claim}, which connected node "
+                     f"{next(o for o, n in self.sites.items() if n == claim)} already is; called {name!r}")
+        else:
+            name = claim
+        self.sites[node] = name
+        return name
+
     # -- bounded wait for sites ---------------------------------------------------------------------
     def wait_for_sites(self, poll_s: float = 1.0, log_every_s: float = 10.0) -> list[int]:
         """Connected node ids once at least min-sites are online; SitesMissingError after the timeout."""
@@ -195,5 +227,5 @@ class WireGrid(Grid):
         msgs = [Message(content=RecordDict({"config": ConfigRecord({"ask": "site"})}), dst_node_id=i,
                         message_type=MessageType.QUERY) for i in unknown]
         for reply in self.grid.send_and_receive(msgs, timeout=timeout):
-            if not reply.has_error() and "site" in reply.content.config_records:
-                self.sites[reply.metadata.src_node_id] = str(reply.content.config_records["site"]["site"])
+            if not reply.has_error():
+                self.name_site(reply.metadata.src_node_id, reply.content)
