@@ -184,6 +184,16 @@ def test_site_compose_reads_data_read_only_reserves_a_gpu_and_publishes_nothing(
             compose("compose.site.yaml", {k: v for k, v in SITE_ENV.items() if k != missing})
 
 
+@pytest.mark.parametrize("name,service", [("compose.site.yaml", "supernode"), ("compose.superlink.yaml", "superlink")])
+def test_containers_write_only_their_volumes_and_hold_no_capabilities(name, service):
+    svc = compose(name, SITE_ENV)["services"][service]
+    assert svc["read_only"] is True and svc["cap_drop"] == ["ALL"]
+    assert "no-new-privileges:true" in svc["security_opt"]
+    writable = {dst for _, dst, mode in mounts(svc) if mode == "rw"} | set(svc["tmpfs"])
+    assert "/tmp" in writable and "/home/mrsfm" in writable  # Flower's home and scratch
+    assert ("/state" if service == "supernode" else "/runs") in writable
+
+
 def test_site_unit_matches_the_compose_service():
     cp = unit("mrsfm-site@.service")
     svc = cp["Service"]
