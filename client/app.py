@@ -20,6 +20,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from mrsfm_model import logs
+from mrsfm_model.training.ledger import PrivacyLedger, data_fingerprint
 
 app = ClientApp()
 RUN_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what RunDir.key() makes; anything else could climb out of state-dir
@@ -102,7 +103,11 @@ def local_round(conf: Mapping, node: Mapping[str, str],
     loss_fn = _proximal(mae_loss, model, mu) if mu > 0 and not dp.enabled else mae_loss
     trainer = Trainer(model, loss_fn, OptimConfig.from_config(cfg.train), int(conf["total-steps"]),
                       stream.batch_size, device, progress=False)
-    state = Path(node.get("state-dir") or f"~/.mrsfm/state/{site}").expanduser() / str(conf["run-key"])
+    state_root = Path(node.get("state-dir") or f"~/.mrsfm/state/{site}").expanduser()
+    state = state_root / str(conf["run-key"])
+    # what training on these private spectra has spent, across runs (None: no private data in use)
+    ledger = (PrivacyLedger(state_root, data_fingerprint(data_dir))
+              if n_invivo and float(cfg.data.invivo_fraction) > 0 else None)
     if (state / "trainer.pt").is_file():  # optimizer moments and RNG from this site's previous round
         global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         trainer.load(state)
@@ -111,11 +116,16 @@ def local_round(conf: Mapping, node: Mapping[str, str],
     setup = time.perf_counter() - t0
     t1 = time.perf_counter()
     if dp.enabled:
-        metrics = _private_round(trainer, stream, dp, state, site, local_steps, int(conf["total-steps"]))
+        metrics = _private_round(trainer, stream, dp, ledger, str(conf["run-key"]), site, local_steps,
+                                 int(conf["total-steps"]))
         loss = metrics.pop("loss")
     else:
         last = trainer.fit(stream(trainer.step), local_steps, log_every=local_steps, desc=f"{site} round {rnd}")
         loss, metrics = float(last.get("mae_loss", last["loss"])), {}
+        if ledger is not None:
+            ledger.record_unprotected(str(conf["run-key"]))
+    if ledger is not None:
+        metrics["unprotected-rounds"] = float(ledger.unprotected_rounds)
     seconds = time.perf_counter() - t1
     trainer.save(state)
     dp_note = (f", epsilon {metrics['epsilon']:.2f} after {metrics['private-steps']:.0f} private step(s) this round"
@@ -126,37 +136,28 @@ def local_round(conf: Mapping, node: Mapping[str, str],
                                 "local-seconds": seconds, "setup-seconds": setup, **metrics}
 
 
-def _private_round(trainer, stream, dp, state: Path, site: str, local_steps: int, total_steps: int) -> dict[str, float]:
+def _private_round(trainer, stream, dp, ledger, run_key: str, site: str, local_steps: int,
+                   total_steps: int) -> dict[str, float]:
     """DP-SGD on the private in vivo spectra, non-private steps on the shared simulated ones.
 
-    The private share of the steps is `data.invivo_fraction`; the accountant's history lives in
-    STATE/privacy.json, so epsilon is cumulative over every round of the run."""
-    import json
-
+    The private share of the steps is `data.invivo_fraction`; the accountant continues the site's
+    ledger for these spectra (mrsfm_model/training/ledger.py), so epsilon is cumulative over every
+    round of every run that trained on them."""
     from mrsfm_model.training.privacy import PrivateSite
 
-    if stream.invivo is None:
+    if stream.invivo is None or ledger is None:
         raise ValueError(f"site {site}: privacy.enabled=true needs private in vivo spectra (site.data_dir); "
                          "simulated data needs no privacy")
     frac = stream.n_invivo / stream.batch_size if stream.simulators else 1.0
     private = max(1, round(local_steps * frac)) if frac > 0 else 0
     if dp.target_epsilon is not None and dp.planned_steps <= 0:  # plan over the whole run
         dp.planned_steps = max(1, round(total_steps * frac))
-    path = state / "privacy.json"
-    saved = json.loads(path.read_text()) if path.is_file() else None
-    dp_site = PrivateSite(trainer, stream.invivo.x.to(trainer.device), dp, state=saved)
-    if saved is not None and abs(saved["noise_multiplier"] - dp_site.noise_multiplier) > 1e-9:
-        raise ValueError(f"site {site}: privacy settings changed during the run (noise multiplier "
-                         f"{saved['noise_multiplier']:.4g} -> {dp_site.noise_multiplier:.4g}); {path} holds the "
-                         "accountant of the old settings")
+    dp_site = PrivateSite(trainer, stream.invivo.x.to(trainer.device), dp, state={"history": ledger.history})
     spent_before = not dp_site.budget_left()
     public = (stream.sim_batch(trainer.step + i, k=stream.batch_size) for i in range(10**9))
     out = dp_site.run_round(public, local_steps, private)
     dp_site.close()
-    state.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(dp_site.state()))
-    tmp.replace(path)
+    ledger.record_private(dp_site.state()["history"], run_key)
     if out["budget_spent"]:
         _log.warning(f"[mrsfm] {site}: privacy budget spent (epsilon {out['epsilon']:.3f} of {dp.epsilon_budget}); "
                      + ("no private steps this round" if spent_before else "private steps stop here")

@@ -217,7 +217,10 @@ def _finish(s: RunSettings, cfg, model, rd: RunDir) -> dict:
     for site, p in card["privacy"].items():
         say(f"privacy of {site}: " + (f"epsilon {p['epsilon']:.3f} at delta {p['delta']:g} after {p['private_steps']} "
                                       f"private step(s) over {p['rounds']} round(s)"
-                                      + (", budget spent" if p["budget_spent"] else "") if p else
+                                      + (", budget spent" if p["budget_spent"] else "")
+                                      + (f"; but {p['unprotected_rounds']} round(s) trained on the same spectra "
+                                         "without DP: no epsilon bounds those" if p["unprotected_rounds"] else "")
+                                      if p else
                                       "no differential privacy (plain SGD on its private data, if any)"))
     say(f"encoder -> {rd.path / 'encoder.safetensors'}")
     return card
@@ -229,10 +232,12 @@ def _claim(value) -> float | str:
 
 
 def _privacy(metrics: dict) -> dict:
-    """A site's DP figures for its metrics line (none when the site trains without DP)."""
+    """A site's privacy figures for its metrics line, from its own ledger: epsilon and friends when
+    it trains with DP, and how many rounds ever trained on its private spectra without DP."""
+    out = {"unprotected_rounds": int(metrics["unprotected-rounds"])} if "unprotected-rounds" in metrics else {}
     if "epsilon" not in metrics:
-        return {}
-    return {"epsilon": float(metrics["epsilon"]), "delta": float(metrics["delta"]),
+        return out
+    return {**out, "epsilon": float(metrics["epsilon"]), "delta": float(metrics["delta"]),
             "private_steps": int(metrics["private-steps"]), "budget_spent": bool(metrics["budget-spent"])}
 
 
@@ -248,5 +253,6 @@ def privacy_summary(rows: list[dict]) -> dict[str, dict | None]:
                 continue
             steps = (prev["private_steps"] if prev else 0) + x["private_steps"]
             out[x["site"]] = {"epsilon": x["epsilon"], "delta": x["delta"], "private_steps": steps,
-                              "budget_spent": x["budget_spent"], "rounds": (prev["rounds"] if prev else 0) + 1}
+                              "budget_spent": x["budget_spent"], "rounds": (prev["rounds"] if prev else 0) + 1,
+                              "unprotected_rounds": x.get("unprotected_rounds", 0)}
     return out

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -101,15 +102,16 @@ def test_rdp_accountant_is_selectable():
 
 
 # -- the federated client's round with DP on (client.app.local_round, what the ClientApp runs) ----------
-def _round(tmp_path, rnd, extra=""):
+def _round(tmp_path, rnd, extra="", run_key="run", dp=True, data="private"):
     from client.app import local_round
 
     conf = {"strategy": "fedavg", "server-round": rnd, "local-steps": 4, "total-steps": 8, "wire-dtype": "bf16",
-            "run-key": "run", "overrides": "model=micro data.batch_size=4 data.invivo_fraction=0.5 "
+            "run-key": run_key, "overrides": "model=micro data.batch_size=4 data.invivo_fraction=0.5 "
             "data.sim_profiles=[press_ge]"}
-    node = {"site": "einstein", "data-dir": str(tmp_path / "private"), "state-dir": str(tmp_path / "state"),
+    node = {"site": "einstein", "data-dir": str(tmp_path / data), "state-dir": str(tmp_path / "state"),
             "device": "cpu",  # privacy is the site's own (its site config's overrides), never the coordinator's
-            "overrides": "privacy.enabled=true privacy.noise_multiplier=1.1 privacy.batch_size=2 " + extra}
+            "overrides": (f"privacy.enabled={str(dp).lower()} privacy.noise_multiplier=1.1 privacy.batch_size=2 "
+                          + extra)}
     return local_round(conf, node, lambda template: {k: v.clone() for k, v in template.items()})
 
 
@@ -133,8 +135,31 @@ def test_client_reports_cumulative_epsilon_equal_to_an_independent_accountant(pr
     assert m2["epsilon"] == pytest.approx(independent.get_epsilon(1e-5), rel=1e-9) and m2["epsilon"] > m1["epsilon"]
     assert m2["budget-spent"] == 0.0 and all(torch.isfinite(v).all() for v in state.values())
     assert not any(k.startswith("_module") for k in state)  # the plain model's weights, not Opacus' wrapper
-    saved = json.loads((private_folder / "state" / "run" / "privacy.json").read_text())
-    assert saved["history"] == [[1.1, 0.25, 4]] and saved["accountant"] == "prv"
+    (ledger,) = (private_folder / "state" / "privacy-ledger").glob("*.json")
+    saved = json.loads(ledger.read_text())
+    assert saved["history"] == [[1.1, 0.25, 4]] and saved["runs"] == ["run"] and saved["unprotected_rounds"] == 0
+
+
+@pytest.mark.slow
+def test_epsilon_continues_across_runs_on_the_same_spectra_and_counts_rounds_without_dp(private_folder):
+    _, first = _round(private_folder, 1, run_key="runA")
+    _, again = _round(private_folder, 1, run_key="runB")  # a new run (new run-dir, new key) on the same data
+    one_round = PRVAccountant()
+    for _ in range(2):
+        one_round.step(noise_multiplier=1.1, sample_rate=2 / 8)
+    assert first["epsilon"] == pytest.approx(one_round.get_epsilon(1e-5), rel=1e-9)
+    four = PRVAccountant()
+    for _ in range(4):
+        four.step(noise_multiplier=1.1, sample_rate=2 / 8)
+    assert again["epsilon"] == pytest.approx(four.get_epsilon(1e-5), rel=1e-9)  # run B starts where run A ended
+    _, plain = _round(private_folder, 2, run_key="runB", dp=False)  # DP switched off for a round
+    assert plain["unprotected-rounds"] == 1.0 and "epsilon" not in plain
+    _, later = _round(private_folder, 3, run_key="runB")
+    assert later["unprotected-rounds"] == 1.0  # still on record once DP is back on
+    shutil.copytree(private_folder / "private", private_folder / "other")
+    (private_folder / "other" / "extra.txt").write_text("a different data set")
+    _, other = _round(private_folder, 1, run_key="runC", data="other")
+    assert other["epsilon"] == pytest.approx(first["epsilon"], rel=1e-9) and other["unprotected-rounds"] == 0.0
 
 
 @pytest.mark.slow

@@ -209,12 +209,14 @@ def test_site_names_are_plain_are_kept_and_are_not_taken_over():
     said: list[str] = []
     good = {11: ("unicamp", trained(1), 10), 12: ("unicamp", trained(2), 10), 13: ("x\x1b[2J/../etc", trained(3), 10)}
     got, grid = one_round(None, good=good, say=said.append)
-    assert grid.sites == {11: "unicamp", 12: "node 12 (claims unicamp)", 13: "node 13"}
-    assert sorted(r.site for r in grid.last_train) == ["node 12 (claims unicamp)", "node 13", "unicamp"]
-    assert any("node 12 claims to be unicamp, which connected node 11 already is" in m for m in said), said
+    first = next(n for n in (11, 12) if grid.sites[n] == "unicamp")  # whichever Flower asked first
+    second = 23 - first
+    assert grid.sites == {first: "unicamp", second: f"node {second} (claims unicamp)", 13: "node 13"}
+    assert sorted(r.site for r in grid.last_train) == [f"node {second} (claims unicamp)", "node 13", "unicamp"]
+    assert any(f"node {second} claims to be unicamp, which connected node {first} already is" in m for m in said)
     assert any("node 13 sent a site name that is not a plain name ('x?[2J/../etc')" in m for m in said), said
-    assert grid.name_site(11, reply("hcfmrp", trained(1))) == "unicamp"  # a node keeps its first name
-    assert any("node 11 (unicamp) now calls itself 'hcfmrp'; it stays unicamp" in m for m in said), said
+    assert grid.name_site(first, reply("hcfmrp", trained(1))) == "unicamp"  # a node keeps its first name
+    assert any(f"node {first} (unicamp) now calls itself 'hcfmrp'; it stays unicamp" in m for m in said), said
 
 
 def test_two_sites_no_norm_test_said_once():
