@@ -143,8 +143,14 @@ def _private_round(trainer, stream, dp, ledger, run_key: str, site: str, local_s
     The private share of the steps is `data.invivo_fraction`; the accountant continues the site's
     ledger for these spectra (mrsfm_model/training/ledger.py), so epsilon is cumulative over every
     round of every run that trained on them."""
+    import torch
+
+    from mrsfm_model.model.mae import mae_loss
     from mrsfm_model.training.privacy import PrivateSite
 
+    if not stream.simulators:
+        raise ValueError(f"site {site}: a DP site reports its loss on shared simulated data only (a loss on the "
+                         "private spectra would leak beside DP); keep data.sim_profiles non-empty")
     if stream.invivo is None or ledger is None:
         raise ValueError(f"site {site}: privacy.enabled=true needs private in vivo spectra (site.data_dir); "
                          "simulated data needs no privacy")
@@ -157,6 +163,10 @@ def _private_round(trainer, stream, dp, ledger, run_key: str, site: str, local_s
     public = (stream.sim_batch(trainer.step + i, k=stream.batch_size) for i in range(10**9))
     out = dp_site.run_round(public, local_steps, private)
     dp_site.close()
+    if out["loss"] is None:  # every step was private: measure on a public batch, without training
+        with torch.no_grad():
+            trainer.model.eval()
+            out["loss"] = float(mae_loss(trainer.model, next(public))[0])
     ledger.record_private(dp_site.state()["history"], run_key)
     if out["budget_spent"]:
         _log.warning(f"[mrsfm] {site}: privacy budget spent (epsilon {out['epsilon']:.3f} of {dp.epsilon_budget}); "

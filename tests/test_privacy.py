@@ -92,6 +92,15 @@ def test_public_steps_do_not_touch_the_accountant_and_the_trainer_is_never_rewir
     assert (tr.model, tr.optimizer, tr.loss_fn, tr.cfg.grad_clip) == (model, optimizer, loss_fn, clip)
 
 
+def test_a_dp_round_reports_the_loss_of_its_public_steps_only():
+    site = PrivateSite(_trainer(), torch.randn(12, 3, 64, 64), DPConfig.from_config(enabled=True, batch_size=4))
+    public = iter([torch.randn(4, 3, 64, 64) for _ in range(8)])
+    everything_private = site.run_round(public, steps=3, private_steps=3)
+    assert everything_private["loss"] is None and everything_private["private_steps"] == 3
+    mixed = site.run_round(public, steps=4, private_steps=2)
+    assert isinstance(mixed["loss"], float) and mixed["public_steps"] == 2
+
+
 def test_rdp_accountant_is_selectable():
     cfg = DPConfig.from_config(enabled=True, noise_multiplier=1.0, batch_size=4, accountant="rdp")
     site = PrivateSite(_trainer(), torch.randn(20, 3, 64, 64), cfg)

@@ -170,7 +170,7 @@ class PrivateSite:
 
     def private_steps(self, steps: int) -> dict:
         """Up to `steps` DP-SGD steps; fewer (maybe none) when the budget runs out."""
-        done, it, last = 0, self.private_batches(), {}
+        done, it = 0, self.private_batches()
         while done < steps and self.budget_left():
             batch = next(it)
             if len(batch) == 0:  # Poisson sampling can draw an empty batch: a noise-only step, still counted
@@ -182,29 +182,29 @@ class PrivateSite:
                         p.grad_sample = p.new_zeros((0, *p.shape))
                 self.dp_optimizer.step()
             else:
-                last = self.private_step(batch)
+                self.private_step(batch)
             done += 1
         return {"private_steps": done, "epsilon": self.epsilon(), "budget_spent": not self.budget_left(),
-                **({"private_loss": float(last["loss"])} if last else {})}
+                }
 
     def run_round(self, public_batches: Iterator[Any], steps: int, private_steps: int) -> dict:
         """A site's local round: `private_steps` DP-SGD steps on the private set, spread evenly
         among `steps` in all; the others (and any private step the budget no longer allows) are
-        non-private steps on `public_batches` (shared simulated data). Returns the round's metrics."""
+        non-private steps on `public_batches` (shared simulated data). Returns the round's metrics;
+        `loss` is the public steps' mean only (None without public steps): a loss measured on the
+        private spectra without noise would leak beside the DP guarantee."""
         private_steps = max(0, min(private_steps, steps))
-        losses, done, refused = [], 0, False
+        public_losses, done, refused = [], 0, False
         for i in range(steps):
             private_turn = (i + 1) * private_steps // steps > i * private_steps // steps
             if private_turn and not refused:
-                out = self.private_steps(1)
-                done += out["private_steps"]
-                refused = out["private_steps"] == 0
-                if "private_loss" in out:
-                    losses.append(out["private_loss"])
+                done += (n := self.private_steps(1)["private_steps"])
+                refused = n == 0
                 if not refused:
                     continue
-            losses.append(float(self.trainer.train_step(next(public_batches))["loss"]))
-        return {"loss": sum(losses) / max(1, len(losses)), "private_steps": done, "public_steps": steps - done,
+            public_losses.append(float(self.trainer.train_step(next(public_batches))["loss"]))
+        loss = sum(public_losses) / len(public_losses) if public_losses else None
+        return {"loss": loss, "private_steps": done, "public_steps": steps - done,
                 "epsilon": self.epsilon(), "delta": self.cfg.delta, "noise_multiplier": self.noise_multiplier,
                 "sample_rate": self.sample_rate, "budget_spent": not self.budget_left()}
 
