@@ -184,8 +184,7 @@ class PrivateSite:
             else:
                 self.private_step(batch)
             done += 1
-        return {"private_steps": done, "epsilon": self.epsilon(), "budget_spent": not self.budget_left(),
-                }
+        return {"private_steps": done, "epsilon": self.epsilon(), "budget_spent": not self.budget_left()}
 
     def run_round(self, public_batches: Iterator[Any], steps: int, private_steps: int) -> dict:
         """A site's local round: `private_steps` DP-SGD steps on the private set, spread evenly
