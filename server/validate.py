@@ -44,11 +44,17 @@ class ValidationSettings(ConfigSection):
     SECTION = "validation"
     enabled: bool
     max_norm_ratio: float
+    clip_norm_ratio: float
+    min_cosine: float
 
     def check(self) -> None:
         if not self.max_norm_ratio > 1:
             raise ValueError(f"validation.max_norm_ratio must be > 1 (a multiple of the other sites' median "
                              f"update norm), got {self.max_norm_ratio}")
+        if not self.clip_norm_ratio >= 1:
+            raise ValueError(f"validation.clip_norm_ratio must be >= 1, got {self.clip_norm_ratio}")
+        if not -1 <= self.min_cosine <= 1:
+            raise ValueError(f"validation.min_cosine must be in [-1, 1], got {self.min_cosine}")
 
     @classmethod
     def of(cls, cfg: ValidationSettings | Mapping | None) -> ValidationSettings:
@@ -162,6 +168,7 @@ class UpdateValidator:
         self.template, self.wire_dtype, self.settings = template, wire_dtype, ValidationSettings.of(settings)
         self.say = say
         self._said_few = False  # the "too few sites to judge norms" note, once per run
+        self.accepted_norms: list[float] = []  # norms of accepted updates, recent rounds (the clip's yardstick)
 
     def __call__(self, replies: Mapping[K, RecordDict], sent: Mapping[K, Mapping[str, ArrayRecord]]
                  ) -> tuple[dict[K, dict[str, State]], dict[K, str]]:
@@ -186,7 +193,71 @@ class UpdateValidator:
             for k, why in self._norm_outliers(decoded, sent).items():
                 reasons[k] = why
                 del decoded[k]
+        if on and len(decoded) >= 3:
+            for k, why in self._against_the_others(decoded, sent).items():
+                reasons[k] = why
+                del decoded[k]
+        if on and decoded:
+            self._clip(decoded, sent)
         return decoded, reasons
+
+    def _updates(self, decoded: Mapping[K, dict[str, State]], sent) -> dict[K, dict[str, torch.Tensor]]:
+        """Each site's update w_site - w_global, float tensors only, keyed `record/tensor`."""
+        records = {id(rec): rec for k in decoded for rec in sent[k].values()}
+        globals_ = {i: to_state(rec) for i, rec in records.items()}
+        return {k: {f"{key}/{name}": t.float() - globals_[id(sent[k][key])][name].float()
+                    for key, s in states.items() for name, t in s.items() if t.is_floating_point()}
+                for k, states in decoded.items()}
+
+    def _against_the_others(self, decoded, sent) -> dict[K, str]:
+        """Updates whose direction disagrees with the coordinate-wise median of all updates (the
+        consensus a majority of honest sites sets, which a sign-flipped or a colluding minority
+        cannot move): cosine below validation.min_cosine."""
+        updates = self._updates(decoded, sent)
+        sites = list(updates)
+        dot = dict.fromkeys(sites, 0.0)
+        norm2 = dict.fromkeys(sites, 0.0)
+        med2 = 0.0
+        for name in updates[sites[0]]:  # tensor by tensor: memory of one tensor x the sites
+            stack = torch.stack([updates[k][name].flatten().double() for k in sites])
+            med = stack.median(dim=0).values
+            med2 += float(med @ med)
+            for i, k in enumerate(sites):
+                dot[k] += float(stack[i] @ med)
+                norm2[k] += float(stack[i] @ stack[i])
+        out = {}
+        for k in sites:
+            if med2 > 0 and norm2[k] > 0:
+                cos = dot[k] / math.sqrt(norm2[k] * med2)
+                if cos < self.settings.min_cosine:
+                    out[k] = (f"update points against the others (cosine {cos:.2f} with the median of all "
+                              f"updates); validation.min_cosine is {self.settings.min_cosine:g}")
+        return out
+
+    def _clip(self, decoded, sent) -> None:
+        """Bound every accepted update to clip_norm_ratio x the running median of accepted norms (this
+        round's included), so a site that scales its update, round after round, still moves the
+        model no more than that; the clipped update keeps its direction."""
+        updates = self._updates(decoded, sent)
+        norms = {k: math.sqrt(sum(float((u.double() ** 2).sum()) for u in upd.values())) for k, upd in updates.items()}
+        yardstick = self.accepted_norms[-50:] + list(norms.values())
+        if len(yardstick) < 3:
+            self.accepted_norms += list(norms.values())
+            return
+        bound = self.settings.clip_norm_ratio * statistics.median(yardstick)
+        for k, norm in norms.items():
+            if norm > bound > 0:
+                scale = bound / norm
+                records = {key: to_state(rec) for key, rec in sent[k].items()}
+                for key, state in decoded[k].items():
+                    for name, t in state.items():
+                        if t.is_floating_point():
+                            g = records[key][name].float()
+                            state[name] = g + (t.float() - g) * scale
+                self.say(f"update validation: clipped an update of norm {norm:.3g} to {bound:.3g} "
+                         f"(validation.clip_norm_ratio {self.settings.clip_norm_ratio:g} x the median of accepted norms)")
+                norms[k] = bound
+        self.accepted_norms += list(norms.values())
 
     def _norm_outliers(self, decoded: Mapping[K, dict[str, State]], sent: Mapping[K, Mapping[str, ArrayRecord]]
                        ) -> dict[K, str]:

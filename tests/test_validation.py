@@ -79,7 +79,8 @@ def one_round(bad: Reply | None, strategy: str = "fedavg", validation: dict | No
               good: dict = GOOD, rounds: int = 1, say: Callable[[str], None] = lambda m: None):
     """`rounds` round(s) of `strategy` over the good sites and, as node 14 (einstein), `bad`;
     returns (the aggregated float32 state, None if nothing was aggregated; the WireGrid)."""
-    sites: dict[int, Reply] = {k: (lambda g, s=s, w=w, n=n: reply(s, w, n)) for k, (s, w, n) in good.items()}
+    sites: dict[int, Reply] = {k: (lambda g, s=s, w=w, n=n: reply(s, w(g) if callable(w) else w, n))
+                               for k, (s, w, n) in good.items()}  # w: weights, or global -> weights
     if bad is not None:
         sites[14] = bad
     grid = WireGrid(FakeGrid(sites), TEMPLATE, "bf16", min_sites=len(sites), wait_timeout_s=1, logger=say,
@@ -217,6 +218,39 @@ def test_site_names_are_plain_are_kept_and_are_not_taken_over():
     assert any("node 13 sent a site name that is not a plain name ('x?[2J/../etc')" in m for m in said), said
     assert grid.name_site(first, reply("hcfmrp", trained(1))) == "unicamp"  # a node keeps its first name
     assert any(f"node {first} (unicamp) now calls itself 'hcfmrp'; it stays unicamp" in m for m in said), said
+
+
+def _honest(seed: int) -> dict[str, torch.Tensor]:
+    """Sites that learn alike: a shared direction plus a little of their own."""
+    return {k: trained(100)[k] + 0.3 * trained(seed)[k] for k in TEMPLATE}
+
+
+def test_a_sign_flipped_update_is_rejected_and_two_colluders_among_five_too():
+    good = {n: (f"site{n}", _honest(n), 10) for n in (11, 12, 13)}
+    flipped = lambda g: reply("einstein", {k: -3 * v for k, v in _honest(14).items()})  # noqa: E731
+    got, grid = one_round(flipped, good=good)
+    assert [(r.site, r.error.split(" (")[0]) for r in grid.last_train if not r.ok] == [
+        ("einstein", "rejected: update points against the others")]
+    torch.testing.assert_close(got["w"].double(), weighted_mean(good)["w"], rtol=1e-6, atol=1e-7)
+    five = {**good, 15: ("colluder", {k: -v for k, v in _honest(15).items()}, 10)}
+    got, grid = one_round(lambda g: reply("einstein", {k: -v for k, v in _honest(14).items()}), good=five)
+    assert sorted(r.site for r in grid.last_train if not r.ok) == ["colluder", "einstein"]
+    torch.testing.assert_close(got["w"].double(), weighted_mean(good)["w"], rtol=1e-6, atol=1e-7)
+
+
+def test_an_update_scaled_every_round_is_clipped_to_a_bounded_pull():
+    def moves(seed: int, scale: float = 1.0):  # a site that adds its update to the global model it got
+        return lambda g: {k: g[k] + scale * _honest(seed)[k] for k in TEMPLATE}
+
+    good = {n: (f"site{n}", moves(n), 10) for n in (11, 12, 13)}
+    honest, _ = one_round(None, good=good, rounds=3)
+    said: list[str] = []
+    got, grid = one_round(lambda g: reply("einstein", moves(14, 8.0)(g)), good=good, rounds=3, say=said.append)
+    assert all(r.ok for r in grid.last_train)  # under max_norm_ratio: accepted, but clipped every round
+    assert sum("clipped an update" in m for m in said) == 3, said
+    step = torch.linalg.vector_norm(bf16(_honest(11))["w"]).item()  # one honest update
+    pull = torch.linalg.vector_norm(got["w"].double() - honest["w"].double()).item()
+    assert pull < 3 * 0.75 * step  # unclipped: 3 rounds x (8 - 1) / 4 = 5.25 honest updates away
 
 
 def test_two_sites_no_norm_test_said_once():
