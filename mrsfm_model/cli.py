@@ -39,11 +39,13 @@ def _data_setup(overrides: Sequence[str]):
 
 def cmd_inspect(args: argparse.Namespace, overrides: list[str]) -> int:
     from mrsfm_model.data.io import load_spectrum
+    from mrsfm_model.data.quality import measure
     from mrsfm_model.data.spectrum import peak_ppm
 
     cfg, builder = _data_setup(overrides)
     spec = load_spectrum(args.file)
     canon = builder.canonical(spec)
+    quality = measure(canon)
     p = spec.provenance
     info = {
         "file": str(args.file),
@@ -57,6 +59,8 @@ def cmd_inspect(args: argparse.Namespace, overrides: list[str]) -> int:
         "te_ms": p.te_ms,
         "tr_ms": p.tr_ms,
         "naa_ppm": round(peak_ppm(canon), 3),
+        "snr": round(quality.snr, 1),
+        "naa_fwhm_hz": round(quality.naa_fwhm_hz, 1),
     }
     if args.json:
         print(json.dumps(info))

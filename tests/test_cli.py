@@ -25,6 +25,7 @@ def test_inspect_json_has_the_promised_keys(capsys):
     assert info["vendor"] == "Philips" and info["points"] == 2048 and info["bandwidth_hz"] == 2000.0
     assert info["spectrometer_frequency_mhz"] == pytest.approx(127.75, abs=0.01)
     assert info["naa_ppm"] == pytest.approx(2.01, abs=0.05)
+    assert info["snr"] > 50 and 5 < info["naa_fwhm_hz"] < 30  # 64 averages at 3 T: a good spectrum
 
 
 def test_inspect_text_and_png(capsys, tmp_path):

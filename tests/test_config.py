@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from mrsfm_model.config import ConfigSection, default_section, load_config
 from mrsfm_model.data.canonical import CanonicalGrid
+from mrsfm_model.data.quality import QualityConfig
 from mrsfm_model.data.simulate import SimProfile, load_profile
 from mrsfm_model.data.spectrogram import SpectrogramConfig
 from mrsfm_model.evaluation.finetune import FinetuneConfig
@@ -22,7 +23,8 @@ from mrsfm_model.training.trainer import OptimConfig
 from server.app import RunSettings
 from server.validate import ValidationSettings
 
-SECTIONS = [OptimConfig, FinetuneConfig, DPConfig, SpectrogramConfig, CanonicalGrid, StudyConfig, ValidationSettings]
+SECTIONS = [OptimConfig, FinetuneConfig, DPConfig, SpectrogramConfig, CanonicalGrid, StudyConfig, ValidationSettings,
+            QualityConfig]
 ROOT = Path(__file__).resolve().parents[1]
 
 

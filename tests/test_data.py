@@ -1,12 +1,17 @@
 """Training data: in vivo folder + simulated stream, deterministic in (seed, step)."""
 
 
+import shutil
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from helpers import INVIVO
 
 from mrsfm_model.config import load_config
 from mrsfm_model.data.canonical import CanonicalGrid
+from mrsfm_model.data.quality import QualityConfig
 from mrsfm_model.data.spectrogram import SpectrogramConfig
 from mrsfm_model.data.spectrum import select_channels
 from mrsfm_model.data.stream import InputBuilder, InVivoSet, build_stream
@@ -67,3 +72,30 @@ def test_build_stream_reads_the_configured_folder():
     stream = build_stream(cfg.data, seed=0)
     assert len(stream.invivo) == 2 and stream.n_invivo == 1
     assert stream.batch(0).x.shape == (4, 3, 64, 32)
+
+
+def test_the_loader_leaves_out_noise_and_corrupt_files_with_the_reason(tmp_path):
+    """Pure complex noise and an SDAT with 1 % of its bytes flipped load as spectra; the quality
+    gate (data.quality.min_snr) keeps them out of training and says why, like a bad file."""
+    from nifti_mrs.create_nmrs import gen_nifti_mrs
+
+    for f in (INVIVO / "siemens").iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    rng = np.random.default_rng(0)
+    noise = (rng.standard_normal(2048) + 1j * rng.standard_normal(2048)).astype(np.complex64)
+    gen_nifti_mrs(noise.reshape(1, 1, 1, -1), 1 / 2000.0, 127.7, nucleus="1H").save(str(tmp_path / "noise.nii.gz"))
+    for f in (INVIVO / "philips").glob("sub-01_PRESS_35_act.*"):
+        shutil.copy(f, tmp_path / f.name)
+    sdat = tmp_path / "sub-01_PRESS_35_act.sdat"
+    raw = bytearray(sdat.read_bytes())
+    for i in rng.choice(len(raw), len(raw) // 100, replace=False):
+        raw[i] ^= 0xFF
+    sdat.write_bytes(bytes(raw))
+    builder = InputBuilder(CanonicalGrid.from_config(), SpectrogramConfig.from_config(), CHANNELS)
+    got = InVivoSet.from_folder(tmp_path, builder)
+    assert sorted(s.provenance.vendor for s in got.spectra) == ["Siemens", "Siemens"]
+    left_out = {Path(e.path).name: str(e) for e in got.errors}
+    assert set(left_out) == {"noise.nii.gz", "sub-01_PRESS_35_act.sdat"}, left_out
+    assert all("is below data.quality.min_snr 5" in why for why in left_out.values()), left_out
+    everything = InVivoSet.from_folder(tmp_path, builder, QualityConfig.from_config(min_snr=None))
+    assert len(everything) == 4  # the gate, not the reader, left them out

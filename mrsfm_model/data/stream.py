@@ -19,6 +19,7 @@ import torch
 
 from mrsfm_model.data.canonical import CanonicalGrid, to_canonical
 from mrsfm_model.data.io import load_folder, load_spectrum
+from mrsfm_model.data.quality import QualityConfig, measure
 from mrsfm_model.data.simulate import Simulator, load_profile
 from mrsfm_model.data.spectrogram import SpectrogramConfig, SpectrogramTransform
 from mrsfm_model.data.spectrum import VENDORS, Spectrum, select_channels
@@ -104,12 +105,19 @@ class InputBuilder:
 class InVivoSet:
     """A site's private folder, loaded once onto the canonical grid and turned into images."""
 
-    def __init__(self, spectra: list[Spectrum], builder: InputBuilder, errors: Sequence[MRSDataError] = ()):
+    def __init__(self, spectra: list[Spectrum], builder: InputBuilder, errors: Sequence[MRSDataError] = (),
+                 quality: QualityConfig | None = None):
+        """`quality`: the gate (data.quality); a spectrum that fails it is left out and listed in
+        `errors` with the reason, like an unreadable file. None: the configured gate."""
         self.errors = list(errors)
+        gate = quality or QualityConfig.from_config()
         prepared = []
         for s in spectra:
             try:
-                prepared.append(builder.prepare(s))
+                p = builder.prepare(s)
+                if why := measure(p.canonical).problem(gate):
+                    raise MRSDataError(s.provenance.source or "spectrum", f"{why}; left out")
+                prepared.append(p)
             except MRSDataError as exc:  # e.g. sub-spectra the channels cannot be made from
                 self.errors.append(exc)
         self.spectra = [p.canonical for p in prepared]
@@ -117,13 +125,13 @@ class InVivoSet:
         self.x = torch.stack([p.image for p in prepared]) if prepared else torch.empty(0)
 
     @classmethod
-    def from_folder(cls, folder: str | Path, builder: InputBuilder) -> InVivoSet:
+    def from_folder(cls, folder: str | Path, builder: InputBuilder, quality: QualityConfig | None = None) -> InVivoSet:
 
         folder = Path(folder)
         if not folder.is_dir():
             raise MRSDataError(folder, "in vivo data folder does not exist")
         spectra, errors = load_folder(folder)
-        return cls(spectra, builder, errors)
+        return cls(spectra, builder, errors, quality)
 
     def __len__(self) -> int:
         return len(self.spectra)
@@ -227,7 +235,7 @@ def build_stream(data_cfg, seed: int = 0, device: torch.device | str = "cpu",
 
     builder = InputBuilder.from_data_config(data_cfg)
     folder = invivo_dir if invivo_dir is not None else data_cfg.get("invivo_dir")
-    invivo = InVivoSet.from_folder(folder, builder) if folder else None
+    invivo = InVivoSet.from_folder(folder, builder, QualityConfig.from_config(data_cfg.quality)) if folder else None
     sims = [Simulator(load_profile(p), builder.grid, device=device) for p in data_cfg.sim_profiles]
     return MixedStream(sims, builder.transform, data_cfg.channels, data_cfg.batch_size, invivo,
                        data_cfg.invivo_fraction, seed, device, denoise=bool(data_cfg.denoise))
