@@ -31,6 +31,7 @@ from server.strategy import make_strategy
 from server.transport import WireGrid
 
 RUN = {"overrides": "model=micro data.batch_size=4", "local-steps": 3, "sites": ",".join(SITES)}
+ROUND_TIMEOUT_S = 30  # the round deadline (run config round-timeout-s) of the phase in which a site crashes
 
 
 # -- weights on the wire (unit) -----------------------------------------------------------------------
@@ -191,10 +192,11 @@ def federation(tmp_path_factory):
 
             res2: dict = {}
             runner = threading.Thread(target=lambda: res2.update(fed.run(
-                {**RUN, "num-rounds": 4, "run-dir": str(run_dir), "min-sites": 2}, timeout_s=240)))
+                {**RUN, "num-rounds": 4, "run-dir": str(run_dir), "min-sites": 2,
+                 "round-timeout-s": ROUND_TIMEOUT_S}, timeout_s=240)))
             runner.start()
             wait_for(lambda: started("hcfmrp") >= 3, 120, "round 3 to start at hcfmrp")
-            fed.stop("supernode_hcfmrp", sig=signal.SIGTERM, grace_s=5)  # a site dies mid-round
+            fed.stop("supernode_hcfmrp", sig=signal.SIGKILL, grace_s=0)  # a site crashes mid-round: no goodbye
             wait_for(lambda: rd.last_round() >= 3, 120, "round 3 to complete without hcfmrp")
             wait_for(lambda: started("unicamp") >= 4, 60, "round 4 to start")
             fed.stop("superlink", sig=signal.SIGKILL, grace_s=1)  # the server side crashes mid-round
@@ -255,6 +257,8 @@ def test_site_killed_mid_round_the_round_aggregates_the_others(federation):
     assert sorted(s["site"] for s in rows[3]["sites"]) == ["einstein", "unicamp"]
     assert [d["site"] for d in rows[3]["dropped"]] == ["hcfmrp"]
     assert federation["rd"].checkpoint(3).is_file()
+    # a SIGKILLed site sends nothing: the round waits for it at most round-timeout-s, never for good
+    assert rows[3]["round_seconds"] < ROUND_TIMEOUT_S + 20, rows[3]
 
 
 def test_missing_sites_fail_after_the_bounded_wait_naming_them(federation):
