@@ -15,6 +15,7 @@ import os
 import shlex
 import shutil
 import socket
+import ssl
 import sys
 from pathlib import Path
 
@@ -47,7 +48,9 @@ def load_site(site: str, overrides: list[str]):
     return cfg, train_words
 
 
-def check_superlink(address: str, timeout_s: float = 5.0) -> None:
+def check_superlink(address: str, insecure: bool, timeout_s: float = 5.0) -> None:
+    """The SuperLink answers, and speaks what this site will speak: flower-supernode retries for
+    ever, saying little, when one side uses TLS and the other does not."""
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise SiteError(f"site.superlink must be host:port, got {address!r}")
@@ -57,6 +60,28 @@ def check_superlink(address: str, timeout_s: float = 5.0) -> None:
     except OSError as exc:
         raise SiteError(f"cannot reach the SuperLink at {address} ({exc.strerror or exc}); is flower-superlink "
                         "running there, and is the port open to this machine?") from None
+    speaks = speaks_tls(host.strip("[]"), int(port))
+    if insecure and speaks is True:
+        raise SiteError(f"the SuperLink at {address} speaks TLS but site.insecure is true; set "
+                        "site.insecure=false and site.root_certificates to the lab's ca.crt")
+    if not insecure and speaks is False:
+        raise SiteError(f"the SuperLink at {address} does not speak TLS but site.insecure is false; ask the lab "
+                        "(a SuperLink for hospitals must use TLS)")
+
+
+def speaks_tls(host: str, port: int, timeout_s: float = 2.0) -> bool | None:
+    """True: a TLS handshake completes (certificate not checked here: flower-supernode does);
+    False: the server answers with something that is not TLS; None: cannot tell (silent, closed)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as raw, ctx.wrap_socket(raw) as tls:
+            tls.version()
+            return True
+    except ssl.SSLError as exc:
+        return False if "WRONG_VERSION_NUMBER" in str(exc).upper() or "record layer" in str(exc) else None
+    except OSError:
+        return None
 
 
 def check_runtime_port(port: int) -> None:
@@ -169,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.dry_run:  # --dry-run checks that the files are there and readable, not what they hold
             check_tls_files(cfg)
         check_runtime_port(int(cfg.site.runtime_port))
-        check_superlink(str(cfg.site.superlink))
+        check_superlink(str(cfg.site.superlink), bool(cfg.site.insecure))
         if args.dry_run:
             print(shlex.join(cmd))
             return 0

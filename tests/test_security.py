@@ -32,7 +32,7 @@ from helpers import live_members, run_module, text_of, wait_for
 
 from server import pki
 from server.example_sites import prepare_site_data
-from server.local import CONNECTION, LocalFederation
+from server.local import CONNECTION, LocalFederation, free_port
 from server.rundir import RunDir
 
 SITES = ["unicamp", "hcfmrp"]  # registered; einstein's key is made but never registered
@@ -170,6 +170,45 @@ def test_launcher_turns_the_site_tls_settings_into_supernode_flags(tmp_path):
     assert f"site.auth_private_key {out / 'ca.key'} is not an unencrypted OpenSSH EC private key" in res.stderr
 
 
+def _serve(port_box: dict, answer) -> socket.socket:
+    """A loopback server that runs `answer(conn)` on each connection, in a thread."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    port_box["port"] = srv.getsockname()[1]
+
+    def loop():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with contextlib.suppress(OSError, ssl.SSLError):
+                answer(conn)
+            conn.close()
+
+    threading.Thread(target=loop, daemon=True).start()
+    return srv
+
+
+def test_launcher_says_when_the_site_and_the_superlink_disagree_about_tls(tmp_path):
+    pki.make_ca(tmp_path)
+    pki.make_superlink(tmp_path, ["localhost"], ["127.0.0.1"])
+    key, _ = pki.make_site(tmp_path, "unicamp")
+    lay = pki.Layout(tmp_path)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(lay.superlink_crt, lay.superlink_key)
+    box: dict = {}
+    with contextlib.closing(_serve(box, lambda c: server_ctx.wrap_socket(c, server_side=True).recv(1))):
+        res = run_module("client", "--site", "unicamp", "--dry-run", f"site.superlink=127.0.0.1:{box['port']}")
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0, res.stderr
+    assert "speaks TLS but site.insecure is true" in res.stderr
+    tls = ["site.insecure=false", f"site.root_certificates={lay.ca_crt}", f"site.auth_private_key={key}"]
+    with contextlib.closing(_serve(box, lambda c: c.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n"))):
+        res = run_module("client", "--site", "unicamp", "--dry-run", *tls, f"site.superlink=127.0.0.1:{box['port']}")
+    assert res.returncode == 2 and "does not speak TLS but site.insecure is false" in res.stderr, res.stderr
+
+
 # -- a secure federation on loopback ------------------------------------------------------------------
 def _nodes(fed: LocalFederation) -> dict[int, str]:
     """`flwr supernode list`: node id -> status, through the TLS connection of config.toml."""
@@ -202,8 +241,12 @@ def secure(tmp_path_factory):
             res["plaintext_http"] = _plaintext_request(fed.port)
             fed.start_supernodes(prepare_site_data(out / "sites", SITES))
             fed.start_supernode("einstein", name="unregistered")  # TLS, with einstein's unregistered key
-            fed.start_supernode("einstein", name="plaintext", env={"FLWR_LOG_LEVEL": "DEBUG"},  # says why it failed
-                                insecure=True, root_certificates=None, auth_private_key=None)
+            # the site launcher refuses a plaintext site before it starts (one line)...
+            res["launcher_plaintext"] = run_module("client", "--site", "einstein", "--dry-run",
+                                                   f"site.superlink=127.0.0.1:{fed.port}")
+            # ...so a raw flower-supernode without TLS tests the SuperLink's own refusal
+            fed._spawn("plaintext", ["flower-supernode", "--superlink", f"127.0.0.1:{fed.port}", "--insecure",
+                                     "--port", str(free_port())], {"FLWR_LOG_LEVEL": "DEBUG"})  # says why it failed
             t0 = time.monotonic()
             res["run"] = fed.run({"overrides": "model=micro data.batch_size=4", "local-steps": 2, "num-rounds": 1,
                                   "run-dir": str(out / "run"), "min-sites": len(SITES), "sites": ",".join(SITES),
@@ -276,6 +319,8 @@ def test_an_unregistered_key_is_refused(secure):
 
 
 def test_a_plaintext_supernode_is_refused(secure):
+    launcher = _get(secure, "launcher_plaintext")
+    assert launcher.returncode == 2 and "speaks TLS but site.insecure is true" in launcher.stderr
     log = text_of(secure["logs"] / "plaintext.log")
     assert "Starting insecure channel" in log  # it really tried without TLS...
     assert PLAINTEXT_REFUSED in log and "SuperNode ID" not in log  # ...and the TLS port hung up on it
