@@ -138,6 +138,7 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # real processes (the site launcher)
 def test_launcher_unknown_site_is_one_clear_line():
     res = run_module("client", "--site", "nosuch")
     assert res.returncode != 0 and res.stdout == ""
@@ -145,12 +146,14 @@ def test_launcher_unknown_site_is_one_clear_line():
     assert "unknown site 'nosuch'" in res.stderr and all(s in res.stderr for s in SITES)
 
 
+@pytest.mark.slow  # real processes (the site launcher)
 def test_launcher_unreachable_superlink_is_one_clear_line():
     res = run_module("client", "--site", "unicamp", f"site.superlink=127.0.0.1:{_closed_port()}")
     assert res.returncode != 0 and res.stderr.strip().count("\n") == 0
     assert "cannot reach the SuperLink at 127.0.0.1:" in res.stderr
 
 
+@pytest.mark.slow  # real processes (the site launcher)
 def test_launcher_runtime_port_in_use_is_one_clear_line():
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -145,6 +145,7 @@ def test_pki_never_overwrites_without_force_and_says_which_file(tmp_path):
 
 
 # -- the site launcher --------------------------------------------------------------------------------
+@pytest.mark.slow  # real processes (the site launcher)
 def test_launcher_turns_the_site_tls_settings_into_supernode_flags(tmp_path):
     out = tmp_path / "pki"
     pki.make_ca(out)
@@ -191,6 +192,7 @@ def _serve(port_box: dict, answer) -> socket.socket:
     return srv
 
 
+@pytest.mark.slow  # real processes (the site launcher)
 def test_launcher_says_when_the_site_and_the_superlink_disagree_about_tls(tmp_path):
     pki.make_ca(tmp_path)
     pki.make_superlink(tmp_path, ["localhost"], ["127.0.0.1"])

@@ -372,6 +372,7 @@ def broken_train(msg, context):
 '''
 
 
+@pytest.mark.slow  # two federated runs (run_federation over a scripted grid), ~4 s
 def test_a_resume_tolerates_a_torn_last_metrics_line_and_writes_whole_lines(tmp_path, monkeypatch):
     monkeypatch.setenv("MRSFM_RUN_ROOT", str(tmp_path))
     sites = {11: lambda g: reply("unicamp", g), 12: lambda g: reply("hcfmrp", g)}
