@@ -14,6 +14,14 @@ from mrsfm_model.training.privacy import DPConfig, PrivateSite, register_grad_sa
 from mrsfm_model.training.trainer import OptimConfig, Trainer
 
 
+def _prv_epsilon(steps: int, sigma: float, rate: float, delta: float = 1e-5) -> float:
+    """Epsilon of an independent Opacus PRV accountant after `steps` steps."""
+    acc = PRVAccountant()
+    for _ in range(steps):
+        acc.step(noise_multiplier=sigma, sample_rate=rate)
+    return acc.get_epsilon(delta)
+
+
 def _trainer(seed=0):
     torch.manual_seed(seed)
     return Trainer(SpectroMAE(mae_config("micro", img_size=(64, 64))), mae_loss, OptimConfig.from_config(lr=1e-3), 100, 8,
@@ -44,14 +52,8 @@ def test_epsilon_is_cumulative_across_rounds_and_matches_opacus():
     state = first.state()  # what the client persists between rounds (fresh process each round)
     second = PrivateSite(_trainer(1), x, cfg, state=state)
     r2 = second.private_steps(4)
-    independent = PRVAccountant()
-    for _ in range(7):
-        independent.step(noise_multiplier=1.1, sample_rate=4 / 20)
-    assert r2["epsilon"] == pytest.approx(independent.get_epsilon(1e-5), rel=1e-9)
-    per_round = PRVAccountant()
-    for _ in range(4):
-        per_round.step(noise_multiplier=1.1, sample_rate=4 / 20)
-    assert r2["epsilon"] > per_round.get_epsilon(1e-5) and r2["epsilon"] > r1["epsilon"]
+    assert r2["epsilon"] == pytest.approx(_prv_epsilon(7, 1.1, 4 / 20), rel=1e-9)
+    assert r2["epsilon"] > _prv_epsilon(4, 1.1, 4 / 20) and r2["epsilon"] > r1["epsilon"]
 
 
 def test_budget_stops_private_steps():
@@ -138,10 +140,7 @@ def test_client_reports_cumulative_epsilon_equal_to_an_independent_accountant(pr
     _, m1 = _round(private_folder, 1, f"privacy.clipping={clipping}")
     state, m2 = _round(private_folder, 2, f"privacy.clipping={clipping}")  # fresh "process": only state carries over
     assert m1["private-steps"] == m2["private-steps"] == 2  # half of 4 steps (invivo_fraction 0.5)
-    independent = PRVAccountant()
-    for _ in range(4):
-        independent.step(noise_multiplier=1.1, sample_rate=2 / 8)
-    assert m2["epsilon"] == pytest.approx(independent.get_epsilon(1e-5), rel=1e-9) and m2["epsilon"] > m1["epsilon"]
+    assert m2["epsilon"] == pytest.approx(_prv_epsilon(4, 1.1, 2 / 8), rel=1e-9) and m2["epsilon"] > m1["epsilon"]
     assert m2["budget-spent"] == 0.0 and all(torch.isfinite(v).all() for v in state.values())
     assert not any(k.startswith("_module") for k in state)  # the plain model's weights, not Opacus' wrapper
     (ledger,) = (private_folder / "state" / "privacy-ledger").glob("*.json")
@@ -153,14 +152,8 @@ def test_client_reports_cumulative_epsilon_equal_to_an_independent_accountant(pr
 def test_epsilon_continues_across_runs_on_the_same_spectra_and_counts_rounds_without_dp(private_folder):
     _, first = _round(private_folder, 1, run_key="runA")
     _, again = _round(private_folder, 1, run_key="runB")  # a new run (new run-dir, new key) on the same data
-    one_round = PRVAccountant()
-    for _ in range(2):
-        one_round.step(noise_multiplier=1.1, sample_rate=2 / 8)
-    assert first["epsilon"] == pytest.approx(one_round.get_epsilon(1e-5), rel=1e-9)
-    four = PRVAccountant()
-    for _ in range(4):
-        four.step(noise_multiplier=1.1, sample_rate=2 / 8)
-    assert again["epsilon"] == pytest.approx(four.get_epsilon(1e-5), rel=1e-9)  # run B starts where run A ended
+    assert first["epsilon"] == pytest.approx(_prv_epsilon(2, 1.1, 2 / 8), rel=1e-9)
+    assert again["epsilon"] == pytest.approx(_prv_epsilon(4, 1.1, 2 / 8), rel=1e-9)  # run B starts where A ended
     _, plain = _round(private_folder, 2, run_key="runB", dp=False)  # DP switched off for a round
     assert plain["unprotected-rounds"] == 1.0 and "epsilon" not in plain
     _, later = _round(private_folder, 3, run_key="runB")
