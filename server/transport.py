@@ -179,15 +179,19 @@ class WireGrid(Grid):
             if claim:
                 self.say(f"node {node} sent a site name that is not a plain name ({_printable(claim)!r}); "
                          f"called {name}")
-        elif any(n == claim and other != node for other, n in self.sites.items()
-                 if other in set(self.grid.get_node_ids())):
+        elif (holder := self._connected_holder(claim, node)) is not None:
             name = f"node {node} (claims {claim})"
-            self.say(f"node {node} claims to be {claim}, which connected node "
-                     f"{next(o for o, n in self.sites.items() if n == claim)} already is; called {name!r}")
+            self.say(f"node {node} claims to be {claim}, which connected node {holder} already is; called {name!r}")
         else:
             name = claim
         self.sites[node] = name
         return name
+
+    def _connected_holder(self, name: str, node: int) -> int | None:
+        """Another node that holds `name` and is connected now (the SuperLink is asked only then)."""
+        others = [o for o, n in self.sites.items() if n == name and o != node]
+        connected = set(self.grid.get_node_ids()) if others else set()
+        return next((o for o in others if o in connected), None)
 
     # -- bounded wait for sites ---------------------------------------------------------------------
     def wait_for_sites(self, poll_s: float = 1.0, log_every_s: float = 10.0) -> list[int]:

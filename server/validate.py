@@ -190,36 +190,35 @@ class UpdateValidator:
                 reasons[k] = why
                 decoded.pop(k, None)
         if on and decoded:
-            for k, why in self._norm_outliers(decoded, sent).items():
-                reasons[k] = why
-                del decoded[k]
-        if on and len(decoded) >= 3:
-            for k, why in self._against_the_others(decoded, sent).items():
-                reasons[k] = why
-                del decoded[k]
-        if on and decoded:
-            self._clip(decoded, sent)
+            # the global weights each site was sent (usually one record, sent to all), decoded once
+            globals_ = {id(rec): to_state(rec) for k in decoded for rec in sent[k].values()}
+            norms = {k: math.hypot(*(update_norm(s, globals_[id(sent[k][key])]) for key, s in states.items()))
+                     for k, states in decoded.items()}
+            def reject(found: Mapping[K, str]) -> None:
+                for k, why in found.items():
+                    reasons[k] = why
+                    del decoded[k], norms[k]
+
+            reject(self._norm_outliers(norms))
+            if len(decoded) >= 3:  # the direction check over the updates the norm check kept
+                reject(self._against_the_others(decoded, sent, globals_))
+            if decoded:
+                self._clip(decoded, sent, globals_, norms)
         return decoded, reasons
 
-    def _updates(self, decoded: Mapping[K, dict[str, State]], sent) -> dict[K, dict[str, torch.Tensor]]:
-        """Each site's update w_site - w_global, float tensors only, keyed `record/tensor`."""
-        records = {id(rec): rec for k in decoded for rec in sent[k].values()}
-        globals_ = {i: to_state(rec) for i, rec in records.items()}
-        return {k: {f"{key}/{name}": t.float() - globals_[id(sent[k][key])][name].float()
-                    for key, s in states.items() for name, t in s.items() if t.is_floating_point()}
-                for k, states in decoded.items()}
-
-    def _against_the_others(self, decoded, sent) -> dict[K, str]:
+    def _against_the_others(self, decoded: Mapping[K, dict[str, State]], sent, globals_: Mapping[int, State]
+                            ) -> dict[K, str]:
         """Updates whose direction disagrees with the coordinate-wise median of all updates (the
         consensus a majority of honest sites sets, which a sign-flipped or a colluding minority
         cannot move): cosine below validation.min_cosine."""
-        updates = self._updates(decoded, sent)
-        sites = list(updates)
+        sites = list(decoded)
+        tensors = [(key, name) for key, s in decoded[sites[0]].items() for name, t in s.items() if t.is_floating_point()]
         dot = dict.fromkeys(sites, 0.0)
         norm2 = dict.fromkeys(sites, 0.0)
         med2 = 0.0
-        for name in updates[sites[0]]:  # tensor by tensor: memory of one tensor x the sites
-            stack = torch.stack([updates[k][name].flatten().double() for k in sites])
+        for key, name in tensors:  # tensor by tensor: memory of one tensor x the sites
+            stack = torch.stack([(decoded[k][key][name].double() - globals_[id(sent[k][key])][name].double()).flatten()
+                                 for k in sites])
             med = stack.median(dim=0).values
             med2 += float(med @ med)
             for i, k in enumerate(sites):
@@ -234,12 +233,11 @@ class UpdateValidator:
                               f"updates); validation.min_cosine is {self.settings.min_cosine:g}")
         return out
 
-    def _clip(self, decoded, sent) -> None:
+    def _clip(self, decoded: Mapping[K, dict[str, State]], sent, globals_: Mapping[int, State],
+              norms: dict[K, float]) -> None:
         """Bound every accepted update to clip_norm_ratio x the running median of accepted norms (this
         round's included), so a site that scales its update, round after round, still moves the
         model no more than that; the clipped update keeps its direction."""
-        updates = self._updates(decoded, sent)
-        norms = {k: math.sqrt(sum(float((u.double() ** 2).sum()) for u in upd.values())) for k, upd in updates.items()}
         yardstick = self.accepted_norms[-50:] + list(norms.values())
         if len(yardstick) < 3:
             self.accepted_norms += list(norms.values())
@@ -248,28 +246,23 @@ class UpdateValidator:
         for k, norm in norms.items():
             if norm > bound > 0:
                 scale = bound / norm
-                records = {key: to_state(rec) for key, rec in sent[k].items()}
                 for key, state in decoded[k].items():
+                    ref = globals_[id(sent[k][key])]
                     for name, t in state.items():
                         if t.is_floating_point():
-                            g = records[key][name].float()
+                            g = ref[name].float()
                             state[name] = g + (t.float() - g) * scale
                 self.say(f"update validation: clipped an update of norm {norm:.3g} to {bound:.3g} "
                          f"(validation.clip_norm_ratio {self.settings.clip_norm_ratio:g} x the median of accepted norms)")
                 norms[k] = bound
         self.accepted_norms += list(norms.values())
 
-    def _norm_outliers(self, decoded: Mapping[K, dict[str, State]], sent: Mapping[K, Mapping[str, ArrayRecord]]
-                       ) -> dict[K, str]:
-        if len(decoded) < 3:
+    def _norm_outliers(self, norms: Mapping[K, float]) -> dict[K, str]:
+        if len(norms) < 3:
             if not self._said_few:
-                self.say(f"update validation: {len(decoded)} site update(s) in this round, too few to judge "
+                self.say(f"update validation: {len(norms)} site update(s) in this round, too few to judge "
                          "update norms (each needs at least 2 other sites to compare with); key, shape, dtype "
                          "and NaN/Inf checks still apply")
                 self._said_few = True
             return {}
-        records = {id(rec): rec for k in decoded for rec in sent[k].values()}  # usually one, sent to all
-        globals_ = {i: to_state(rec) for i, rec in records.items()}
-        norms = {k: math.hypot(*(update_norm(s, globals_[id(sent[k][key])]) for key, s in states.items()))
-                 for k, states in decoded.items()}
         return norm_outliers(norms, self.settings.max_norm_ratio)
