@@ -10,10 +10,11 @@ repeats a round.
 from __future__ import annotations
 
 import json
-import os
 import re
 import uuid
 from pathlib import Path
+
+from mrsfm_model.files import write_atomic
 
 _CKPT = re.compile(r"^round_(\d{4,})\.safetensors$")
 
@@ -54,7 +55,7 @@ class RunDir:
         return rows
 
     def _write_metrics(self, rows: list[dict]) -> None:
-        _atomic_write(self.metrics, "".join(json.dumps(r) + "\n" for r in rows))
+        write_atomic(self.metrics, "".join(json.dumps(r) + "\n" for r in rows))
 
     def trim_metrics(self, last_round: int) -> None:
         """Drop lines of rounds after `last_round` (their checkpoint was never committed) and any torn line."""
@@ -76,7 +77,7 @@ class RunDir:
         p = self.path / "run_id"
         if not p.is_file() or not p.read_text().strip():
             self.path.mkdir(parents=True, exist_ok=True)
-            _atomic_write(p, uuid.uuid4().hex[:12] + "\n")
+            write_atomic(p, uuid.uuid4().hex[:12] + "\n")
         return p.read_text().strip()
 
     def load_sites(self) -> dict[int, str]:
@@ -84,14 +85,5 @@ class RunDir:
         return {int(k): v for k, v in json.loads(p.read_text()).items()} if p.is_file() else {}
 
     def save_sites(self, sites: dict[int, str]) -> None:
-        _atomic_write(self.path / "sites.json", json.dumps({str(k): v for k, v in sites.items()}, indent=1))
+        write_atomic(self.path / "sites.json", json.dumps({str(k): v for k, v in sites.items()}, indent=1))
 
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Write beside, flush to disk, rename over: readers see the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

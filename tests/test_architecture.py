@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("mrsfm_model", "server", "client")
 # lower number = lower layer; a module may import its own layer and below
 LAYERS = {
-    "mrsfm_model.config": 0, "mrsfm_model.errors": 0, "mrsfm_model.logs": 0,
+    "mrsfm_model.config": 0, "mrsfm_model.errors": 0, "mrsfm_model.logs": 0, "mrsfm_model.files": 0,
     "mrsfm_model.data": 1,  # reading, canonical grid, simulation, spectrogram, streams
     "mrsfm_model.reports": 2,  # figures
     "mrsfm_model.model": 3,  # MAE, encoder export and registry, weights on disk and on the wire

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from mrsfm_model.files import write_atomic
 
 
 def data_fingerprint(folder: str | Path) -> str:
@@ -65,10 +66,4 @@ class PrivacyLedger:
             self.entry["runs"].append(run_key)
 
     def _save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(json.dumps(self.entry, indent=1))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps(self.entry, indent=1))
