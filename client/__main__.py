@@ -4,7 +4,7 @@ Reads configs/site/<site>.yaml through Hydra (`site.*` words on the command line
 any other `key=value` words are extra training overrides for this site), checks what would
 otherwise fail later and far from the cause (unknown site, SuperLink not reachable, data folder
 without usable spectra, missing or unreadable certificate or key, a key flower-supernode cannot
-parse), then replaces itself with `flower-supernode`.
+parse), then runs `flower-supernode` and the site worker (client/worker.py) under one supervisor.
 Errors are one line on stderr and a non-zero exit code.
 """
 
@@ -12,12 +12,19 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import secrets
 import shlex
 import shutil
+import signal
 import socket
 import ssl
+import subprocess
 import sys
+import time
 from pathlib import Path
+
+from mrsfm_model.files import write_atomic
 
 PROG = "python -m client"
 
@@ -181,36 +188,125 @@ def supernode_command(cfg, train_words: list[str], data_dir: str) -> list[str]:
     return cmd + ["--node-config", " ".join(_literal(k, v) for k, v in node.items())]
 
 
+def worker_command(cfg, secret_file: Path) -> list[str]:
+    """The site worker (client/worker.py) that takes this SuperNode's tasks."""
+    s = cfg.site
+    cmd = [sys.executable, "-m", "client.worker", "--runtime-api-address", f"127.0.0.1:{int(s.runtime_port)}",
+           "--secret-file", str(secret_file), "--log-level", str(s.log_level), "--parent-pid", str(os.getpid())]
+    for digest in s.trusted_apps or []:
+        if not re.fullmatch(r"[0-9a-f]{64}", str(digest)):
+            raise SiteError(f"site.trusted_apps: {str(digest)[:80]!r} is not a SHA-256 hex digest (64 of 0-9a-f)")
+        cmd += ["--trusted-app", str(digest)]
+    return cmd
+
+
+def _die_with_parent() -> None:
+    """Linux: the child gets SIGTERM when this launcher dies, even by SIGKILL (no orphaned SuperNode)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class Supervisor:
+    """flower-supernode and the site worker under one process, with one lifetime: the worker is
+    restarted when it dies (its state comes back from disk), everything stops with the SuperNode
+    or on SIGTERM / Ctrl-C."""
+
+    def __init__(self, supernode: list[str], worker: list[str] | None, env: dict[str, str]):
+        self.supernode_cmd, self.worker_cmd, self.env = supernode, worker, env
+        self.node: subprocess.Popen | None = None
+        self.worker: subprocess.Popen | None = None
+        self.restarts = 0
+        self.stopping = False
+
+    def _start_worker(self) -> None:
+        self.worker = subprocess.Popen(self.worker_cmd, env=self.env, preexec_fn=_die_with_parent)
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, _frame: self._stop(signum))
+        self.node = subprocess.Popen(self.supernode_cmd, env=self.env, preexec_fn=_die_with_parent)
+        if self.worker_cmd:
+            self._start_worker()
+        backoff, started = 1.0, time.monotonic()
+        while True:
+            code = self.node.poll()
+            if code is not None:
+                self._stop(None)
+                return 0 if self.stopping else code
+            if self.worker is not None and (wcode := self.worker.poll()) is not None and not self.stopping:
+                quick = time.monotonic() - started < 30
+                backoff = min(30.0, backoff * 2) if quick else 1.0
+                print(f"{PROG}: site worker exited (code {wcode}); restarting it in {backoff:.0f} s (its state comes "
+                      "back from disk; a round in flight fails at this site only)", file=sys.stderr, flush=True)
+                time.sleep(backoff)
+                self.restarts += 1
+                started = time.monotonic()
+                self._start_worker()
+            time.sleep(0.2)
+
+    def _stop(self, signum: int | None) -> None:
+        self.stopping = self.stopping or signum is not None
+        for proc in (self.worker, self.node):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+        for proc in (self.worker, self.node):
+            if proc is None:
+                continue
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if signum is not None:
+            raise SystemExit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description="Join the federation as one site (flower-supernode).")
+    parser = argparse.ArgumentParser(prog=PROG, description="Join the federation as one site (flower-supernode "
+                                     "and its site worker).")
     parser.add_argument("--site", required=True, help="name of configs/site/<name>.yaml")
-    parser.add_argument("--dry-run", action="store_true", help="check and print the flower-supernode command only")
+    parser.add_argument("--dry-run", action="store_true", help="check and print the commands only")
     parser.add_argument("overrides", nargs="*", help="site.key=value (site settings) or other Hydra overrides")
     args = parser.parse_args(argv)
     try:
         cfg, train_words = load_site(args.site, args.overrides)  # local problems first, then the network
         data_dir = check_data_dir(cfg.site.data_dir)
         cmd = supernode_command(cfg, train_words, data_dir)
+        state_dir = Path(str(cfg.site.state_dir)).expanduser()
+        secret = state_dir / "worker.secret"
+        warm = bool(cfg.site.worker)
+        worker = worker_command(cfg, secret) if warm else None
+        cmd += ["--isolation", "process", "--superexec-auth-secret-file", str(secret)] if warm else []
         if not args.dry_run:  # --dry-run checks that the files are there and readable, not what they hold
             check_tls_files(cfg)
         check_runtime_port(int(cfg.site.runtime_port))
         check_superlink(str(cfg.site.superlink), bool(cfg.site.insecure))
         if args.dry_run:
             print(shlex.join(cmd))
+            if worker:
+                print(shlex.join(worker))
             return 0
         path = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")  # the venv's bin first
         exe = shutil.which("flower-supernode", path=path)
         if exe is None:
             raise SiteError("flower-supernode not found; install mrsfm (pip install -e .) in this environment")
+        if warm:  # a fresh secret per launch, readable by this user only: who holds it may take the site's tasks
+            state_dir.mkdir(parents=True, exist_ok=True)
+            write_atomic(secret, secrets.token_bytes(32), mode=0o600)
     except SiteError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     env = {**os.environ, "PATH": path}  # the SuperNode starts flower-superexec and flwr-clientapp from PATH
     env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    mode = ("site worker on (warm model between rounds; only this installation's client code runs)" if warm else
+            "site worker off (site.worker=false): every message starts a fresh process running the app bundle's code")
     print(f"{PROG}: site {cfg.site.name} -> SuperLink {cfg.site.superlink}, data "
-          f"{data_dir or '(simulation only)'}", file=sys.stderr, flush=True)
-    os.execve(exe, cmd, env)
-    return 0  # not reached
+          f"{data_dir or '(simulation only)'}; {mode}", file=sys.stderr, flush=True)
+    return Supervisor([exe, *cmd[1:]], worker, env).run()
 
 
 if __name__ == "__main__":

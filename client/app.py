@@ -14,6 +14,7 @@ import re
 import time
 import zlib
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -52,12 +53,38 @@ def train(msg: Message, context: Context) -> Message:
                                "site": ConfigRecord({"site": node["site"]})}), reply_to=msg)
 
 
-def local_round(conf: Mapping, node: Mapping[str, str],
-                global_weights: Callable[[dict], dict]) -> tuple[dict, dict[str, float]]:
-    """One site's round: `conf` is the server's train config, `node` the site's node config,
-    `global_weights(template_state)` the round's global weights as a float32 state dict.
-    Returns the locally trained state dict and the metrics the server logs."""
+@dataclass
+class SiteSession:
+    """What a site builds once per run and reuses every round: the composed config, the data stream
+    (private folder on the canonical grid), the model and the Trainer with its optimizer. An
+    ephemeral ClientApp process builds it for one message and drops it; the site worker
+    (client/worker.py) keeps it between rounds. Either way a round's result is the same."""
+
+    key: tuple
+    site: str
+    cfg: object
+    device: object
+    stream: object
+    trainer: object
+    dp: object
+    ledger: PrivacyLedger | None
+    state: Path
+    data_dir: str
+    n_invivo: int
+    seed: int
+    done_round: int = 0  # the round whose optimizer state and RNG this object holds in memory
+    rng: object = None
+
+
+_SESSION: SiteSession | None = None  # the warm one (a site worker keeps it between messages)
+
+
+def site_session(conf: Mapping, node: Mapping[str, str]) -> tuple[SiteSession, float]:
+    """This run's session, reused when the worker already holds it; (session, seconds spent building)."""
+    global _SESSION
     import shlex
+
+    import torch
 
     from mrsfm_model.config import load_config, resolve_device, site_owned_keys
     from mrsfm_model.data.stream import build_stream
@@ -65,8 +92,6 @@ def local_round(conf: Mapping, node: Mapping[str, str],
     from mrsfm_model.training.privacy import DPConfig
     from mrsfm_model.training.trainer import OptimConfig, Trainer
 
-    t0 = time.perf_counter()
-    logs.setup(node.get("log-level") or "INFO")  # the site's own level (site.log_level)
     site = node["site"]
     if not RUN_KEY.fullmatch(str(conf.get("run-key", ""))):  # it names a folder under this site's state-dir
         raise ValueError(f"site {site}: refused the server's run-key {str(conf.get('run-key'))[:80]!r} "
@@ -77,63 +102,89 @@ def local_round(conf: Mapping, node: Mapping[str, str],
                "data paths are the site's own: set them in its site config)")
         _log.error(msg)
         raise ValueError(msg)
+    key = (str(conf["strategy"]), tuple(theirs), str(conf["run-key"]), int(conf["total-steps"]),
+           tuple(sorted(node.items())))
+    if _SESSION is not None and _SESSION.key == key:
+        return _SESSION, 0.0
+    _SESSION = None  # another run: free the old model before building the new one
+    t0 = time.perf_counter()
     overrides = [f"+fl={conf['strategy']}", *theirs,  # the coordinator's
                  *shlex.split(node.get("overrides", ""))]  # then this site's (its vendor mix, privacy, ...)
     cfg = load_config(overrides)
     device = resolve_device(node.get("device") or "auto")
-    rnd, local_steps = int(conf["server-round"]), int(conf["local-steps"])
-    model = build_mae(cfg.model, cfg.data)
-    model.load_state_dict(global_weights(model.state_dict()))
-    model.to(device)
-
-    if float(conf.get("local-sleep-s", 0.0)) > 0:  # benchmarks: transport cost without training
-        setup = time.perf_counter() - t0
-        time.sleep(float(conf["local-sleep-s"]))
-        return model.state_dict(), {"num-examples": local_steps * int(cfg.data.batch_size), "loss": 0.0,
-                                    "local-seconds": float(conf["local-sleep-s"]), "setup-seconds": setup}
     # each site draws its own simulated spectra (same config, different seed)
     seed = int(node.get("seed") or cfg.seed + zlib.crc32(site.encode()) % 2**31)
+    torch.manual_seed(seed)  # the model's initial draw and round 1's masks: the same in any process
+    model = build_mae(cfg.model, cfg.data)
     data_dir = node.get("data-dir", "")
     stream = build_stream(cfg.data, seed=seed, device=device, invivo_dir=data_dir or None)
     n_invivo = 0 if stream.invivo is None else len(stream.invivo)
     for err in [] if stream.invivo is None else stream.invivo.errors:
         _log.warning(f"[mrsfm] {site}: skipped {err}")
-    dp = DPConfig.from_config(cfg.privacy)
-    mu = float(conf.get("proximal-mu", 0.0))
-    loss_fn = _proximal(mae_loss, model, mu) if mu > 0 and not dp.enabled else mae_loss
-    trainer = Trainer(model, loss_fn, OptimConfig.from_config(cfg.train), int(conf["total-steps"]),
+    trainer = Trainer(model, mae_loss, OptimConfig.from_config(cfg.train), int(conf["total-steps"]),
                       stream.batch_size, device, progress=False)
     state_root = Path(node.get("state-dir") or f"~/.mrsfm/state/{site}").expanduser()
-    state = state_root / str(conf["run-key"])
     # what training on these private spectra has spent, across runs (None: no private data in use)
     ledger = (PrivacyLedger(state_root, data_fingerprint(data_dir))
               if n_invivo and float(cfg.data.invivo_fraction) > 0 else None)
-    if (state / "trainer.pt").is_file():  # optimizer moments and RNG from this site's previous round
-        global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        trainer.load(state)
-        model.load_state_dict(global_state)
+    _SESSION = SiteSession(key, site, cfg, device, stream, trainer, DPConfig.from_config(cfg.privacy), ledger,
+                           state_root / str(conf["run-key"]), data_dir, n_invivo, seed, rng=torch.get_rng_state())
+    return _SESSION, time.perf_counter() - t0
+
+
+def local_round(conf: Mapping, node: Mapping[str, str],
+                global_weights: Callable[[dict], dict]) -> tuple[dict, dict[str, float]]:
+    """One site's round: `conf` is the server's train config, `node` the site's node config,
+    `global_weights(template_state)` the round's global weights as a float32 state dict.
+    Returns the locally trained state dict and the metrics the server logs."""
+    import torch
+
+    from mrsfm_model.model.mae import mae_loss
+
+    t0 = time.perf_counter()
+    logs.setup(node.get("log-level") or "INFO")  # the site's own level (site.log_level)
+    s, built = site_session(conf, node)
+    trainer, model, site = s.trainer, s.trainer.model, s.site
+    rnd, local_steps = int(conf["server-round"]), int(conf["local-steps"])
+    if s.done_round == rnd - 1 and s.rng is not None:  # this object holds the previous round's end state
+        torch.set_rng_state(s.rng)
+    elif (s.state / "trainer.pt").is_file():  # optimizer moments and RNG from this site's previous round, on disk
+        trainer.load(s.state)
+    s.rng = None
+    model.load_state_dict(global_weights(model.state_dict()))
+    model.to(s.device)
+    if float(conf.get("local-sleep-s", 0.0)) > 0:  # benchmarks: transport cost without training
+        setup = time.perf_counter() - t0
+        time.sleep(float(conf["local-sleep-s"]))
+        return model.state_dict(), {"num-examples": local_steps * int(s.cfg.data.batch_size), "loss": 0.0,
+                                    "local-seconds": float(conf["local-sleep-s"]), "setup-seconds": setup,
+                                    "build-seconds": built}
+    mu = float(conf.get("proximal-mu", 0.0))
+    trainer.loss_fn = _proximal(mae_loss, model, mu) if mu > 0 and not s.dp.enabled else mae_loss
     trainer.step = (rnd - 1) * local_steps  # the LR schedule continues across rounds
     setup = time.perf_counter() - t0
     t1 = time.perf_counter()
-    if dp.enabled:
-        metrics = _private_round(trainer, stream, dp, ledger, str(conf["run-key"]), site, local_steps,
+    run_key = str(conf["run-key"])
+    if s.dp.enabled:
+        metrics = _private_round(trainer, s.stream, s.dp, s.ledger, run_key, site, local_steps,
                                  int(conf["total-steps"]))
         loss = metrics.pop("loss")
     else:
-        last = trainer.fit(stream(trainer.step), local_steps, log_every=local_steps, desc=f"{site} round {rnd}")
+        last = trainer.fit(s.stream(trainer.step), local_steps, log_every=local_steps, desc=f"{site} round {rnd}")
         loss, metrics = float(last.get("mae_loss", last["loss"])), {}
-        if ledger is not None:
-            ledger.record_unprotected(str(conf["run-key"]))
-    if ledger is not None:
-        metrics["unprotected-rounds"] = float(ledger.unprotected_rounds)
+        if s.ledger is not None:
+            s.ledger.record_unprotected(run_key)
+    if s.ledger is not None:
+        metrics["unprotected-rounds"] = float(s.ledger.unprotected_rounds)
     seconds = time.perf_counter() - t1
-    trainer.save(state)
+    trainer.save(s.state)
+    s.done_round, s.rng = rnd, torch.get_rng_state()
     dp_note = (f", epsilon {metrics['epsilon']:.2f} after {metrics['private-steps']:.0f} private step(s) this round"
-               if dp.enabled else "")
+               if s.dp.enabled else "")
     _log.info(f"[mrsfm] {site} round {rnd}: {local_steps} steps in {seconds:.1f} s, loss {loss:.4f}, "
-              f"{n_invivo} in vivo spectra from {data_dir or '(none: simulation only)'} on {device}{dp_note}")
-    return model.state_dict(), {"num-examples": local_steps * stream.batch_size, "loss": loss,
-                                "local-seconds": seconds, "setup-seconds": setup, **metrics}
+              f"{s.n_invivo} in vivo spectra from {s.data_dir or '(none: simulation only)'} on {s.device}{dp_note}")
+    return model.state_dict(), {"num-examples": local_steps * s.stream.batch_size, "loss": loss,
+                                "local-seconds": seconds, "setup-seconds": setup, "build-seconds": built, **metrics}
 
 
 def _private_round(trainer, stream, dp, ledger, run_key: str, site: str, local_steps: int,

@@ -50,3 +50,22 @@ def live_members(pgid: int) -> list[str]:
         if int(fields[2]) == pgid and fields[0] != "Z":
             out.append(stat.parent.name)
     return out
+
+
+class ScriptedGrid:
+    """Plays the SuperLink's Grid API (push_messages / pull_messages) for WireGrid in unit tests:
+    `reply(messages)` (a subclass's) answers everything pushed, and the next pull returns it."""
+
+    def reply(self, messages) -> list:
+        raise NotImplementedError
+
+    def push_messages(self, messages) -> list[str]:
+        messages = list(messages)
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = m.object_id
+        self._pending = self.reply(messages)
+        return [m.metadata.message_id for m in messages]
+
+    def pull_messages(self, message_ids) -> list:
+        out, self._pending = getattr(self, "_pending", []), []
+        return out

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
-from helpers import live_members, run_module, wait_for
+from helpers import ScriptedGrid, live_members, run_module, wait_for
 
 from mrsfm_model.model.wire import as_fp32_record, decode, encode, nbytes, to_state
 from server.example_sites import SITES, prepare_site_data
@@ -66,15 +66,14 @@ def test_server_averages_decoded_float32_not_16_bit_views(monkeypatch, name):
     template = {"w": torch.zeros(500)}
     sites = {11: ("unicamp", torch.randn(500, generator=gen), 30), 12: ("hcfmrp", -torch.rand(500, generator=gen), 10)}
 
-    class FakeGrid:  # plays SuperLink + two SuperNodes that reply with bf16 weights
+    class FakeGrid(ScriptedGrid):  # plays SuperLink + two SuperNodes that reply with bf16 weights
         def get_node_ids(self):
             return list(sites)
 
-        def send_and_receive(self, messages, *, timeout=None):
+        def reply(self, messages):
             replies = []
             for m in messages:
                 assert m.content["arrays"]["w"].dtype == "int16"  # the server sends 16 bits too
-                m.metadata.__dict__["_message_id"] = m.object_id
                 name, w, n = sites[m.metadata.dst_node_id]
                 replies.append(Message(RecordDict({"arrays": encode({"w": w}, "bf16"),
                                                    "metrics": MetricRecord({"num-examples": n, "loss": 1.0}),

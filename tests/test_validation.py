@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from helpers import APP_CONFIG
+from helpers import APP_CONFIG, ScriptedGrid
 from safetensors.torch import load_file
 
 from mrsfm_model.config import load_config
@@ -48,7 +48,7 @@ def reply(site: str, state: dict, n: int = 10, loss: float = 1.0) -> RecordDict:
                        "site": ConfigRecord({"site": site})})
 
 
-class FakeGrid:
+class FakeGrid(ScriptedGrid):
     """Plays the SuperLink and one SuperNode per node id: `sites[node](global state)` is its reply."""
 
     def __init__(self, sites: dict[int, Reply]):
@@ -57,10 +57,9 @@ class FakeGrid:
     def get_node_ids(self) -> list[int]:
         return list(self.sites)
 
-    def send_and_receive(self, messages, *, timeout=None):
+    def reply(self, messages):
         out = []
         for m in messages:
-            m.metadata.__dict__["_message_id"] = m.object_id
             arrays = m.content["arrays"].items()
             state = {k: torch.from_numpy(a.numpy()).view(torch.bfloat16).float() for k, a in arrays}
             out.append(Message(self.sites[m.metadata.dst_node_id](state), reply_to=m))

@@ -1,0 +1,194 @@
+"""The site worker: one long-lived process per site that takes the SuperNode's ClientApp tasks and
+runs this site's *installed* ClientApp in-process, keeping the run's model, optimizer and data
+stream warm between rounds (client/app.py `SiteSession`).
+
+Why: Flower 1.41 starts a fresh `flwr-clientapp` process per message (SuperNode isolation
+`subprocess`), so every round re-imports torch and rebuilds everything, and that process runs the
+code of whatever app bundle the coordinator submitted, next to the private data. With isolation
+`process` the SuperNode leaves task execution to an executor of the site's choosing; this is it.
+The bundle's code is never imported here. Its client files must equal the installed ones (a
+bundle of another release or with changed client code is refused, naming the file), or its
+SHA-256 must be on the site's `site.trusted_apps` list.
+
+Started by `python -m client --site X` beside flower-supernode and restarted by it when it dies;
+`python -m client.worker --runtime-api-address 127.0.0.1:PORT --secret-file F` runs one by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import signal
+import sys
+import threading
+import time
+import zipfile
+from collections.abc import Callable, Collection
+from pathlib import Path
+
+from client.app import app as installed_app
+from mrsfm_model import logs
+
+CLIENT_DIR = Path(__file__).resolve().parent
+_log = logs.get_logger("client.worker")
+
+
+class BundleRefused(Exception):
+    """The run's app bundle is not one this site agreed to serve (one line, names the reason)."""
+
+
+def check_bundle(content: bytes, trusted: Collection[str] = (), installed: Path = CLIENT_DIR) -> str:
+    """The bundle's SHA-256 when this site serves it, else BundleRefused: a hash on `trusted`, or a
+    bundle whose client/*.py are byte-identical to this installation's (same release, same code)."""
+    digest = hashlib.sha256(content).hexdigest()
+    if digest in set(trusted):
+        return digest
+    try:
+        with zipfile.ZipFile(io.BytesIO(content)) as z:
+            theirs = {n: z.read(n) for n in z.namelist() if n.startswith("client/") and n.endswith(".py")}
+    except zipfile.BadZipFile:
+        raise BundleRefused(f"app bundle {digest[:12]} is not a zip archive") from None
+    mine = {f"client/{p.name}": p.read_bytes() for p in installed.glob("*.py")}
+    for name in sorted(theirs.keys() | mine.keys()):
+        if theirs.get(name) != mine.get(name):
+            what = "is missing from it" if name not in theirs else ("is not in this installation" if name not in mine
+                                                                    else "differs from this site's installed copy")
+            raise BundleRefused(f"app bundle {digest[:12]}: {name} {what} (another mrsfm release, or changed code); "
+                                f"this site runs only its installed code: add sha256 {digest} to site.trusted_apps "
+                                "to serve this bundle")
+    return digest
+
+
+class SiteWorker:
+    """Polls the SuperNode's Runtime API for ClientApp tasks and runs each one in this process."""
+
+    def __init__(self, runtime_address: str, secret: bytes | None, trusted: Collection[str] = (),
+                 poll_s: float = 0.05, handler: Callable | None = None):
+        from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
+        from flwr.supercore.retry import make_simple_http_retry_invoker
+        from flwr.supercore.runtime import RuntimeHttpClient
+
+        self.address, self.secret, self.trusted, self.poll_s = runtime_address, secret, set(trusted), poll_s
+        self.handler = handler or installed_app  # the installed ClientApp, never the bundle's
+        interceptors = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
+        if secret:  # only the holder of the site's secret may take its tasks
+            interceptors.append(SuperExecAuthHttpInterceptor(
+                master_secret=secret, protected_methods={"/flwr.proto.Runtime/AcquireTask"}))
+        self.client = RuntimeHttpClient.from_server_address(
+            server_address=runtime_address, insecure=True, root_certificates=None, interceptors=interceptors,
+            retry_invoker=make_simple_http_retry_invoker())
+        self.stopping = threading.Event()
+        self.served = 0
+
+    def serve_forever(self) -> None:
+        from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+        from flwr.supercore.constant import TaskType
+
+        _log.info(f"[mrsfm] site worker ready (pid {__import__('os').getpid()}), taking tasks from "
+                  f"the SuperNode at {self.address}")
+        request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
+        while not self.stopping.is_set():
+            try:
+                res = self.client.AcquireTask(request)
+            except Exception as exc:  # the SuperNode restarting: wait for it, keep the warm state
+                _log.warning(f"[mrsfm] SuperNode at {self.address} not answering ({type(exc).__name__}); retrying")
+                self.stopping.wait(2.0)
+                continue
+            if res.HasField("task") and res.token:
+                self.run_task(res.token)
+            else:
+                self.stopping.wait(self.poll_s)
+        self.client.close()
+
+    def run_task(self, token: str) -> None:
+        """One message: pull it with the task's token, check the bundle, run the installed ClientApp,
+        push the reply. Any failure becomes an error reply, so the server aggregates the other sites."""
+        from flwr.app import Message
+        from flwr.app.error import Error
+        from flwr.common.constant import ErrorCode, SubStatus
+        from flwr.supercore.heartbeat import HeartbeatSender
+        from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+        from flwr.supercore.retry import make_simple_http_retry_invoker
+        from flwr.supercore.runtime import RuntimeHttpClient
+        from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+        client = RuntimeHttpClient.from_server_address(
+            server_address=self.address, insecure=True, root_certificates=None,
+            interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                          RuntimeTokenHttpInterceptor(token)],
+            retry_invoker=make_simple_http_retry_invoker())
+        message = context = reply = beat = None
+        status, details = SubStatus.FAILED, "ClientApp task failed"
+        try:
+            beat = HeartbeatSender(_heartbeat(client))
+            beat.start()
+            message, context, run, fab = pull_task_input(client)
+            check_bundle(fab.content, self.trusted)
+            reply = self.handler(message=message, context=context)
+            status, details = SubStatus.COMPLETED, ""
+        except BundleRefused as exc:
+            _log.error(f"[mrsfm] refused run {getattr(context, 'run_id', '?')}: {exc}")
+            details = str(exc)
+            if message is not None:
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
+        except Exception as exc:  # the handler's error goes back to the server as this site's failure
+            _log.error(f"[mrsfm] task failed: {type(exc).__name__}: {exc}")
+            details = f"{type(exc).__name__}: {exc}"
+            if message is not None:
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details[:500]),
+                                reply_to=message)
+        finally:
+            try:
+                if reply is not None and context is not None:
+                    push_message(client, reply, context)
+            except Exception as exc:  # the SuperNode went away: the round fails there, not here
+                _log.error(f"[mrsfm] could not return the reply: {exc}")
+            push_task_output(client, context, status, details)
+            if beat is not None and beat.is_running:
+                beat.stop()
+            client.close()
+            self.served += 1
+
+
+def _heartbeat(client) -> Callable[[], bool]:
+    """Flower's task heartbeat without its SIGINT on a cancelled task (which would stop the worker)."""
+    import httpx
+    from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest  # pylint: disable=E0611
+
+    def beat() -> bool:
+        try:
+            client.SendTaskHeartbeat(SendTaskHeartbeatRequest())
+        except httpx.HTTPError:
+            return False
+        return True
+
+    return beat
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m client.worker", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API, host:port")
+    parser.add_argument("--secret-file", help="the SuperExec secret shared with flower-supernode")
+    parser.add_argument("--trusted-app", action="append", default=[], help="SHA-256 of an app bundle to serve "
+                        "besides those whose client code equals the installed one (repeatable)")
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--parent-pid", type=int, help="stop when this process (the site launcher) is gone")
+    args = parser.parse_args(argv)
+    logs.setup(args.log_level)
+    if args.parent_pid:
+        from flwr.supercore.app_utils import start_parent_process_monitor
+
+        start_parent_process_monitor(args.parent_pid)
+    secret = Path(args.secret_file).read_bytes() if args.secret_file else None
+    worker = SiteWorker(args.runtime_api_address, secret, args.trusted_app)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: worker.stopping.set())
+    t0 = time.time()
+    worker.serve_forever()
+    _log.info(f"[mrsfm] site worker stopped after {worker.served} task(s) in {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
