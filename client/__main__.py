@@ -211,9 +211,10 @@ def _die_with_parent() -> None:
 
 
 class Supervisor:
-    """flower-supernode and the site worker under one process, with one lifetime: the worker is
-    restarted when it dies (its state comes back from disk), everything stops with the SuperNode
-    or on SIGTERM / Ctrl-C."""
+    """flower-supernode and the site worker under one process, with one lifetime. When the worker
+    dies both are started again (a SuperNode whose executor died keeps waiting for that task's reply
+    for about a minute; a fresh one registers again and takes the next round); the worker's state
+    comes back from disk. Everything stops with the SuperNode or on SIGTERM / Ctrl-C."""
 
     def __init__(self, supernode: list[str], worker: list[str] | None, env: dict[str, str]):
         self.supernode_cmd, self.worker_cmd, self.env = supernode, worker, env
@@ -222,15 +223,15 @@ class Supervisor:
         self.restarts = 0
         self.stopping = False
 
-    def _start_worker(self) -> None:
-        self.worker = subprocess.Popen(self.worker_cmd, env=self.env, preexec_fn=_die_with_parent)
+    def _start(self) -> None:
+        self.node = subprocess.Popen(self.supernode_cmd, env=self.env, preexec_fn=_die_with_parent)
+        if self.worker_cmd:
+            self.worker = subprocess.Popen(self.worker_cmd, env=self.env, preexec_fn=_die_with_parent)
 
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, _frame: self._stop(signum))
-        self.node = subprocess.Popen(self.supernode_cmd, env=self.env, preexec_fn=_die_with_parent)
-        if self.worker_cmd:
-            self._start_worker()
+        self._start()
         backoff, started = 1.0, time.monotonic()
         while True:
             code = self.node.poll()
@@ -238,14 +239,15 @@ class Supervisor:
                 self._stop(None)
                 return 0 if self.stopping else code
             if self.worker is not None and (wcode := self.worker.poll()) is not None and not self.stopping:
-                quick = time.monotonic() - started < 30
-                backoff = min(30.0, backoff * 2) if quick else 1.0
-                print(f"{PROG}: site worker exited (code {wcode}); restarting it in {backoff:.0f} s (its state comes "
-                      "back from disk; a round in flight fails at this site only)", file=sys.stderr, flush=True)
+                backoff = min(30.0, backoff * 2) if time.monotonic() - started < 30 else 1.0
+                print(f"{PROG}: site worker exited (code {wcode}); restarting it with its SuperNode in {backoff:.0f} s "
+                      "(state comes back from disk; the round in flight fails at this site only)",
+                      file=sys.stderr, flush=True)
+                self._stop(None)
                 time.sleep(backoff)
                 self.restarts += 1
                 started = time.monotonic()
-                self._start_worker()
+                self._start()
             time.sleep(0.2)
 
     def _stop(self, signum: int | None) -> None:

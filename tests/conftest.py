@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 # fixtures that start a real SuperLink with SuperNodes, or install a wheel and run the demo
-SLOW_FIXTURES = {"federation", "secure", "installed"}
+SLOW_FIXTURES = {"federation", "secure", "installed", "warm_federation"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -52,6 +52,26 @@ def live_members(pgid: int) -> list[str]:
     return out
 
 
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of `pid` (from /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
 class ScriptedGrid:
     """Plays the SuperLink's Grid API (push_messages / pull_messages) for WireGrid in unit tests:
     `reply(messages)` (a subclass's) answers everything pushed, and the next pull returns it."""
