@@ -111,7 +111,7 @@ class SiteWorker:
         from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
         from flwr.supercore.retry import make_simple_http_retry_invoker
         from flwr.supercore.runtime import RuntimeHttpClient
-        from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+        from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
         client = RuntimeHttpClient.from_server_address(
             server_address=self.address, insecure=True, root_certificates=None,
@@ -120,12 +120,15 @@ class SiteWorker:
             retry_invoker=make_simple_http_retry_invoker())
         message = context = reply = beat = None
         status, details = SubStatus.FAILED, "ClientApp task failed"
+        t = [time.perf_counter()]
         try:
             beat = HeartbeatSender(_heartbeat(client))
             beat.start()
-            message, context, run, fab = pull_task_input(client)
+            message, context, fab = _pull_task_input(client)
             check_bundle(fab.content, self.trusted)
+            t.append(time.perf_counter())
             reply = self.handler(message=message, context=context)
+            t.append(time.perf_counter())
             status, details = SubStatus.COMPLETED, ""
         except BundleRefused as exc:
             _log.error(f"[mrsfm] refused run {getattr(context, 'run_id', '?')}: {exc}")
@@ -145,10 +148,41 @@ class SiteWorker:
             except Exception as exc:  # the SuperNode went away: the round fails there, not here
                 _log.error(f"[mrsfm] could not return the reply: {exc}")
             push_task_output(client, context, status, details)
+            t.append(time.perf_counter())
             if beat is not None and beat.is_running:
                 beat.stop()
             client.close()
             self.served += 1
+            _log.debug("[mrsfm] task: pull %s, run %s, push %s",
+                       *(f"{b - a:.2f} s" for a, b in zip(t, t[1:])) if len(t) == 4 else ("?",) * 3)
+
+
+def _pull_task_input(client, backoff_s: float = 0.05):
+    """Flower's pull_task_input (flwr.supernode.runtime.run_clientapp, 1.41) with a short retry: the
+    task is handed out as soon as the SuperNode has the message, often before it has pulled the
+    weights from the SuperLink, and Flower's first retry waits 1 s, then 2 s (3 s of every round)."""
+    from flwr.app import Message
+    from flwr.common.serde import context_from_proto, fab_from_proto
+    from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
+    from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest  # pylint: disable=E0611
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+        make_confirm_message_received_fn_protobuf,
+        make_pull_object_fn_protobuf,
+    )
+    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+
+    res = client.PullTaskInput(PullTaskInputRequest())
+    context, fab = context_from_proto(res.context), fab_from_proto(res.fab)
+    pulled = client.PullMessages(PullAppMessagesRequest())
+    if not pulled.messages_list:
+        raise RuntimeError("no message from the SuperNode's Runtime API")
+    node, tree = Node(node_id=context.node_id), pulled.message_object_trees[0]
+    message = pull_and_inflate_object_from_tree(
+        tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
+        return_type=Message, initial_backoff=backoff_s, backoff_cap=0.5)
+    message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower does: the id is not in the tree
+    return message, context, fab
 
 
 def _heartbeat(client) -> Callable[[], bool]:
