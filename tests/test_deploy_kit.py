@@ -256,9 +256,15 @@ def test_the_kits_site_words_make_a_tls_supernode_command(tmp_path, fake_superli
     for name, (local, proc) in procs.items():
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, f"{name}: {err.strip()}"
-        supernode = shlex.split(out.strip().splitlines()[-1])
+        supernode, worker = (shlex.split(line) for line in out.strip().splitlines()[-2:])
         assert supernode[0] == "flower-supernode" and "--insecure" not in supernode
         flags = flag_values(supernode)
+        # the site worker takes the SuperNode's tasks with the secret only this launch holds
+        assert flags["--isolation"] == "process"
+        assert flags["--superexec-auth-secret-file"] == str(Path(local["site.state_dir"]) / "worker.secret")
+        assert worker[1:3] == ["-m", "client.worker"]
+        assert flag_values(worker)["--secret-file"] == flags["--superexec-auth-secret-file"]
+        assert flag_values(worker)["--runtime-api-address"].startswith("127.0.0.1:")
         assert flags["--superlink"] == fake_superlink
         assert flags["--root-certificates"] == local["site.root_certificates"]
         assert flags["--auth-supernode-private-key"] == local["site.auth_private_key"]

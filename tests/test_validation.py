@@ -400,9 +400,13 @@ def test_a_site_sending_nan_is_dropped_and_the_run_completes(tmp_path):
     run_dir = tmp_path / "run"
     config = {"overrides": "model=micro data.batch_size=4", "num-rounds": 1, "local-steps": 2,
               "run-dir": str(run_dir), "min-sites": 3, "sites": ",".join(SITES)}
+    def join() -> None:  # Flower's per-message process runs the bundle's code (a site worker would refuse it)
+        fed.data_dirs.update(prepare_site_data(tmp_path / "sites"))
+        for site in SITES:
+            fed.start_supernode(site, worker=False)
+
     with LocalFederation(tmp_path, SITES, log=lambda m: None) as fed:
-        res = fed.run(config, timeout_s=180, app=app,
-                      meanwhile=lambda: fed.start_supernodes(prepare_site_data(tmp_path / "sites")))
+        res = fed.run(config, timeout_s=180, app=app, meanwhile=join)
     logs = tmp_path / "logs"
     assert res["status"] == "finished:completed", (res, (logs / "flwr_run.log").read_text()[-3000:])
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
