@@ -192,7 +192,8 @@ def worker_command(cfg, secret_file: Path) -> list[str]:
     """The site worker (client/worker.py) that takes this SuperNode's tasks."""
     s = cfg.site
     cmd = [sys.executable, "-m", "client.worker", "--runtime-api-address", f"127.0.0.1:{int(s.runtime_port)}",
-           "--secret-file", str(secret_file), "--log-level", str(s.log_level), "--parent-pid", str(os.getpid())]
+           "--secret-file", str(secret_file), "--log-level", str(s.log_level), "--parent-pid", str(os.getpid()),
+           "--state-dir", str(Path(str(s.state_dir)).expanduser())]
     for digest in s.trusted_apps or []:
         if not re.fullmatch(r"[0-9a-f]{64}", str(digest)):
             raise SiteError(f"site.trusted_apps: {str(digest)[:80]!r} is not a SHA-256 hex digest (64 of 0-9a-f)")

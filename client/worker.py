@@ -60,13 +60,39 @@ def check_bundle(content: bytes, trusted: Collection[str] = (), installed: Path 
     return digest
 
 
+class WorkerConflict(Exception):
+    """This worker must not serve: the SuperNode refuses its secret, or another worker holds the state folder."""
+
+
+def hold_state_dir(state_dir: Path):
+    """An exclusive lock on STATE_DIR/worker.lock for this process' lifetime (returns the open file):
+    two workers of one site would each think its in-memory state the latest."""
+    import fcntl
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fh = open(state_dir / "worker.lock", "a+")  # noqa: SIM115 (held open: the lock lives with it)
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        other = fh.read().strip() or "?"
+        fh.close()
+        raise WorkerConflict(f"another site worker (pid {other}) already serves {state_dir}; stop it first") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(str(__import__("os").getpid()))
+    fh.flush()
+    return fh
+
+
 class SiteWorker:
     """Polls the SuperNode's Runtime API for ClientApp tasks and runs each one in this process."""
 
     def __init__(self, runtime_address: str, secret: bytes | None, trusted: Collection[str] = (),
                  poll_s: float = 0.05, handler: Callable | None = None):
+        import httpx
         from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
-        from flwr.supercore.retry import make_simple_http_retry_invoker
+        from flwr.supercore.retry import RetryInvoker, exponential
         from flwr.supercore.runtime import RuntimeHttpClient
 
         self.address, self.secret, self.trusted, self.poll_s = runtime_address, secret, set(trusted), poll_s
@@ -75,13 +101,17 @@ class SiteWorker:
         if secret:  # only the holder of the site's secret may take its tasks
             interceptors.append(SuperExecAuthHttpInterceptor(
                 master_secret=secret, protected_methods={"/flwr.proto.Runtime/AcquireTask"}))
+        # one try per poll: serve_forever waits and retries itself (Flower's invoker would SIGINT this
+        # process on a refused secret, and stop it silently)
+        once = RetryInvoker(exponential, httpx.TransportError, max_tries=1, max_time=None)
         self.client = RuntimeHttpClient.from_server_address(
             server_address=runtime_address, insecure=True, root_certificates=None, interceptors=interceptors,
-            retry_invoker=make_simple_http_retry_invoker())
+            retry_invoker=once)
         self.stopping = threading.Event()
         self.served = 0
 
     def serve_forever(self) -> None:
+        import httpx
         from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
         from flwr.supercore.constant import TaskType
 
@@ -91,6 +121,14 @@ class SiteWorker:
         while not self.stopping.is_set():
             try:
                 res = self.client.AcquireTask(request)
+            except httpx.HTTPStatusError as exc:
+                if exc.response.status_code in (401, 403):
+                    raise WorkerConflict(f"the SuperNode at {self.address} refused this worker's secret (HTTP "
+                                        f"{exc.response.status_code}): only the worker started with the SuperNode "
+                                        "(python -m client) may take its tasks") from None
+                _log.warning(f"[mrsfm] SuperNode at {self.address} answered HTTP {exc.response.status_code}; retrying")
+                self.stopping.wait(2.0)
+                continue
             except Exception as exc:  # the SuperNode restarting: wait for it, keep the warm state
                 _log.warning(f"[mrsfm] SuperNode at {self.address} not answering ({type(exc).__name__}); retrying")
                 self.stopping.wait(2.0)
@@ -207,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trusted-app", action="append", default=[], help="SHA-256 of an app bundle to serve "
                         "besides those whose client code equals the installed one (repeatable)")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--state-dir", help="the site's state folder: one worker per folder (a lock file in it)")
     parser.add_argument("--parent-pid", type=int, help="stop when this process (the site launcher) is gone")
     args = parser.parse_args(argv)
     logs.setup(args.log_level)
@@ -214,12 +253,18 @@ def main(argv: list[str] | None = None) -> int:
         from flwr.supercore.app_utils import start_parent_process_monitor
 
         start_parent_process_monitor(args.parent_pid)
-    secret = Path(args.secret_file).read_bytes() if args.secret_file else None
-    worker = SiteWorker(args.runtime_api_address, secret, args.trusted_app)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: worker.stopping.set())
-    t0 = time.time()
-    worker.serve_forever()
+    try:
+        lock = hold_state_dir(Path(args.state_dir).expanduser()) if args.state_dir else None
+        secret = Path(args.secret_file).read_bytes() if args.secret_file else None
+        worker = SiteWorker(args.runtime_api_address, secret, args.trusted_app)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: worker.stopping.set())
+        t0 = time.time()
+        worker.serve_forever()
+    except (WorkerConflict, OSError) as exc:
+        _log.error(f"[mrsfm] site worker: {exc}")
+        return 3
+    del lock
     _log.info(f"[mrsfm] site worker stopped after {worker.served} task(s) in {time.time() - t0:.0f} s")
     return 0
 

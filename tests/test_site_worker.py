@@ -7,7 +7,8 @@ One federation (module fixture), in phases:
   C. workers again, 3 rounds of a few seconds each; hcfmrp's worker is SIGKILLed during round 2: the
      round aggregates the other two, the launcher restarts the worker, round 3 has all three.
   D. a run whose app bundle carries changed client code: every site refuses it, nothing trains.
-  E. Ctrl-C (SIGINT) to one launcher: its SuperNode and worker are gone with it.
+  E. a worker started by hand with a wrong secret, and a second one for a site's state folder: each
+     exits with one line; then Ctrl-C (SIGINT) to the launcher: its SuperNode and worker are gone.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ import re
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
-from helpers import alive, children, wait_for
+from helpers import alive, children, run_module, wait_for
 from safetensors.torch import load_file
 
 from server.bundle import stage_app
@@ -80,6 +82,14 @@ def warm_federation(tmp_path_factory):
 
             launcher = fed.procs["supernode_unicamp"].pid
             res["E_children"] = children(launcher)
+            words = Path(f"/proc/{launcher}/cmdline").read_bytes().decode().split("\0")
+            port = next(w.split("=", 1)[1] for w in words if w.startswith("site.runtime_port="))
+            state = next(w.split("=", 1)[1] for w in words if w.startswith("site.state_dir="))
+            (out / "wrong.secret").write_bytes(b"x" * 32)
+            for name, secret, folder in (("wrong_secret", out / "wrong.secret", str(out / "elsewhere")),
+                                         ("second", Path(state) / "worker.secret", state)):
+                res[name] = run_module("client.worker", "--runtime-api-address", f"127.0.0.1:{port}",
+                                       "--secret-file", str(secret), "--state-dir", folder, timeout_s=60)
             res["E_workers"] = _worker_pids(logs / "supernode_unicamp.log")
             os.kill(launcher, signal.SIGINT)
             t0 = time.monotonic()
@@ -131,6 +141,13 @@ def test_a_bundle_with_changed_client_code_is_refused_by_every_site(warm_federat
     assert warm_federation["D_after"] == warm_federation["D_before"]  # no site trained a step for it
     assert not (warm_federation["out"] / "D" / "rounds").is_dir() or not any(
         (warm_federation["out"] / "D" / "rounds").iterdir())
+
+
+def test_a_worker_with_a_wrong_secret_or_a_second_worker_exits_with_one_line(warm_federation):
+    wrong, second = _get(warm_federation, "wrong_secret"), _get(warm_federation, "second")
+    assert wrong.returncode == 3 and "refused this worker's secret (HTTP 401)" in wrong.stderr, wrong.stderr[-500:]
+    assert second.returncode == 3 and "another site worker (pid" in second.stderr, second.stderr[-500:]
+    assert warm_federation["E_code"] == 0  # the site's own worker kept serving until Ctrl-C
 
 
 def test_ctrl_c_stops_the_launcher_with_its_supernode_and_worker(warm_federation):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import client.app as site_app
-from client.worker import BundleRefused, check_bundle
+from client.worker import BundleRefused, WorkerConflict, check_bundle, hold_state_dir
 from server.bundle import stage_app
 
 
@@ -95,3 +95,13 @@ def test_a_bundle_with_an_extra_client_module_or_not_a_zip_is_refused(bundle):
         check_bundle(fab)
     with pytest.raises(BundleRefused, match="not a zip archive"):
         check_bundle(b"not a zip")
+
+
+def test_a_second_worker_for_the_same_state_folder_is_refused_naming_the_first(tmp_path):
+    import os
+
+    first = hold_state_dir(tmp_path / "state")
+    with pytest.raises(WorkerConflict, match=rf"another site worker \(pid {os.getpid()}\) already serves"):
+        hold_state_dir(tmp_path / "state")
+    first.close()  # the first one exits: the folder is free again
+    hold_state_dir(tmp_path / "state").close()
