@@ -13,7 +13,7 @@ round_s - sleep, "bytes_up_per_site", "bytes_down_per_site", "site_setup_s"}), o
 mode and wire dtype (mean overhead over rounds after the first, which builds the model in either
 mode; bytes per site per round), and comparison lines (bf16 vs fp32; ephemeral vs warm).
 Usage: python bench/fl_round_overhead.py [--rounds 3] [--sleep 5] [--model base] [--sites 3]
-       [--dtypes fp32,bf16] [--modes warm,ephemeral] [--out DIR]
+       [--dtypes fp32,bf16] [--modes warm,ephemeral] [--database] [--out DIR]
 `--sleep 0` trains for real (`--local-steps` steps) instead of sleeping.
 """
 
@@ -38,6 +38,8 @@ def main() -> None:
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--modes", default="warm,ephemeral")
     ap.add_argument("--local-steps", type=int, default=1)
+    ap.add_argument("--database", action="store_true", help="the SuperLink keeps its state in SQLite (a file "
+                    "under OUT), as a lab that must survive restarts does; default: in memory")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     out = (args.out or Path(tempfile.mkdtemp(prefix="fl_round_overhead_"))).resolve()
@@ -46,7 +48,8 @@ def main() -> None:
         raise SystemExit(f"at most {len(SITES)} sites (one per configs/site/*.yaml): {SITES}")
     summary = {}
     for mode in args.modes.split(","):
-        with LocalFederation(out / mode, sites, log=lambda m: None) as fed:
+        db = out / mode / "superlink.db" if args.database else None
+        with LocalFederation(out / mode, sites, log=lambda m: None, database=db) as fed:
             for site in sites:  # simulation only: the sleep replaces training anyway
                 fed.start_supernode(site, worker=mode == "warm")
             for dtype in args.dtypes.split(","):

@@ -230,6 +230,8 @@ class Supervisor:
             self.worker = subprocess.Popen(self.worker_cmd, env=self.env, preexec_fn=_die_with_parent)
 
     def run(self) -> int:
+        from client.worker import EXIT_CONFLICT
+
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, _frame: self._stop(signum))
         self._start()
@@ -240,6 +242,11 @@ class Supervisor:
                 self._stop(None)
                 return 0 if self.stopping else code
             if self.worker is not None and (wcode := self.worker.poll()) is not None and not self.stopping:
+                if wcode == EXIT_CONFLICT:  # said why in one line (refused secret, state folder held)
+                    print(f"{PROG}: the site worker cannot serve (see the line above); stopping", file=sys.stderr,
+                          flush=True)
+                    self._stop(None)
+                    return 2
                 backoff = min(30.0, backoff * 2) if time.monotonic() - started < 30 else 1.0
                 print(f"{PROG}: site worker exited (code {wcode}); restarting it with its SuperNode in {backoff:.0f} s "
                       "(state comes back from disk; the round in flight fails at this site only)",

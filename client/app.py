@@ -58,7 +58,8 @@ class SiteSession:
     """What a site builds once per run and reuses every round: the composed config, the data stream
     (private folder on the canonical grid), the model and the Trainer with its optimizer. An
     ephemeral ClientApp process builds it for one message and drops it; the site worker
-    (client/worker.py) keeps it between rounds. Either way a round's result is the same."""
+    (client/worker.py) keeps it between rounds. Either way a round's result is the same (a round
+    done again, after a server restart, gets a fresh session, as a fresh process would)."""
 
     key: tuple
     site: str
@@ -80,7 +81,8 @@ _SESSION: SiteSession | None = None  # the warm one (a site worker keeps it betw
 
 
 def site_session(conf: Mapping, node: Mapping[str, str]) -> tuple[SiteSession, float]:
-    """This run's session, reused when the worker already holds it; (session, seconds spent building)."""
+    """This run's session, reused when the worker already holds it and has not yet done this round;
+    (session, seconds spent building)."""
     global _SESSION
     import shlex
 
@@ -102,10 +104,11 @@ def site_session(conf: Mapping, node: Mapping[str, str]) -> tuple[SiteSession, f
                "data paths are the site's own: set them in its site config)")
         _log.error(msg)
         raise ValueError(msg)
+    rnd = int(conf["server-round"])
     key = (str(conf["strategy"]), tuple(theirs), str(conf["run-key"]), int(conf["total-steps"]),
            tuple(sorted(node.items())))
-    if _SESSION is not None and _SESSION.key == key:
-        return _SESSION, 0.0
+    if _SESSION is not None and _SESSION.key == key and rnd > _SESSION.done_round:
+        return _SESSION, 0.0  # (a round redone after a server restart starts from scratch, as a fresh process)
     _SESSION = None  # another run: free the old model before building the new one
     t0 = time.perf_counter()
     overrides = [f"+fl={conf['strategy']}", *theirs,  # the coordinator's
@@ -212,8 +215,10 @@ def _private_round(trainer, stream, dp, ledger, run_key: str, site: str, local_s
     dp_site = PrivateSite(trainer, stream.invivo.x.to(trainer.device), dp, state={"history": ledger.history})
     spent_before = not dp_site.budget_left()
     public = (stream.sim_batch(trainer.step + i, k=stream.batch_size) for i in range(10**9))
-    out = dp_site.run_round(public, local_steps, private)
-    dp_site.close()
+    try:
+        out = dp_site.run_round(public, local_steps, private)
+    finally:  # the Opacus hooks come off even when the round fails (a warm model is used again)
+        dp_site.close()
     if out["loss"] is None:  # every step was private: measure on a public batch, without training
         with torch.no_grad():
             trainer.model.eval()

@@ -8,7 +8,8 @@ code of whatever app bundle the coordinator submitted, next to the private data.
 `process` the SuperNode leaves task execution to an executor of the site's choosing; this is it.
 The bundle's code is never imported here. Its client files must equal the installed ones (a
 bundle of another release or with changed client code is refused, naming the file), or its
-SHA-256 must be on the site's `site.trusted_apps` list.
+SHA-256 must be on the site's `site.trusted_apps` list: then the site takes part in that run,
+still with its installed client code.
 
 Started by `python -m client --site X` beside flower-supernode and restarted by it when it dies;
 `python -m client.worker --runtime-api-address 127.0.0.1:PORT --secret-file F` runs one by hand.
@@ -31,6 +32,7 @@ from client.app import app as installed_app
 from mrsfm_model import logs
 
 CLIENT_DIR = Path(__file__).resolve().parent
+EXIT_CONFLICT = 3  # this worker must not serve (refused secret, state folder held): restarting would not help
 _log = logs.get_logger("client.worker")
 
 
@@ -55,13 +57,17 @@ def check_bundle(content: bytes, trusted: Collection[str] = (), installed: Path 
             what = "is missing from it" if name not in theirs else ("is not in this installation" if name not in mine
                                                                     else "differs from this site's installed copy")
             raise BundleRefused(f"app bundle {digest[:12]}: {name} {what} (another mrsfm release, or changed code); "
-                                f"this site runs only its installed code: add sha256 {digest} to site.trusted_apps "
-                                "to serve this bundle")
+                                f"this site runs only its installed code; to take part in this run anyway (still with "
+                                f"the installed code) add sha256 {digest} to site.trusted_apps")
     return digest
 
 
 class WorkerConflict(Exception):
     """This worker must not serve: the SuperNode refuses its secret, or another worker holds the state folder."""
+
+
+class DeviceBroken(Exception):
+    """A task left the GPU unusable for every later task (a fatal CUDA error): a fresh process is needed."""
 
 
 def hold_state_dir(state_dir: Path):
@@ -90,9 +96,7 @@ class SiteWorker:
 
     def __init__(self, runtime_address: str, secret: bytes | None, trusted: Collection[str] = (),
                  poll_s: float = 0.05, handler: Callable | None = None):
-        import httpx
         from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
-        from flwr.supercore.retry import RetryInvoker, exponential
         from flwr.supercore.runtime import RuntimeHttpClient
 
         self.address, self.secret, self.trusted, self.poll_s = runtime_address, secret, set(trusted), poll_s
@@ -101,14 +105,12 @@ class SiteWorker:
         if secret:  # only the holder of the site's secret may take its tasks
             interceptors.append(SuperExecAuthHttpInterceptor(
                 master_secret=secret, protected_methods={"/flwr.proto.Runtime/AcquireTask"}))
-        # one try per poll: serve_forever waits and retries itself (Flower's invoker would SIGINT this
-        # process on a refused secret, and stop it silently)
-        once = RetryInvoker(exponential, httpx.TransportError, max_tries=1, max_time=None)
         self.client = RuntimeHttpClient.from_server_address(
             server_address=runtime_address, insecure=True, root_certificates=None, interceptors=interceptors,
-            retry_invoker=once)
+            retry_invoker=_retries(1))  # one try per poll: serve_forever waits and retries itself
         self.stopping = threading.Event()
         self.served = 0
+        self.poisoned = ""
 
     def serve_forever(self) -> None:
         import httpx
@@ -134,7 +136,14 @@ class SiteWorker:
                 self.stopping.wait(2.0)
                 continue
             if res.HasField("task") and res.token:
-                self.run_task(res.token)
+                try:
+                    self.run_task(res.token)
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except BaseException as exc:  # e.g. Flower's RunNotRunningException: that task only
+                    _log.error(f"[mrsfm] task ended: {type(exc).__name__}: {exc}")
+                if self.poisoned:  # a broken CUDA context fails every later task: exit, the launcher restarts
+                    raise DeviceBroken(f"the device is in an unusable state ({self.poisoned}); exiting to be restarted")
             else:
                 self.stopping.wait(self.poll_s)
         self.client.close()
@@ -147,15 +156,14 @@ class SiteWorker:
         from flwr.common.constant import ErrorCode, SubStatus
         from flwr.supercore.heartbeat import HeartbeatSender
         from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
-        from flwr.supercore.retry import make_simple_http_retry_invoker
         from flwr.supercore.runtime import RuntimeHttpClient
         from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
-        client = RuntimeHttpClient.from_server_address(
+        client = RuntimeHttpClient.from_server_address(  # a revoked token fails this task, never the worker
             server_address=self.address, insecure=True, root_certificates=None,
             interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
                           RuntimeTokenHttpInterceptor(token)],
-            retry_invoker=make_simple_http_retry_invoker())
+            retry_invoker=_retries(5))
         message = context = reply = beat = None
         status, details = SubStatus.FAILED, "ClientApp task failed"
         t = [time.perf_counter()]
@@ -176,19 +184,21 @@ class SiteWorker:
         except Exception as exc:  # the handler's error goes back to the server as this site's failure
             _log.error(f"[mrsfm] task failed: {type(exc).__name__}: {exc}")
             details = f"{type(exc).__name__}: {exc}"
+            if "CUDA error" in str(exc) or "CUBLAS_STATUS" in str(exc):
+                self.poisoned = str(exc).splitlines()[0][:200]
             if message is not None:
                 reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details[:500]),
                                 reply_to=message)
         finally:
+            if beat is not None and beat.is_running:  # before the task output, which ends the token
+                beat.stop()
             try:
                 if reply is not None and context is not None:
                     push_message(client, reply, context)
-            except Exception as exc:  # the SuperNode went away: the round fails there, not here
-                _log.error(f"[mrsfm] could not return the reply: {exc}")
-            push_task_output(client, context, status, details)
+                push_task_output(client, context, status, details)
+            except BaseException as exc:  # the SuperNode ended the task: the round fails there, not here
+                _log.error(f"[mrsfm] could not return the reply: {type(exc).__name__}: {exc}")
             t.append(time.perf_counter())
-            if beat is not None and beat.is_running:
-                beat.stop()
             client.close()
             self.served += 1
             _log.debug("[mrsfm] task: pull %s, run %s, push %s",
@@ -218,13 +228,24 @@ def _pull_task_input(client, backoff_s: float = 0.05):
     message = pull_and_inflate_object_from_tree(
         tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
         make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
-        return_type=Message, initial_backoff=backoff_s, backoff_cap=0.5)
+        return_type=Message, initial_backoff=backoff_s, backoff_cap=2.0,
+        max_tries_per_object=None)  # bounded by Flower's max_time (2 h), as its own executor is
     message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower does: the id is not in the tree
     return message, context, fab
 
 
+def _retries(tries: int):
+    """Retries of connection errors only, without Flower's HTTP invoker's SIGINT to its own process on
+    HTTP 401 (a refused secret, or a task token the SuperNode revoked), which would stop the worker."""
+    import httpx
+    from flwr.supercore.retry import RetryInvoker, exponential
+
+    return RetryInvoker(lambda: exponential(max_delay=2.0), httpx.TransportError, max_tries=tries, max_time=None)
+
+
 def _heartbeat(client) -> Callable[[], bool]:
-    """Flower's task heartbeat without its SIGINT on a cancelled task (which would stop the worker)."""
+    """Flower's task heartbeat without its SIGINT on a cancelled task (which would stop the worker);
+    the client's own retries (`_retries`) do not signal either."""
     import httpx
     from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest  # pylint: disable=E0611
 
@@ -261,9 +282,12 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(sig, lambda *_: worker.stopping.set())
         t0 = time.time()
         worker.serve_forever()
-    except (WorkerConflict, OSError) as exc:
+    except (WorkerConflict, OSError) as exc:  # the launcher stops: restarting would not help
         _log.error(f"[mrsfm] site worker: {exc}")
-        return 3
+        return EXIT_CONFLICT
+    except DeviceBroken as exc:  # the launcher restarts it
+        _log.error(f"[mrsfm] site worker: {exc}")
+        return 4
     del lock
     _log.info(f"[mrsfm] site worker stopped after {worker.served} task(s) in {time.time() - t0:.0f} s")
     return 0

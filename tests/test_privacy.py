@@ -138,7 +138,7 @@ def private_folder(tmp_path):
 @pytest.mark.parametrize("clipping", ["flat", "ghost"])
 def test_client_reports_cumulative_epsilon_equal_to_an_independent_accountant(private_folder, clipping):
     _, m1 = _round(private_folder, 1, f"privacy.clipping={clipping}")
-    state, m2 = _round(private_folder, 2, f"privacy.clipping={clipping}")  # fresh "process": only state carries over
+    state, m2 = _round(private_folder, 2, f"privacy.clipping={clipping}")  # the warm session, as a site worker keeps it
     assert m1["private-steps"] == m2["private-steps"] == 2  # half of 4 steps (invivo_fraction 0.5)
     assert m2["epsilon"] == pytest.approx(_prv_epsilon(4, 1.1, 2 / 8), rel=1e-9) and m2["epsilon"] > m1["epsilon"]
     assert m2["budget-spent"] == 0.0 and all(torch.isfinite(v).all() for v in state.values())
@@ -243,3 +243,23 @@ def test_ghost_clipping_gives_the_same_clipped_gradient_as_per_sample_gradients(
     batch_grad = torch.cat([p.grad.flatten() for p in plain.model.parameters()])
     assert torch.allclose(grads["ghost"], grads["flat"], atol=1e-6, rtol=1e-4)
     assert grads["flat"].norm() < 0.05 + 1e-6 < batch_grad.norm()  # clipping was active
+
+
+@pytest.mark.slow  # whole client rounds
+def test_a_failed_private_round_leaves_no_opacus_hooks_on_the_warm_model(private_folder, monkeypatch):
+    from mrsfm_model.training.privacy import PrivateSite
+
+    real = PrivateSite.run_round
+    calls = []
+
+    def fail_once(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("out of memory (simulated)")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(PrivateSite, "run_round", fail_once)
+    with pytest.raises(RuntimeError, match="simulated"):
+        _round(private_folder, 1)
+    _, metrics = _round(private_folder, 1)  # the same warm model: would be "hooks twice" without the cleanup
+    assert metrics["private-steps"] == 2 and len(calls) == 2

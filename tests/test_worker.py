@@ -105,3 +105,15 @@ def test_a_second_worker_for_the_same_state_folder_is_refused_naming_the_first(t
         hold_state_dir(tmp_path / "state")
     first.close()  # the first one exits: the folder is free again
     hold_state_dir(tmp_path / "state").close()
+
+
+def test_a_round_done_again_after_a_server_restart_equals_a_fresh_process(tmp_path):
+    node = {"site": "einstein", "state-dir": str(tmp_path / "state"), "device": "cpu", "overrides": ""}
+    site_app._SESSION = None
+    for rnd in (1, 2):  # the site finished rounds 1 and 2; the server died before committing them
+        site_app.local_round(_conf(rnd), node, lambda t: t)
+    warm, _ = site_app.local_round(_conf(1), node, lambda t: t)  # the resumed run asks for round 1 again
+    warm = {k: v.detach().clone() for k, v in warm.items()}
+    site_app._SESSION = None
+    cold, _ = site_app.local_round(_conf(1), node, lambda t: t)
+    assert all(torch.equal(warm[k], cold[k]) for k in warm)
