@@ -355,3 +355,27 @@ def test_database_state_keeps_registrations_across_a_superlink_restart(tmp_path)
         assert fed.registration.already == ["unicamp"] and not fed.registration.registered
         assert _nodes(fed) == {first: "registered"}  # same node id, known before any SuperNode connects
     assert (tmp_path / "state.db").is_file()
+
+
+@pytest.mark.slow  # a 100 MB model through a real SuperLink's SQLite state, restarted between two runs
+def test_database_state_carries_a_100_mb_model_and_a_restart(tmp_path):
+    """Issue: SQLite state once failed with "database is locked" on ViT-B-sized rounds. The small MAE
+    with an 8-block decoder (28 M parameters) in fp32 puts 111 MB on the wire each way per round, through the state database;
+    the SuperLink is restarted between the runs and the site carries on under its registered key."""
+    fed = LocalFederation(tmp_path, ["unicamp"], log=lambda m: None, secure=True, database=tmp_path / "state.db")
+    run = {"overrides": "model=small model.decoder_depth=8", "local-steps": 1, "local-sleep-s": 0.5, "wire-dtype": "fp32",
+           "min-sites": 1, "sites": "unicamp", "run-dir": str(tmp_path / "run")}
+    with fed:
+        fed.start_supernodes(supervise=True)
+        first = fed.run({**run, "num-rounds": 1}, timeout_s=600)
+        node = fed.registration.registered["unicamp"]
+        fed.stop("superlink", grace_s=5)
+        fed.start_superlink()
+        assert fed.registration.already == ["unicamp"]  # nothing to register again
+        second = fed.run({**run, "num-rounds": 2}, timeout_s=600)
+    assert first["status"] == second["status"] == "finished:completed", (first, second)
+    rows = RunDir(tmp_path / "run").read_metrics()
+    assert [r["round"] for r in rows] == [1, 2] and all(r["sites"][0]["bytes_up"] >= 100e6 for r in rows)
+    assert {r["sites"][0]["node_id"] for r in rows} == {node}  # the same registered node both times
+    logs = "".join(p.read_text(errors="replace") for p in (tmp_path / "logs").glob("*.log"))
+    assert "database is locked" not in logs
