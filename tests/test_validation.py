@@ -420,3 +420,56 @@ def test_a_site_sending_nan_is_dropped_and_the_run_completes(tmp_path):
     transcript = (logs / "flwr_run.log").read_text(errors="replace")
     assert "site einstein (node " in transcript and "sent an update that was rejected: non-finite" in transcript
     print(f"federation with a broken client: {res['seconds']} s")  # noqa: T201 (pytest -s shows it)
+
+
+FLIPPED_CLIENT = '''"""Test only (written by tests/test_validation.py into a staged app): client.app's ClientApp,
+except that einstein sends its update sign-flipped (global - update) every round."""
+
+import torch
+from flwr.clientapp import ClientApp
+
+from client.app import query, train
+from mrsfm_model.model.wire import decode, encode
+
+app = ClientApp()
+app.query()(query)
+
+
+@app.train()
+def flipped_train(msg, context):
+    reply = train(msg, context)
+    if context.node_config.get("site") == "einstein":
+        sent = msg.content["arrays"]
+        template = {k: torch.zeros(tuple(a.shape)) for k, a in sent.items()}
+        g, w = decode(sent, template), decode(reply.content["arrays"], template)
+        reply.content["arrays"] = encode({k: 2 * g[k] - w[k] for k in g}, str(msg.content["config"]["wire-dtype"]))
+    return reply
+'''
+
+
+@pytest.mark.slow  # a real federation whose einstein runs a malicious ClientApp
+def test_a_real_site_sending_sign_flipped_updates_is_rejected_from_round_2(tmp_path):
+    app = stage_app(tmp_path)
+    (app / "client" / "flipped.py").write_text(FLIPPED_CLIENT)
+    pyproject = app / "pyproject.toml"
+    pyproject.write_text(pyproject.read_text().replace('clientapp = "client.app:app"', 'clientapp = "client.flipped:app"'))
+    run_dir = tmp_path / "run"
+    config = {"overrides": "model=micro data.batch_size=4", "num-rounds": 3, "local-steps": 3,
+              "run-dir": str(run_dir), "min-sites": 3, "sites": ",".join(SITES)}
+
+    def join() -> None:  # Flower's per-message process runs the bundle's code (a site worker would refuse it)
+        fed.data_dirs.update(prepare_site_data(tmp_path / "sites"))
+        for site in SITES:
+            fed.start_supernode(site, worker=False)
+
+    with LocalFederation(tmp_path, SITES, log=lambda m: None) as fed:
+        res = fed.run(config, timeout_s=300, app=app, meanwhile=join)
+    assert res["status"] == "finished:completed", res
+    rows = RunDir(run_dir).read_metrics()
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    # Round 1, from a random model, three non-IID sites' updates agree too little for the median to
+    # expose the flip (measured: accepted, and bounded by the clip); from round 2 on it is rejected.
+    for r in rows[1:]:
+        assert sorted(s["site"] for s in r["sites"]) == ["hcfmrp", "unicamp"], r
+        [dropped] = r["dropped"]
+        assert dropped["site"] == "einstein" and "update points against the others" in dropped["error"], dropped
