@@ -221,7 +221,6 @@ class Supervisor:
         self.supernode_cmd, self.worker_cmd, self.env = supernode, worker, env
         self.node: subprocess.Popen | None = None
         self.worker: subprocess.Popen | None = None
-        self.restarts = 0
         self.stopping = False
 
     def _start(self) -> None:
@@ -253,7 +252,6 @@ class Supervisor:
                       file=sys.stderr, flush=True)
                 self._stop(None)
                 time.sleep(backoff)
-                self.restarts += 1
                 started = time.monotonic()
                 self._start()
             time.sleep(0.2)

@@ -72,7 +72,6 @@ class SiteSession:
     state: Path
     data_dir: str
     n_invivo: int
-    seed: int
     done_round: int = 0  # the round whose optimizer state and RNG this object holds in memory
     rng: object = None
 
@@ -131,7 +130,7 @@ def site_session(conf: Mapping, node: Mapping[str, str]) -> tuple[SiteSession, f
     ledger = (PrivacyLedger(state_root, data_fingerprint(data_dir))
               if n_invivo and float(cfg.data.invivo_fraction) > 0 else None)
     _SESSION = SiteSession(key, site, cfg, device, stream, trainer, DPConfig.from_config(cfg.privacy), ledger,
-                           state_root / str(conf["run-key"]), data_dir, n_invivo, seed, rng=torch.get_rng_state())
+                           state_root / str(conf["run-key"]), data_dir, n_invivo, rng=torch.get_rng_state())
     return _SESSION, time.perf_counter() - t0
 
 
@@ -208,7 +207,7 @@ def _private_round(trainer, stream, dp, ledger, run_key: str, site: str, local_s
     if stream.invivo is None or ledger is None:
         raise ValueError(f"site {site}: privacy.enabled=true needs private in vivo spectra (site.data_dir); "
                          "simulated data needs no privacy")
-    frac = stream.n_invivo / stream.batch_size if stream.simulators else 1.0
+    frac = stream.n_invivo / stream.batch_size  # (simulators present: checked above)
     private = max(1, round(local_steps * frac)) if frac > 0 else 0
     if dp.target_epsilon is not None and dp.planned_steps <= 0:  # plan over the whole run
         dp.planned_steps = max(1, round(total_steps * frac))

@@ -20,12 +20,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import os
 import signal
 import sys
 import threading
 import time
 import zipfile
 from collections.abc import Callable, Collection
+from functools import cache
 from pathlib import Path
 
 from client.app import app as installed_app
@@ -51,7 +53,7 @@ def check_bundle(content: bytes, trusted: Collection[str] = (), installed: Path 
             theirs = {n: z.read(n) for n in z.namelist() if n.startswith("client/") and n.endswith(".py")}
     except zipfile.BadZipFile:
         raise BundleRefused(f"app bundle {digest[:12]} is not a zip archive") from None
-    mine = {f"client/{p.name}": p.read_bytes() for p in installed.glob("*.py")}
+    mine = _installed_sources(installed)
     for name in sorted(theirs.keys() | mine.keys()):
         if theirs.get(name) != mine.get(name):
             what = "is missing from it" if name not in theirs else ("is not in this installation" if name not in mine
@@ -60,6 +62,12 @@ def check_bundle(content: bytes, trusted: Collection[str] = (), installed: Path 
                                 f"this site runs only its installed code; to take part in this run anyway (still with "
                                 f"the installed code) add sha256 {digest} to site.trusted_apps")
     return digest
+
+
+@cache
+def _installed_sources(installed: Path) -> dict[str, bytes]:
+    """client/*.py of this installation, read once per process (they do not change under a running worker)."""
+    return {f"client/{p.name}": p.read_bytes() for p in installed.glob("*.py")}
 
 
 class WorkerConflict(Exception):
@@ -86,7 +94,7 @@ def hold_state_dir(state_dir: Path):
         raise WorkerConflict(f"another site worker (pid {other}) already serves {state_dir}; stop it first") from None
     fh.seek(0)
     fh.truncate()
-    fh.write(str(__import__("os").getpid()))
+    fh.write(str(os.getpid()))
     fh.flush()
     return fh
 
@@ -99,7 +107,7 @@ class SiteWorker:
         from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
         from flwr.supercore.runtime import RuntimeHttpClient
 
-        self.address, self.secret, self.trusted, self.poll_s = runtime_address, secret, set(trusted), poll_s
+        self.address, self.trusted, self.poll_s = runtime_address, set(trusted), poll_s
         self.handler = handler or installed_app  # the installed ClientApp, never the bundle's
         interceptors = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
         if secret:  # only the holder of the site's secret may take its tasks
@@ -117,7 +125,7 @@ class SiteWorker:
         from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
         from flwr.supercore.constant import TaskType
 
-        _log.info(f"[mrsfm] site worker ready (pid {__import__('os').getpid()}), taking tasks from "
+        _log.info(f"[mrsfm] site worker ready (pid {os.getpid()}), taking tasks from "
                   f"the SuperNode at {self.address}")
         request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
         while not self.stopping.is_set():

@@ -52,6 +52,15 @@ def live_members(pgid: int) -> list[str]:
     return out
 
 
+def phase(results: dict, key):
+    """A module fixture's result for one phase, or a failure naming why that phase never ran."""
+    import pytest
+
+    if key not in results:
+        pytest.fail(f"phase {key} did not run: {results.get('error')}")
+    return results[key]
+
+
 def alive(pid: int) -> bool:
     """The process exists and is not a zombie."""
     try:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
-from helpers import ScriptedGrid, live_members, run_module, wait_for
+from helpers import ScriptedGrid, live_members, phase, run_module, wait_for
 
 from mrsfm_model.model.wire import as_fp32_record, decode, encode, nbytes, to_state
 from server.example_sites import SITES, prepare_site_data
@@ -219,14 +219,8 @@ def federation(tmp_path_factory):
     return phases
 
 
-def _phase(federation, n):
-    if n not in federation:
-        pytest.fail(f"phase {n} did not run: {federation.get('error')}")
-    return federation[n]
-
-
 def test_three_sites_two_rounds_checkpoint_and_metrics_every_round(federation):
-    res, rd = _phase(federation, 1), federation["rd"]
+    res, rd = phase(federation, 1), federation["rd"]
     assert res["status"] == "finished:completed", res
     rows = rd.read_metrics()
     assert [r["round"] for r in rows[:2]] == [1, 2]
@@ -253,7 +247,7 @@ def test_the_server_writes_tensorboard_beside_its_metrics_across_the_resume(fede
 
 
 def test_site_killed_mid_round_the_round_aggregates_the_others(federation):
-    _phase(federation, 2)
+    phase(federation, 2)
     rows = {r["round"]: r for r in federation["rd"].read_metrics()}
     assert 3 in rows, "round 3 has no metrics line"
     assert sorted(s["site"] for s in rows[3]["sites"]) == ["einstein", "unicamp"]
@@ -264,14 +258,14 @@ def test_site_killed_mid_round_the_round_aggregates_the_others(federation):
 
 
 def test_missing_sites_fail_after_the_bounded_wait_naming_them(federation):
-    res = _phase(federation, 3)
+    res = phase(federation, 3)
     assert res["status"] == "finished:failed", res
     assert "gave up after 15 s (wait-timeout-s): 2 of the 3 required site(s) connected" in federation["transcript"]
     assert "missing: hcfmrp" in federation["transcript"]
 
 
 def test_superlink_restart_resumes_from_the_last_completed_round(federation):
-    res, rd = _phase(federation, 4), federation["rd"]
+    res, rd = phase(federation, 4), federation["rd"]
     assert res["status"] == "finished:completed", res
     rows = rd.read_metrics()
     assert [r["round"] for r in rows] == [1, 2, 3, 4]  # continued, never restarted or repeated

@@ -28,7 +28,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from helpers import live_members, run_module, text_of, wait_for
+from helpers import live_members, phase, run_module, text_of, wait_for
 
 from server import pki
 from server.example_sites import prepare_site_data
@@ -282,22 +282,16 @@ def _https_health(fed: LocalFederation) -> str:
         conn.close()
 
 
-def _get(secure, key):
-    if key not in secure:
-        pytest.fail(f"{key} not reached: {secure.get('error')}")
-    return secure[key]
-
-
 def test_secure_superlink_speaks_only_tls(secure):
-    assert _get(secure, "https_health") == "HTTP 200"  # verified against pki/ca.crt for 127.0.0.1
-    assert _get(secure, "plaintext_http").startswith("refused")
+    assert phase(secure, "https_health") == "HTTP 200"  # verified against pki/ca.crt for 127.0.0.1
+    assert phase(secure, "plaintext_http").startswith("refused")
     assert "Uvicorn running on https://127.0.0.1" in text_of(secure["logs"] / "superlink.log")
-    reg = _get(secure, "registration")
+    reg = phase(secure, "registration")
     assert sorted(reg.registered) == sorted(SITES) and not reg.failed
 
 
 def test_registered_sites_train_over_tls(secure):
-    run, rd = _get(secure, "run"), RunDir(secure["out"] / "run")
+    run, rd = phase(secure, "run"), RunDir(secure["out"] / "run")
     assert run["status"] == "finished:completed", run
     assert rd.checkpoint(1).is_file()
     rows = rd.read_metrics()
@@ -307,31 +301,31 @@ def test_registered_sites_train_over_tls(secure):
         log = text_of(secure["logs"] / f"supernode_{site}.log")
         assert "Starting insecure channel" not in log
         assert f"SuperNode ID: {secure['registration'].registered[site]}" in log
-    nodes = _get(secure, "nodes")
+    nodes = phase(secure, "nodes")
     assert nodes == {node: "online" for node in secure["registration"].registered.values()}
 
 
 def test_an_unregistered_key_is_refused(secure):
-    rc = _get(secure, "unregistered_rc")
+    rc = phase(secure, "unregistered_rc")
     log = text_of(secure["logs"] / "unregistered.log")
     assert rc not in (None, 0), f"the unregistered SuperNode is still running or exited 0: {log[-2000:]}"
     assert "Failed to activate SuperNode" in log and "SuperNode ID" not in log
     assert "No SuperNode found with the given public key" in text_of(secure["logs"] / "superlink.log")
-    assert len(_get(secure, "nodes")) == len(SITES)
+    assert len(phase(secure, "nodes")) == len(SITES)
 
 
 def test_a_plaintext_supernode_is_refused(secure):
-    launcher = _get(secure, "launcher_plaintext")
+    launcher = phase(secure, "launcher_plaintext")
     assert launcher.returncode == 2 and "speaks TLS but site.insecure is true" in launcher.stderr
     log = text_of(secure["logs"] / "plaintext.log")
     assert "Starting insecure channel" in log  # it really tried without TLS...
     assert PLAINTEXT_REFUSED in log and "SuperNode ID" not in log  # ...and the TLS port hung up on it
-    assert _get(secure, "plaintext_alive")  # still retrying: never a node, never a message
-    assert len(_get(secure, "nodes")) == len(SITES)
+    assert phase(secure, "plaintext_alive")  # still retrying: never a node, never a message
+    assert len(phase(secure, "nodes")) == len(SITES)
 
 
 def test_in_memory_state_forgets_registrations_on_restart(secure):
-    before, after = _get(secure, "registration"), _get(secure, "registration_after_restart")
+    before, after = phase(secure, "registration"), phase(secure, "registration_after_restart")
     assert sorted(after.registered) == sorted(SITES) and not after.already  # registered anew...
     assert set(after.registered.values()).isdisjoint(before.registered.values())  # ...with new node ids
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import alive, children, run_module, wait_for
+from helpers import alive, children, phase, run_module, wait_for
 from safetensors.torch import load_file
 
 from server.bundle import stage_app
@@ -102,14 +102,8 @@ def warm_federation(tmp_path_factory):
     return res
 
 
-def _get(res, key):
-    if key not in res:
-        pytest.fail(f"phase {key} did not run: {res.get('error')}")
-    return res[key]
-
-
 def test_warm_workers_and_fresh_processes_give_the_same_global_weights(warm_federation):
-    a, b = _get(warm_federation, "A"), _get(warm_federation, "B")
+    a, b = phase(warm_federation, "A"), phase(warm_federation, "B")
     assert a["status"] == b["status"] == "finished:completed", (a, b)
     out = warm_federation["out"]
     wa, wb = (load_file(str(RunDir(out / x).checkpoint(2))) for x in "AB")
@@ -123,7 +117,7 @@ def test_warm_workers_and_fresh_processes_give_the_same_global_weights(warm_fede
 
 
 def test_a_killed_worker_costs_its_site_one_round_and_is_restarted(warm_federation):
-    res = _get(warm_federation, "C")
+    res = phase(warm_federation, "C")
     assert res["status"] == "finished:completed", res
     rows = {r["round"]: r for r in RunDir(warm_federation["out"] / "C").read_metrics()}
     assert sorted(s["site"] for s in rows[2]["sites"]) == ["einstein", "unicamp"]
@@ -134,7 +128,7 @@ def test_a_killed_worker_costs_its_site_one_round_and_is_restarted(warm_federati
 
 
 def test_a_bundle_with_changed_client_code_is_refused_by_every_site(warm_federation):
-    res = _get(warm_federation, "D")
+    res = phase(warm_federation, "D")
     assert res["status"] != "finished:completed" or not RunDir(warm_federation["out"] / "D").read_metrics()
     for site, log in warm_federation["D_logs"].items():
         assert "client/app.py differs from this site's installed copy" in log, site
@@ -144,14 +138,14 @@ def test_a_bundle_with_changed_client_code_is_refused_by_every_site(warm_federat
 
 
 def test_a_worker_with_a_wrong_secret_or_a_second_worker_exits_with_one_line(warm_federation):
-    wrong, second = _get(warm_federation, "wrong_secret"), _get(warm_federation, "second")
+    wrong, second = phase(warm_federation, "wrong_secret"), phase(warm_federation, "second")
     assert wrong.returncode == 3 and "refused this worker's secret (HTTP 401)" in wrong.stderr, wrong.stderr[-500:]
     assert second.returncode == 3 and "another site worker (pid" in second.stderr, second.stderr[-500:]
     assert warm_federation["E_code"] == 0  # the site's own worker kept serving until Ctrl-C
 
 
 def test_ctrl_c_stops_the_launcher_with_its_supernode_and_worker(warm_federation):
-    kids = _get(warm_federation, "E_children")
+    kids = phase(warm_federation, "E_children")
     assert len(kids) == 2, kids  # flower-supernode and the worker
     assert warm_federation["E_seconds"] < 20 and warm_federation["E_code"] == 0
     assert not [p for p in kids if alive(p)]

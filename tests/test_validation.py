@@ -389,24 +389,32 @@ def test_a_resume_tolerates_a_torn_last_metrics_line_and_writes_whole_lines(tmp_
     assert (rd.path / "sites.json").is_file()
 
 
-@pytest.mark.slow  # a real federation (SuperLink, 3 SuperNodes, flwr run)
-def test_a_site_sending_nan_is_dropped_and_the_run_completes(tmp_path):
+def _run_with_client(tmp_path, module: str, source: str, rounds: int, local_steps: int, timeout_s: float) -> dict:
+    """A real 3-site federation (micro model, run dir TMP/run) whose app bundle's ClientApp is
+    `client.<module>:app` from `source`. The sites use Flower's per-message process, the only way a
+    bundle's own code runs (a site worker would refuse a bundle with foreign client code)."""
     app = stage_app(tmp_path)
-    (app / "client" / "broken.py").write_text(BROKEN_CLIENT)
+    (app / "client" / f"{module}.py").write_text(source)
     pyproject = app / "pyproject.toml"
     text = pyproject.read_text()
     assert 'clientapp = "client.app:app"' in text
-    pyproject.write_text(text.replace('clientapp = "client.app:app"', 'clientapp = "client.broken:app"'))
-    run_dir = tmp_path / "run"
-    config = {"overrides": "model=micro data.batch_size=4", "num-rounds": 1, "local-steps": 2,
-              "run-dir": str(run_dir), "min-sites": 3, "sites": ",".join(SITES)}
-    def join() -> None:  # Flower's per-message process runs the bundle's code (a site worker would refuse it)
+    pyproject.write_text(text.replace('clientapp = "client.app:app"', f'clientapp = "client.{module}:app"'))
+    config = {"overrides": "model=micro data.batch_size=4", "num-rounds": rounds, "local-steps": local_steps,
+              "run-dir": str(tmp_path / "run"), "min-sites": 3, "sites": ",".join(SITES)}
+
+    def join() -> None:
         fed.data_dirs.update(prepare_site_data(tmp_path / "sites"))
         for site in SITES:
             fed.start_supernode(site, worker=False)
 
     with LocalFederation(tmp_path, SITES, log=lambda m: None) as fed:
-        res = fed.run(config, timeout_s=180, app=app, meanwhile=join)
+        return fed.run(config, timeout_s=timeout_s, app=app, meanwhile=join)
+
+
+@pytest.mark.slow  # a real federation (SuperLink, 3 SuperNodes, flwr run)
+def test_a_site_sending_nan_is_dropped_and_the_run_completes(tmp_path):
+    run_dir = tmp_path / "run"
+    res = _run_with_client(tmp_path, "broken", BROKEN_CLIENT, rounds=1, local_steps=2, timeout_s=180)
     logs = tmp_path / "logs"
     assert res["status"] == "finished:completed", (res, (logs / "flwr_run.log").read_text()[-3000:])
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -449,21 +457,8 @@ def flipped_train(msg, context):
 
 @pytest.mark.slow  # a real federation whose einstein runs a malicious ClientApp
 def test_a_real_site_sending_sign_flipped_updates_is_rejected_from_round_2(tmp_path):
-    app = stage_app(tmp_path)
-    (app / "client" / "flipped.py").write_text(FLIPPED_CLIENT)
-    pyproject = app / "pyproject.toml"
-    pyproject.write_text(pyproject.read_text().replace('clientapp = "client.app:app"', 'clientapp = "client.flipped:app"'))
     run_dir = tmp_path / "run"
-    config = {"overrides": "model=micro data.batch_size=4", "num-rounds": 3, "local-steps": 3,
-              "run-dir": str(run_dir), "min-sites": 3, "sites": ",".join(SITES)}
-
-    def join() -> None:  # Flower's per-message process runs the bundle's code (a site worker would refuse it)
-        fed.data_dirs.update(prepare_site_data(tmp_path / "sites"))
-        for site in SITES:
-            fed.start_supernode(site, worker=False)
-
-    with LocalFederation(tmp_path, SITES, log=lambda m: None) as fed:
-        res = fed.run(config, timeout_s=300, app=app, meanwhile=join)
+    res = _run_with_client(tmp_path, "flipped", FLIPPED_CLIENT, rounds=3, local_steps=3, timeout_s=300)
     assert res["status"] == "finished:completed", res
     rows = RunDir(run_dir).read_metrics()
     assert [r["round"] for r in rows] == [1, 2, 3]
