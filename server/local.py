@@ -338,12 +338,13 @@ def _sigterm_as_interrupt():
 def run_local_federation(out_dir: str | Path, sites: Sequence[str] = SITES, rounds: int = 2, local_steps: int = 5,
                          overrides: Iterable[str] = ("model=micro", "data.batch_size=8"), strategy: str = "fedavg",
                          wire_dtype: str = "bf16", min_sites: int | None = None, timeout_s: float = 900.0,
-                         log: Log = _log.info, secure: bool = False, **run_config) -> dict:
+                         log: Log = _log.info, secure: bool = False, data_dirs: dict[str, Path] | None = None,
+                         **run_config) -> dict:
     """Federated MAE pretraining of `sites` on loopback; everything lands under `out_dir`.
 
     out_dir/run/ the run directory (rounds/, metrics.jsonl, encoder.safetensors, ...),
     out_dir/logs/ every process' output, out_dir/sites/<site>/ each site's private data
-    (prepare_site_data), out_dir/state/<site>/ its optimizer state, out_dir/flwr_home/ Flower's
+    (prepare_site_data, unless `data_dirs` names each site's folder), out_dir/state/<site>/ its optimizer state, out_dir/flwr_home/ Flower's
     connection and app store, out_dir/app/ the Flower app as submitted. Returns {run_id, status,
     seconds, run_dir, rounds (the metrics.jsonl rows), encoder, total_seconds}.
     `secure`: TLS + SuperNode authentication, the PKI in out_dir/pki/ (see LocalFederation).
@@ -359,8 +360,10 @@ def run_local_federation(out_dir: str | Path, sites: Sequence[str] = SITES, roun
               **{k.replace("_", "-"): v for k, v in run_config.items()}}
 
     def sites_join() -> None:  # while the ServerApp boots
-        log(f"[2/3] private data for {', '.join(sites)} under {out / 'sites'}; one SuperNode per site")
-        fed.start_supernodes(prepare_site_data(out / "sites", sites))
+        folders = data_dirs if data_dirs is not None else prepare_site_data(out / "sites", sites)
+        where = ", ".join(f"{site} {folders.get(site) or '(simulation only)'}" for site in sites)
+        log(f"[2/3] one SuperNode per site; private data: {where}")
+        fed.start_supernodes(folders)
 
     with _sigterm_as_interrupt(), LocalFederation(out, sites, log=log, secure=secure) as fed:
         tls = " (TLS; registered site keys only)" if secure else ""

@@ -41,10 +41,10 @@ def test_split_is_by_subject_and_samples_are_stratified(bench):
 
 def test_spectrum_baseline_beats_chance_on_the_vendor_task(bench):
     """The yardstick: a linear model on magnitude spectra separates the vendors' basis sets."""
-    from mrsfm_model.evaluation.finetune import _baseline
+    from mrsfm_model.evaluation.finetune import baseline_metrics
 
     idx = bench.labelled_sample(90, seed=0)
-    m = _baseline(bench.spectra[idx], bench.vendor[idx], bench.spectra[bench.test], bench.vendor[bench.test],
+    m = baseline_metrics(bench.spectra[idx], bench.vendor[idx], bench.spectra[bench.test], bench.vendor[bench.test],
                   "vendor", 3, 0.01)
     assert m["accuracy"] > 0.5
 

@@ -323,7 +323,7 @@ def run_benchmark(cfg, encoder: str | Path | None, out_dir: str | Path, device: 
                         continue
                     if init == "baseline":
                         feats = bench.spectra if mode == "spectrum" else bench.x.flatten(1)
-                        per_seed.append(_baseline(feats[idx], y[idx], feats[test], y[test], task,
+                        per_seed.append(baseline_metrics(feats[idx], y[idx], feats[test], y[test], task,
                                                   len(VENDORS), float(cfg.study.baseline_l2)))
                         continue
                     per_seed.append(fit_and_evaluate(
@@ -377,7 +377,7 @@ def print_paired(paired: list[dict], log: Log = _log.info) -> None:
             f"{sign}{abs(p['mean']):.3f} ± {p['ci95']:.3f}")
 
 
-def _baseline(f_train: torch.Tensor, y_train: torch.Tensor, f_test: torch.Tensor, y_test: torch.Tensor, task: str,
+def baseline_metrics(f_train: torch.Tensor, y_train: torch.Tensor, f_test: torch.Tensor, y_test: torch.Tensor, task: str,
               n_classes: int, l2: float) -> dict[str, float]:
     """The non-deep arm (mrsfm_model.evaluation.linear, as the linear probe) scored like the deep ones; the
     regression targets are fitted together (ridge treats each column on its own)."""
