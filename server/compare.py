@@ -39,6 +39,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from mrsfm_model.config import ConfigSection, config_dir, load_config, resolve_device
+from mrsfm_model.data.simulate import write_simulated
 from mrsfm_model.data.spectrum import VENDORS
 from mrsfm_model.evaluation.finetune import RANDOM_INIT, mean_ci95
 from mrsfm_model.evaluation.panel import Panel, task_metrics
@@ -189,8 +190,6 @@ def write_configs(arm: Arm, c: CompareConfig, folder: Path) -> Path:
 def private_set(root: Path, vendor: str, n: int, noisy: bool) -> Path:
     """A vendor site's private in vivo-like set: n spectra of its PRESS profile (noisy: the arm's
     noisier copy, so MRSFM_CONFIG_DIR must name that arm's configs), written once under root/data."""
-    from mrsfm_model.data.simulate import write_simulated
-
     name = f"{vendor.lower()}_{n}{'_noisy' if noisy else ''}"
     folder = root / "data" / name
     if not folder.is_dir():
@@ -288,7 +287,7 @@ def paired(scores: dict, a: str, b: str, task: str, mode: str, n: int, metric: s
     d = [x[metric] - y[metric] for x, y in zip(ra["per_seed"], rb["per_seed"])]
     ma, mb = ra["metrics"][metric]["mean"], rb["metrics"][metric]["mean"]
     return {"arm": a, "minus": b, "task": task, "mode": mode, "n_labels": n, "metric": metric,
-            "a": ma, "b": mb, "ratio": ma / mb if mb > 0 else None, **mean_ci95(d)}
+            "a": ma, "b": mb, "ratio": ma / mb if mb > 0 else None, "per_seed": d, **mean_ci95(d)}
 
 
 def comparisons(scores: dict, arms: Sequence[dict], c: CompareConfig) -> tuple[list[dict], dict]:
@@ -307,11 +306,11 @@ def comparisons(scores: dict, arms: Sequence[dict], c: CompareConfig) -> tuple[l
             if other and (p := paired(scores, MAIN, other, t, m, n, k)):
                 out.append({**p, "question": "federated vs " + ("best single site" if other in singles else other)})
     ratios = [p for p in out if p["minus"] == "centralized"]
-    if ratios:
-        worst = min(ratios, key=lambda p: p["ratio"] if p["ratio"] is not None else -1e9)
-        targets["federated_vs_centralized"] = {
-            "target": ">= 0.98 x centralized on every figure", "worst": worst,
-            "met": all(p["ratio"] is not None and p["ratio"] >= 0.98 for p in ratios)}
+    if ratios:  # (a centralized figure <= 0, an R² no better than the mean, has no ratio: there, at least as good)
+        ok = [p["ratio"] >= 0.98 if p["ratio"] is not None else p["a"] >= p["b"] for p in ratios]
+        worst = min(ratios, key=lambda p: p["ratio"] if p["ratio"] is not None else p["mean"])
+        targets["federated_vs_centralized"] = {"target": ">= 0.98 x centralized on every figure", "worst": worst,
+                                               "met": all(ok), "figures_met": f"{sum(ok)}/{len(ok)}"}
     for v in c.lovo:
         task, fed = f"lovo_{v}", f"lovo_{v.lower()}_federated"
         allowed = [s for s in singles if s != f"single_{v.lower()}"]
