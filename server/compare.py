@@ -74,6 +74,14 @@ class CompareConfig(ConfigSection):
     label_sizes: tuple[int, ...]
     seeds: tuple[int, ...]
     subjects_per_vendor: int
+    lovo_subjects: int
+
+    PRETRAINING = ("model", "rounds", "steps_per_round", "batch_size", "private_spectra", "sizes", "noisy_snr",
+                   "robust_strategy", "epsilons")  # what an arm's encoder depends on (besides its name)
+    DOWNSTREAM = ("modes", "label_sizes", "seeds", "subjects_per_vendor", "lovo", "lovo_subjects")
+
+    def part(self, keys: Sequence[str]) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if k in keys}
 
     def check(self) -> None:
         if self.rounds < 1 or self.batch_size < 1 or self.private_spectra < 1:
@@ -220,7 +228,7 @@ def run_arm(arm: Arm, c: CompareConfig, root: Path, log: Log = _log.info) -> dic
     out = root / "arms" / arm.name
     done = out / "arm.json"
     if done.is_file():
-        return json.loads(done.read_text())
+        return _reuse(done, c.part(c.PRETRAINING))
     t0 = time.monotonic()
     local = c.steps_per_round // len(arm.sites)
     log(f"arm {arm.name}: {len(arm.sites)} site(s) ({', '.join(s.name for s in arm.sites)}), {arm.strategy}, "
@@ -235,7 +243,7 @@ def run_arm(arm: Arm, c: CompareConfig, root: Path, log: Log = _log.info) -> dic
                                    log=lambda m: log(f"  {m}"), data_dirs=data)
     rows = fed["rounds"]
     last = {s["site"]: s for r in rows for s in r["sites"]}  # each site's latest line
-    summary = {"arm": arm.name, "group": arm.group, "strategy": arm.strategy, "epsilon_target": arm.epsilon,
+    summary = {"arm": arm.name, "settings": c.part(c.PRETRAINING), "group": arm.group, "strategy": arm.strategy, "epsilon_target": arm.epsilon,
                "held_out": arm.held_out, "vendors": arm.vendors, "sites": [asdict(s) for s in arm.sites],
                "samples": sum(s["num_examples"] for r in rows for s in r["sites"]),
                "site_epsilon": {name: s.get("epsilon") for name, s in last.items()},
@@ -252,8 +260,8 @@ def score_arms(arms: Sequence[dict], c: CompareConfig, root: Path, log: Log = _l
     cfg = load_config([f"model={c.model}", f"finetune.seeds=[{','.join(map(str, c.seeds))}]",
                        f"finetune.label_sizes=[{','.join(map(str, c.label_sizes))}]"])
     device = resolve_device(cfg.device)
-    panel = Panel(cfg, device, ("vendor", "quant"), c.lovo, c.subjects_per_vendor, log=log)
-    folder = root / "scores"
+    panel = Panel(cfg, device, ("vendor", "quant"), c.lovo, c.subjects_per_vendor, c.lovo_subjects, log=log)
+    folder, settings = root / "scores", c.part(c.DOWNSTREAM)
     folder.mkdir(parents=True, exist_ok=True)
     scores = {}
     starts = [(a["arm"], a["encoder"], a["vendors"]) for a in arms]
@@ -261,17 +269,30 @@ def score_arms(arms: Sequence[dict], c: CompareConfig, root: Path, log: Log = _l
     for name, encoder, seen in starts:
         path = folder / f"{name}.json"
         if path.is_file():
-            scores[name] = json.loads(path.read_text())
+            scores[name] = _reuse(path, settings)["rows"]
             continue
         t0 = time.monotonic()
         tasks = [t.name for t in panel.tasks if not (t.name.startswith("lovo_") and t.name[5:] in seen)]
         scores[name] = panel.score(encoder, c.modes, tasks)
-        path.write_text(json.dumps(scores[name]))
+        path.write_text(json.dumps({"settings": settings, "rows": scores[name]}))
         log(f"scored {name} ({', '.join(tasks)}) in {time.monotonic() - t0:.0f} s")
     path = folder / "baselines.json"
     if not path.is_file():
-        path.write_text(json.dumps(panel.baselines()))
-    return scores, json.loads(path.read_text())
+        path.write_text(json.dumps({"settings": settings, "rows": panel.baselines()}))
+    return scores, _reuse(path, settings)["rows"]
+
+
+def _reuse(path: Path, settings: dict) -> dict:
+    """A finished arm's or score's file, when it was made with these settings; one line otherwise."""
+    try:
+        saved = json.loads(path.read_text())
+    except ValueError:
+        raise ValueError(f"{path}: unreadable ({path.stat().st_size} bytes); delete it to redo that step") from None
+    if saved.get("settings") != settings:
+        differ = sorted(k for k in settings if (saved.get("settings") or {}).get(k) != settings[k])
+        raise ValueError(f"{path}: made with other compare settings ({', '.join(differ)}); "
+                         "use a new --out, or delete that file to redo the step")
+    return saved
 
 
 # -- the report ----------------------------------------------------------------------------------------

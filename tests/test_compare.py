@@ -11,7 +11,8 @@ from mrsfm_model.data.simulate import load_profile
 from server.compare import CompareConfig, comparisons, config_folder, plan_arms, write_configs
 
 SMALL = ["compare.rounds=2", "compare.steps_per_round=6", "compare.batch_size=8", "compare.private_spectra=4",
-         "compare.seeds=[0,1]", "compare.label_sizes=[12]", "compare.subjects_per_vendor=12"]
+         "compare.seeds=[0,1]", "compare.label_sizes=[12]", "compare.subjects_per_vendor=12",
+         "compare.lovo_subjects=24"]
 
 
 def settings(*over: str) -> CompareConfig:
@@ -94,8 +95,8 @@ def test_compare_end_to_end_on_local_federations(tmp_path):
     lovo = tmp_path / "arms" / "lovo_ge_federated"
     for site in ("philips", "siemens"):
         assert "_ge" not in (lovo / "configs" / "site" / f"{site}.yaml").read_text()
-    for folder in {s["site"]: s for s in json.loads((lovo / "arm.json").read_text())["sites"]}:
-        files = list((tmp_path / "data").glob(f"{folder}_*/*.json"))
+    for site in json.loads((lovo / "arm.json").read_text())["sites"]:
+        files = list((tmp_path / "data").glob(f"{site['name']}_*/*.json"))
         assert files and all(json.loads(f.read_text())["vendor"] != "GE" for f in files)
     assert {a["arm"]: a["samples"] for a in result["arms"]} == dict.fromkeys(arms, expected)
     tasks = {name: {r["task"] for r in rows} for name, rows in result["scores"].items()}
@@ -110,3 +111,7 @@ def test_compare_end_to_end_on_local_federations(tmp_path):
     # a second start reuses every finished arm and score
     again = run_compare(tmp_path, [*SMALL, f"compare.arms=[{','.join(arms)}]"])
     assert [a["seconds"] for a in again["arms"]] == [a["seconds"] for a in result["arms"]]
+    with pytest.raises(ValueError, match=r"scores/centralized.json: made with other compare settings \(seeds\)"):
+        run_compare(tmp_path, [*SMALL, f"compare.arms=[{','.join(arms)}]", "compare.seeds=[0,2]"])
+    with pytest.raises(ValueError, match=r"arm.json: made with other compare settings \(rounds\)"):
+        run_compare(tmp_path, [*SMALL, f"compare.arms=[{','.join(arms)}]", "compare.rounds=3"])

@@ -468,3 +468,54 @@ def test_a_real_site_sending_sign_flipped_updates_is_rejected_from_round_2(tmp_p
         assert sorted(s["site"] for s in r["sites"]) == ["hcfmrp", "unicamp"], r
         [dropped] = r["dropped"]
         assert dropped["site"] == "einstein" and "update points against the others" in dropped["error"], dropped
+
+
+SCALED_CLIENT = '''"""Test only (written by tests/test_validation.py into a staged app): client.app's ClientApp,
+except that, every round, unicamp sends its update scaled 1000x and einstein claims 1e12 training examples."""
+
+import torch
+from flwr.app import MetricRecord
+from flwr.clientapp import ClientApp
+
+from client.app import query, train
+from mrsfm_model.model.wire import decode, encode
+
+app = ClientApp()
+app.query()(query)
+
+
+@app.train()
+def scaled_train(msg, context):
+    reply = train(msg, context)
+    site = context.node_config.get("site")
+    if site == "unicamp":
+        sent = msg.content["arrays"]
+        template = {k: torch.zeros(tuple(a.shape)) for k, a in sent.items()}
+        g, w = decode(sent, template), decode(reply.content["arrays"], template)
+        reply.content["arrays"] = encode({k: g[k] + 1000.0 * (w[k] - g[k]) for k in g},
+                                         str(msg.content["config"]["wire-dtype"]))
+    if site == "einstein":
+        reply.content["metrics"] = MetricRecord({**dict(reply.content["metrics"]), "num-examples": 10**12})
+    return reply
+'''
+
+
+@pytest.mark.slow  # a real federation: one site scales its update every round, another inflates its num-examples
+def test_real_sites_scaling_updates_or_claiming_1e12_examples_get_no_extra_weight(tmp_path):
+    res = _run_with_client(tmp_path, "scaled", SCALED_CLIENT, rounds=3, local_steps=3, timeout_s=300)
+    assert res["status"] == "finished:completed", res
+    rows = RunDir(tmp_path / "run").read_metrics()
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    # Round 1, from a random model, the honest sites' steps are large and uneven enough that 1000x a tiny update
+    # stays under 10x their median (measured: accepted, clipped to 3x the median); from round 2 on it is rejected.
+    transcript = (tmp_path / "logs" / "flwr_run.log").read_text(errors="replace")
+    first = {s["site"] for s in rows[0]["sites"]}
+    assert "unicamp" not in first or "update validation: clipped an update" in transcript, rows[0]
+    for r in rows:
+        sites = {s["site"]: s for s in r["sites"]}
+        assert {s["num_examples"] for s in sites.values()} == {3 * 4}  # what the server asked: local steps x batch
+        assert sites["einstein"]["reported_examples"] == 10**12  # its claim is recorded, never used
+    for r in rows[1:]:
+        assert sorted(s["site"] for s in r["sites"]) == ["einstein", "hcfmrp"], r
+        [dropped] = r["dropped"]
+        assert dropped["site"] == "unicamp" and "x the median of the other sites" in dropped["error"], dropped

@@ -64,13 +64,16 @@ class Panel:
     scratch ViT) through every task, label size, seed and mode; `baselines` the non-deep arms."""
 
     def __init__(self, cfg, device: torch.device, tasks: Sequence[str] = ("vendor", "quant"),
-                 lovo: Sequence[str] = (), subjects_per_vendor: int | None = None, log: Log = _log.info):
+                 lovo: Sequence[str] = (), subjects_per_vendor: int | None = None, lovo_subjects: int | None = None,
+                 log: Log = _log.info):
+        """`lovo_subjects`: subjects of each held-out vendor (default: subjects_per_vendor); more than
+        twice the largest label size, so that every seed draws its own labelled sample."""
         ft = cfg.finetune
         self.cfg, self.device, self.ft = cfg, device, ft
         self.builder = InputBuilder.from_data_config(cfg.data)
         n = int(subjects_per_vendor or ft.benchmark.subjects_per_vendor)
 
-        def make(profiles: Sequence[str] | None) -> Benchmark:
+        def make(profiles: Sequence[str] | None, n: int = n) -> Benchmark:
             return build_benchmark(self.builder.grid, self.builder.transform, self.builder.channels, n,
                                    ft.benchmark.scans_per_subject, ft.benchmark.test_fraction, ft.benchmark.seed,
                                    device, **({"profiles": profiles} if profiles else {}))
@@ -83,8 +86,9 @@ class Panel:
         for vendor in lovo:
             if vendor not in VENDORS:
                 raise ValueError(f"leave-one-vendor-out: unknown vendor {vendor!r} (one of {', '.join(VENDORS)})")
-            log(f"building the leave-one-vendor-out task of {vendor} ({n} subjects)")
-            self.tasks.append(Task(f"lovo_{vendor}", make((vendor_profile(vendor),))))
+            k = int(lovo_subjects or n)
+            log(f"building the leave-one-vendor-out task of {vendor} ({k} subjects)")
+            self.tasks.append(Task(f"lovo_{vendor}", make((vendor_profile(vendor),), k)))
 
     def _cells(self):
         for task in self.tasks:
