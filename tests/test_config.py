@@ -21,10 +21,11 @@ from mrsfm_model.model.mae import MAEConfig, configured_mae, mae_config
 from mrsfm_model.training.privacy import DPConfig
 from mrsfm_model.training.trainer import OptimConfig
 from server.app import RunSettings
+from server.compare import CompareConfig
 from server.validate import ValidationSettings
 
 SECTIONS = [OptimConfig, FinetuneConfig, DPConfig, SpectrogramConfig, CanonicalGrid, StudyConfig, ValidationSettings,
-            QualityConfig]
+            QualityConfig, CompareConfig]
 ROOT = Path(__file__).resolve().parents[1]
 
 
