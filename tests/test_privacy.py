@@ -62,6 +62,8 @@ def test_budget_stops_private_steps():
     out = site.private_steps(50)
     assert 0 < out["private_steps"] < 50 and out["budget_spent"] and out["epsilon"] <= 3.0
     assert site.private_steps(5)["private_steps"] == 0
+    # exactly the steps a step-by-step check allows: one more would exceed the budget
+    assert _prv_epsilon(out["private_steps"], 1.0, 4 / 20) <= 3.0 < _prv_epsilon(out["private_steps"] + 1, 1.0, 4 / 20)
 
 
 def test_target_epsilon_picks_sigma_for_the_planned_steps():

@@ -155,12 +155,29 @@ class PrivateSite:
 
     def budget_left(self) -> bool:
         """Would one more private step stay within the budget?"""
-        if self.cfg.epsilon_budget is None:
-            return True
+        return self.steps_within_budget(1) == 1
+
+    def steps_within_budget(self, wanted: int) -> int:
+        """How many of `wanted` more private steps keep epsilon within the budget. Epsilon only grows
+        with steps, so a binary search finds it in ~log2(wanted) accountant evaluations: one PRV
+        evaluation costs 0.1-0.4 s on a CPU (more at small noise), too much to pay for every step."""
+        wanted = max(0, int(wanted))
+        if self.cfg.epsilon_budget is None or wanted == 0:
+            return wanted
+        if self._epsilon_after(wanted) <= self.cfg.epsilon_budget:
+            return wanted
+        lo, hi = 0, wanted  # lo steps fit, hi steps do not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if self._epsilon_after(mid) <= self.cfg.epsilon_budget else (lo, mid)
+        return lo
+
+    def _epsilon_after(self, steps: int) -> float:
         probe = create_accountant(self.cfg.accountant)
         probe.history = list(self.engine.accountant.history)
-        probe.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
-        return probe.get_epsilon(self.cfg.delta) <= self.cfg.epsilon_budget
+        for _ in range(steps):
+            probe.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        return probe.get_epsilon(self.cfg.delta)
 
     # -- steps -------------------------------------------------------------------------------
     def private_batches(self) -> Iterator[torch.Tensor]:
@@ -170,8 +187,13 @@ class PrivateSite:
 
     def private_steps(self, steps: int) -> dict:
         """Up to `steps` DP-SGD steps; fewer (maybe none) when the budget runs out."""
-        done, it = 0, self.private_batches()
-        while done < steps and self.budget_left():
+        done = self._dp_steps(self.steps_within_budget(steps))
+        return {"private_steps": done, "epsilon": self.epsilon(), "budget_spent": not self.budget_left()}
+
+    def _dp_steps(self, steps: int) -> int:
+        """`steps` DP-SGD steps (the caller checked the budget)."""
+        it = self.private_batches()
+        for _ in range(steps):
             batch = next(it)
             if len(batch) == 0:  # Poisson sampling can draw an empty batch: a noise-only step, still counted
                 self.dp_optimizer.zero_grad(set_to_none=True)
@@ -183,8 +205,7 @@ class PrivateSite:
                 self.dp_optimizer.step()
             else:
                 self.private_step(batch)
-            done += 1
-        return {"private_steps": done, "epsilon": self.epsilon(), "budget_spent": not self.budget_left()}
+        return steps
 
     def run_round(self, public_batches: Iterator[Any], steps: int, private_steps: int) -> dict:
         """A site's local round: `private_steps` DP-SGD steps on the private set, spread evenly
@@ -193,14 +214,13 @@ class PrivateSite:
         `loss` is the public steps' mean only (None without public steps): a loss measured on the
         private spectra without noise would leak beside the DP guarantee."""
         private_steps = max(0, min(private_steps, steps))
-        public_losses, done, refused = [], 0, False
+        allowed = self.steps_within_budget(private_steps)  # the private turns after these become public
+        public_losses, done = [], 0
         for i in range(steps):
             private_turn = (i + 1) * private_steps // steps > i * private_steps // steps
-            if private_turn and not refused:
-                done += (n := self.private_steps(1)["private_steps"])
-                refused = n == 0
-                if not refused:
-                    continue
+            if private_turn and done < allowed:
+                done += self._dp_steps(1)
+                continue
             public_losses.append(float(self.trainer.train_step(next(public_batches))["loss"]))
         loss = sum(public_losses) / len(public_losses) if public_losses else None
         return {"loss": loss, "private_steps": done, "public_steps": steps - done,
