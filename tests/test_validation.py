@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
+import shutil
 from collections.abc import Callable
 
 import numpy as np
@@ -17,7 +19,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from helpers import APP_CONFIG, ScriptedGrid
 from safetensors.torch import load_file
 
-from mrsfm_model.config import load_config
+from mrsfm_model.config import config_dir, load_config
 from mrsfm_model.model.wire import as_fp32_record, encode, to_state
 from server.app import RunSettings, run_federation
 from server.bundle import stage_app
@@ -389,10 +391,20 @@ def test_a_resume_tolerates_a_torn_last_metrics_line_and_writes_whole_lines(tmp_
     assert (rd.path / "sites.json").is_file()
 
 
-def _run_with_client(tmp_path, module: str, source: str, rounds: int, local_steps: int, timeout_s: float) -> dict:
-    """A real 3-site federation (micro model, run dir TMP/run) whose app bundle's ClientApp is
+def _run_with_client(tmp_path, module: str, source: str, rounds: int, local_steps: int, timeout_s: float,
+                     sites: tuple[str, ...] = SITES) -> dict:
+    """A real federation of `sites` (micro model, run dir TMP/run) whose app bundle's ClientApp is
     `client.<module>:app` from `source`. The sites use Flower's per-message process, the only way a
-    bundle's own code runs (a site worker would refuse a bundle with foreign client code)."""
+    bundle's own code runs (a site worker would refuse a bundle with foreign client code). Sites
+    beyond configs/site/ are copies of unicamp's config under their own name (in TMP/configs,
+    MRSFM_CONFIG_DIR); their data come from prepare_site_data in turn (Philips, Siemens, GE)."""
+    if extra := [x for x in sites if x not in SITES]:
+        folder = tmp_path / "configs"
+        shutil.copytree(config_dir(), folder)
+        template = (folder / "site" / "unicamp.yaml").read_text()
+        for name in extra:
+            (folder / "site" / f"{name}.yaml").write_text(template.replace("name: unicamp", f"name: {name}"))
+        os.environ["MRSFM_CONFIG_DIR"] = str(folder)  # (the caller's monkeypatch restores it)
     app = stage_app(tmp_path)
     (app / "client" / f"{module}.py").write_text(source)
     pyproject = app / "pyproject.toml"
@@ -400,14 +412,14 @@ def _run_with_client(tmp_path, module: str, source: str, rounds: int, local_step
     assert 'clientapp = "client.app:app"' in text
     pyproject.write_text(text.replace('clientapp = "client.app:app"', f'clientapp = "client.{module}:app"'))
     config = {"overrides": "model=micro data.batch_size=4", "num-rounds": rounds, "local-steps": local_steps,
-              "run-dir": str(tmp_path / "run"), "min-sites": 3, "sites": ",".join(SITES)}
+              "run-dir": str(tmp_path / "run"), "min-sites": len(sites), "sites": ",".join(sites)}
 
     def join() -> None:
-        fed.data_dirs.update(prepare_site_data(tmp_path / "sites"))
-        for site in SITES:
+        fed.data_dirs.update(prepare_site_data(tmp_path / "sites", sites))
+        for site in sites:
             fed.start_supernode(site, worker=False)
 
-    with LocalFederation(tmp_path, SITES, log=lambda m: None) as fed:
+    with LocalFederation(tmp_path, sites, log=lambda m: None) as fed:
         return fed.run(config, timeout_s=timeout_s, app=app, meanwhile=join)
 
 
@@ -519,3 +531,24 @@ def test_real_sites_scaling_updates_or_claiming_1e12_examples_get_no_extra_weigh
         assert sorted(s["site"] for s in r["sites"]) == ["einstein", "hcfmrp"], r
         [dropped] = r["dropped"]
         assert dropped["site"] == "unicamp" and "x the median of the other sites" in dropped["error"], dropped
+
+
+COLLUDING_CLIENT = FLIPPED_CLIENT.replace(
+    'except that einstein sends its update sign-flipped', 'except that einstein and site5 send their updates sign-flipped'
+).replace('if context.node_config.get("site") == "einstein":', 'if context.node_config.get("site") in ("einstein", "site5"):')
+
+
+@pytest.mark.slow  # a real 5-site federation, two of whose sites collude (both sign-flip every round)
+def test_two_real_colluders_among_five_sites_are_rejected_from_round_2(tmp_path, monkeypatch):
+    monkeypatch.setenv("MRSFM_CONFIG_DIR", os.environ.get("MRSFM_CONFIG_DIR", str(config_dir())))
+    assert 'in ("einstein", "site5")' in COLLUDING_CLIENT
+    res = _run_with_client(tmp_path, "colluding", COLLUDING_CLIENT, rounds=3, local_steps=3, timeout_s=400,
+                           sites=(*SITES, "site4", "site5"))
+    assert res["status"] == "finished:completed", res
+    rows = RunDir(tmp_path / "run").read_metrics()
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    # Round 1, from a random model, the sites' updates agree too little to expose the flips (measured:
+    # both accepted, as a single flipper is); from round 2 on both are rejected (cosine -0.93 with the median).
+    for r in rows[1:]:
+        assert sorted(s["site"] for s in r["sites"]) == ["hcfmrp", "site4", "unicamp"], r
+        assert sorted(d["site"] for d in r["dropped"]) == ["einstein", "site5"], r["dropped"]
