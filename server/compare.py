@@ -455,8 +455,8 @@ def run_compare(out: str | Path, overrides: Sequence[str] = (), log: Log = _log.
     root.mkdir(parents=True, exist_ok=True)
     cfg = load_config(list(overrides))
     c = CompareConfig.from_config(cfg.compare)
-    (root / "settings.json").write_text(json.dumps(asdict(c), indent=1))
     plan = plan_arms(c)
+    (root / "settings.json").write_text(json.dumps(asdict(c), indent=1))
     log(f"{len(plan)} pretraining arm(s) + controls {', '.join(CONTROLS)}; each {c.rounds} rounds, "
         f"{c.rounds * c.steps_per_round * c.batch_size} training samples; results under {root}")
     arms = [run_arm(arm, c, root, log) for arm in plan]
