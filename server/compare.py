@@ -28,6 +28,7 @@ compare.png. Starting again with the same OUT reuses finished arms and scores.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -243,8 +244,8 @@ def run_arm(arm: Arm, c: CompareConfig, root: Path, log: Log = _log.info) -> dic
                                    log=lambda m: log(f"  {m}"), data_dirs=data)
     rows = fed["rounds"]
     last = {s["site"]: s for r in rows for s in r["sites"]}  # each site's latest line
-    summary = {"arm": arm.name, "settings": c.part(c.PRETRAINING), "group": arm.group, "strategy": arm.strategy, "epsilon_target": arm.epsilon,
-               "held_out": arm.held_out, "vendors": arm.vendors, "sites": [asdict(s) for s in arm.sites],
+    summary = {"arm": arm.name, "settings": c.part(c.PRETRAINING), "group": arm.group, "strategy": arm.strategy,
+               "epsilon_target": arm.epsilon, "held_out": arm.held_out, "vendors": arm.vendors, "sites": [asdict(s) for s in arm.sites],
                "samples": sum(s["num_examples"] for r in rows for s in r["sites"]),
                "site_epsilon": {name: s.get("epsilon") for name, s in last.items()},
                "first_loss": rows[0]["loss"], "final_loss": rows[-1]["loss"], "rounds": len(rows),
@@ -259,10 +260,14 @@ def score_arms(arms: Sequence[dict], c: CompareConfig, root: Path, log: Log = _l
     non-deep baselines. A lovo task is scored only for arms whose pretraining never saw its vendor."""
     cfg = load_config([f"model={c.model}", f"finetune.seeds=[{','.join(map(str, c.seeds))}]",
                        f"finetune.label_sizes=[{','.join(map(str, c.label_sizes))}]"])
-    device = resolve_device(cfg.device)
-    panel = Panel(cfg, device, ("vendor", "quant"), c.lovo, c.subjects_per_vendor, c.lovo_subjects, log=log)
     folder, settings = root / "scores", c.part(c.DOWNSTREAM)
     folder.mkdir(parents=True, exist_ok=True)
+
+    @functools.cache
+    def panel() -> Panel:  # the benchmarks are simulated only when a score is missing
+        return Panel(cfg, resolve_device(cfg.device), ("vendor", "quant"), c.lovo, c.subjects_per_vendor,
+                     c.lovo_subjects, log=log)
+
     scores = {}
     starts = [(a["arm"], a["encoder"], a["vendors"]) for a in arms]
     starts += [("random_init", RANDOM_INIT, []), ("scratch", None, [])]
@@ -272,13 +277,13 @@ def score_arms(arms: Sequence[dict], c: CompareConfig, root: Path, log: Log = _l
             scores[name] = _reuse(path, settings)["rows"]
             continue
         t0 = time.monotonic()
-        tasks = [t.name for t in panel.tasks if not (t.name.startswith("lovo_") and t.name[5:] in seen)]
-        scores[name] = panel.score(encoder, c.modes, tasks)
+        tasks = [t.name for t in panel().tasks if not (t.name.startswith("lovo_") and t.name[5:] in seen)]
+        scores[name] = panel().score(encoder, c.modes, tasks)
         path.write_text(json.dumps({"settings": settings, "rows": scores[name]}))
         log(f"scored {name} ({', '.join(tasks)}) in {time.monotonic() - t0:.0f} s")
     path = folder / "baselines.json"
     if not path.is_file():
-        path.write_text(json.dumps({"settings": settings, "rows": panel.baselines()}))
+        path.write_text(json.dumps({"settings": settings, "rows": panel().baselines()}))
     return scores, _reuse(path, settings)["rows"]
 
 
@@ -315,14 +320,16 @@ def comparisons(scores: dict, arms: Sequence[dict], c: CompareConfig) -> tuple[l
     """The paired differences the issue's questions need, and each target's verdict."""
     singles = [a["arm"] for a in arms if a["group"] == "single"]
     out, targets = [], {}
-    cells = [(t, m, n, k) for t in ("vendor", "quant") for m in c.modes for n in c.label_sizes for k in task_metrics(t)]
+
+    def cells(*tasks: str) -> list[tuple[str, str, int, str]]:  # (task, mode, labels, metric): one figure each
+        return [(t, m, n, k) for t in tasks for m in c.modes for n in c.label_sizes for k in task_metrics(t)]
 
     def best_single(task, mode, n, metric, allowed):
         cand = [(r["metrics"][metric]["mean"], s) for s in allowed
                 if (r := _cell(scores.get(s, []), task, mode, n)) is not None]
         return max(cand)[1] if cand else None
 
-    for t, m, n, k in cells:
+    for t, m, n, k in cells("vendor", "quant"):
         for other in ("centralized", best_single(t, m, n, k, singles), *CONTROLS):
             if other and (p := paired(scores, MAIN, other, t, m, n, k)):
                 out.append({**p, "question": "federated vs " + ("best single site" if other in singles else other)})
@@ -336,13 +343,11 @@ def comparisons(scores: dict, arms: Sequence[dict], c: CompareConfig) -> tuple[l
         task, fed = f"lovo_{v}", f"lovo_{v.lower()}_federated"
         allowed = [s for s in singles if s != f"single_{v.lower()}"]
         lovo = []
-        for m in c.modes:
-            for n in c.label_sizes:
-                for k in task_metrics(task):
-                    for other in (best_single(task, m, n, k, allowed), f"lovo_{v.lower()}_centralized", *CONTROLS):
-                        if other and (p := paired(scores, fed, other, task, m, n, k)):
-                            q = "best single site" if other in allowed else other
-                            lovo.append({**p, "question": f"leave-{v}-out: federated vs {q}"})
+        for t, m, n, k in cells(task):
+            for other in (best_single(t, m, n, k, allowed), f"lovo_{v.lower()}_centralized", *CONTROLS):
+                if other and (p := paired(scores, fed, other, t, m, n, k)):
+                    q = "best single site" if other in allowed else other
+                    lovo.append({**p, "question": f"leave-{v}-out: federated vs {q}"})
         out += lovo
         at100 = [p for p in lovo if p["n_labels"] == max(c.label_sizes) and p["minus"] in allowed]
         if at100:
@@ -351,7 +356,7 @@ def comparisons(scores: dict, arms: Sequence[dict], c: CompareConfig) -> tuple[l
                 "met": all(p["mean"] >= 0.05 for p in at100)}
     dp = []
     for e in c.epsilons:
-        for t, m, n, k in cells:
+        for t, m, n, k in cells("vendor", "quant"):
             if p := paired(scores, f"dp_eps{e:g}", MAIN, t, m, n, k):
                 dp.append({**p, "question": f"price of privacy at epsilon {e:g}", "epsilon": e})
     out += dp
@@ -359,7 +364,7 @@ def comparisons(scores: dict, arms: Sequence[dict], c: CompareConfig) -> tuple[l
         targets["dp_cost_at_eps_le_8"] = {"target": "costs <= 0.03", "worst": min(cheap, key=lambda p: p["mean"]),
                                           "met": all(p["mean"] >= -0.03 for p in cheap)}
     het = [a["arm"] for a in arms if a["group"] == "heterogeneity"]
-    for t, m, n, k in cells:
+    for t, m, n, k in cells("vendor", "quant"):
         for a in het:
             if p := paired(scores, a, MAIN, t, m, n, k):
                 out.append({**p, "question": "heterogeneous sites vs even sites"})
