@@ -16,12 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from mrsfm_model.config import config_dir
+from server.example_sites import copy_site_configs
 from server.local import LocalFederation
 
 
@@ -57,12 +56,8 @@ def _cmdline(pid: int) -> str:
 
 def make_sites(n: int, template: str, folder: Path) -> list[str]:
     """A config folder (a copy of configs/) with n site files site00..; returns their names."""
-    shutil.copytree(config_dir(), folder, dirs_exist_ok=True)
-    text = (folder / "site" / f"{template}.yaml").read_text()
     names = [f"site{i:02d}" for i in range(n)]
-    for name in names:
-        (folder / "site" / f"{name}.yaml").write_text(
-            text.replace(f"name: {template}", f"name: {name}").replace(f"/state/{template}", f"/state/{name}"))
+    copy_site_configs(folder, names, template)
     return names
 
 

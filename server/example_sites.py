@@ -6,7 +6,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from mrsfm_model.config import RESOURCES
+from mrsfm_model.config import RESOURCES, config_dir
 from mrsfm_model.data.simulate import write_simulated
 
 SITES = ("unicamp", "hcfmrp", "einstein")
@@ -31,3 +31,16 @@ def prepare_site_data(out_dir: str | Path, sites: Sequence[str] = SITES, n_simul
                     shutil.copy2(f, folder / f.name)
         folders[site] = folder
     return folders
+
+
+def copy_site_configs(folder: str | Path, names: Sequence[str], template: str = "unicamp") -> Path:
+    """A copy of configs/ in `folder` with a site file for each of `names`: `template`'s, under the
+    new name and its own state folder. Point MRSFM_CONFIG_DIR at it to run more sites on one
+    machine than configs/site/ holds (bench/fl_load.py, tests)."""
+    folder = Path(folder)
+    shutil.copytree(config_dir(), folder, dirs_exist_ok=True)
+    text = (folder / "site" / f"{template}.yaml").read_text()
+    for name in names:
+        (folder / "site" / f"{name}.yaml").write_text(
+            text.replace(f"name: {template}", f"name: {name}").replace(f"/state/{template}", f"/state/{name}"))
+    return folder

@@ -9,7 +9,6 @@ import logging
 import math
 import os
 import re
-import shutil
 from collections.abc import Callable
 
 import numpy as np
@@ -23,7 +22,7 @@ from mrsfm_model.config import config_dir, load_config
 from mrsfm_model.model.wire import as_fp32_record, encode, to_state
 from server.app import RunSettings, run_federation
 from server.bundle import stage_app
-from server.example_sites import SITES, prepare_site_data
+from server.example_sites import SITES, copy_site_configs, prepare_site_data
 from server.local import LocalFederation
 from server.rundir import RunDir
 from server.strategy import STRATEGIES, make_strategy
@@ -399,12 +398,8 @@ def _run_with_client(tmp_path, module: str, source: str, rounds: int, local_step
     beyond configs/site/ are copies of unicamp's config under their own name (in TMP/configs,
     MRSFM_CONFIG_DIR); their data come from prepare_site_data in turn (Philips, Siemens, GE)."""
     if extra := [x for x in sites if x not in SITES]:
-        folder = tmp_path / "configs"
-        shutil.copytree(config_dir(), folder)
-        template = (folder / "site" / "unicamp.yaml").read_text()
-        for name in extra:
-            (folder / "site" / f"{name}.yaml").write_text(template.replace("name: unicamp", f"name: {name}"))
-        os.environ["MRSFM_CONFIG_DIR"] = str(folder)  # (the caller's monkeypatch restores it)
+        os.environ["MRSFM_CONFIG_DIR"] = str(copy_site_configs(tmp_path / "configs", extra))  # (the caller's
+        # monkeypatch restores it)
     app = stage_app(tmp_path)
     (app / "client" / f"{module}.py").write_text(source)
     pyproject = app / "pyproject.toml"
