@@ -118,7 +118,9 @@ def test_superlink_compose_serves_tls_with_supernode_auth_on_its_published_port(
     flags = flag_values(cmd)
     assert "--insecure" not in cmd
     assert "--enable-supernode-auth" in flags and "--disable-runtime-dependency-installation" in flags
-    assert "--database" not in flags  # in-memory state, as tested (see the file's comment)
+    # registered keys survive a restart: the state database lives in a named volume
+    named = {dst for src, dst, _ in mounts(svc) if not src.startswith((".", "/"))}
+    assert str(Path(flags["--database"]).parent) in named
     by_target = {dst: (src, mode) for src, dst, mode in mounts(svc)}
     for flag, name in PKI_FILES.items():
         path = flags[flag]
@@ -130,7 +132,6 @@ def test_superlink_compose_serves_tls_with_supernode_auth_on_its_published_port(
     assert svc["ports"] == [f"{flags['--port']}:{flags['--port']}"]
     assert svc["restart"] in ("always", "unless-stopped")
     # run directories (run-dir="/runs/...") survive in a named volume, which is also the working directory
-    named = {dst for src, dst, _ in mounts(svc) if not src.startswith((".", "/"))}
     assert svc["working_dir"] in named
     build = svc["build"]
     assert (DEPLOY / build["context"] / build["dockerfile"]).resolve() == DEPLOY / "Dockerfile"
@@ -148,6 +149,8 @@ def test_superlink_unit_runs_the_same_command_supervised_and_confined():
     for flag, value in compose_flags.items():
         if flag in PKI_FILES:
             assert Path(unit_flags[flag]).name == PKI_FILES[flag]
+        elif flag == "--database":  # in the unit's one writable folder
+            assert Path(unit_flags[flag]).parent == Path(f"/var/lib/{svc['StateDirectory']}")
         else:
             assert unit_flags[flag] == value, flag
     assert "--insecure" not in cmd
@@ -191,7 +194,7 @@ def test_containers_write_only_their_volumes_and_hold_no_capabilities(name, serv
     assert "no-new-privileges:true" in svc["security_opt"]
     writable = {dst for _, dst, mode in mounts(svc) if mode == "rw"} | set(svc["tmpfs"])
     assert "/tmp" in writable and "/home/mrsfm" in writable  # Flower's home and scratch
-    assert ("/state" if service == "supernode" else "/runs") in writable
+    assert {"/state"} | ({"/runs"} if service == "superlink" else set()) <= writable
 
 
 def test_site_unit_matches_the_compose_service():
