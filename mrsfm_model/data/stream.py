@@ -19,6 +19,8 @@ import torch
 
 from mrsfm_model.data.canonical import CanonicalGrid, to_canonical
 from mrsfm_model.data.io import load_folder, load_spectrum
+from mrsfm_model.data.latents import NAMES as LATENT_NAMES
+from mrsfm_model.data.latents import latent_targets
 from mrsfm_model.data.quality import QualityConfig, measure
 from mrsfm_model.data.simulate import Simulator, load_profile
 from mrsfm_model.data.spectrogram import SpectrogramConfig, SpectrogramTransform
@@ -37,6 +39,7 @@ class Batch:
     vendor: torch.Tensor  # (B,) index into VENDORS, -1 unknown
     invivo: torch.Tensor  # (B,) bool: drawn from the private in vivo set
     target: torch.Tensor | None = None  # (B, C, H, W) what the MAE reconstructs (data.denoise); None: x
+    latents: torch.Tensor | None = None  # (B, len(latents.NAMES)) simulator truth; NaN rows for in vivo
 
 
 @dataclass
@@ -180,6 +183,7 @@ class MixedStream:
             x=self.invivo.x[idx_t].to(self.device),
             vendor=self.invivo.vendor[idx_t].to(self.device),
             invivo=torch.ones(k, dtype=torch.bool, device=self.device),
+            latents=torch.full((k, len(LATENT_NAMES)), float("nan"), device=self.device),
         )
 
     def sim_batch(self, step: int, k: int | None = None) -> Batch:
@@ -187,7 +191,7 @@ class MixedStream:
         k = self.n_sim if k is None else k
         p = len(self.simulators)
         counts = [k // p + (1 if (i - step) % p < k % p else 0) for i in range(p)]
-        xs, vendors, clean = [], [], []
+        xs, vendors, clean, latents = [], [], [], []
         for i, (sim, c) in enumerate(zip(self.simulators, counts)):
             if c == 0:
                 continue
@@ -195,6 +199,7 @@ class MixedStream:
             out = sim.simulate(c, seed=seed)
             xs.append(self.transform(select_channels(out.fid, out.sub, self.channels)))
             vendors.append(torch.full((c,), vendor_index(out.vendor), dtype=torch.long, device=self.device))
+            latents.append(latent_targets(out.truth, sim.mm_names))
             if self.denoise:
                 ref = sim.simulate(c, seed=seed, fixed={"snr": float("inf")})
                 clean.append(self.transform(select_channels(ref.fid, ref.sub, self.channels)))
@@ -203,6 +208,7 @@ class MixedStream:
             vendor=torch.cat(vendors).to(self.device),
             invivo=torch.zeros(k, dtype=torch.bool, device=self.device),
             target=torch.cat(clean).to(self.device) if self.denoise else None,
+            latents=torch.cat(latents).to(self.device),
         )
 
     def batch(self, step: int) -> Batch:
@@ -220,6 +226,7 @@ class MixedStream:
             vendor=torch.cat([b.vendor for b in parts])[order],
             invivo=torch.cat([b.invivo for b in parts])[order],
             target=None if target is None else target[order],
+            latents=torch.cat([b.latents for b in parts])[order],
         )
 
     def __call__(self, start: int = 0, steps: int | None = None) -> Iterator[Batch]:

@@ -21,6 +21,8 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from mrsfm_model.config import from_section, load_config
+from mrsfm_model.data.latents import NAMES as LATENT_NAMES
+from mrsfm_model.data.latents import latent_loss
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,9 @@ class MAEConfig:
     # Score the visible patches too (masked ones are always scored). With a denoising target
     # (data.denoise) the visible bands must then be reproduced noise-free, not copied.
     loss_visible: bool
+    # Weight of a second pretext: regress the simulator's truth (data/latents.py) from the unmasked
+    # tokens of simulated spectra; 0 = plain MAE (no head is built).
+    latent_weight: float
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -59,7 +64,7 @@ class MAEConfig:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> MAEConfig:
         """From a saved model's header or card; options added later take their behaviour before them."""
-        return from_section(cls, {"embed_norm": False, "loss_visible": False, **raw}, "mae_config")
+        return from_section(cls, {"embed_norm": False, "loss_visible": False, "latent_weight": 0.0, **raw}, "mae_config")
 
 
 def mae_config(size: str = "base", **overrides: Any) -> MAEConfig:
@@ -124,6 +129,9 @@ class SpectroMAE(nn.Module):
         )
         self.decoder_norm = LayerNorm(cfg.decoder_embed_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(cfg.decoder_embed_dim, cfg.patch_size[0] * cfg.patch_size[1] * cfg.in_chans)
+        # linear on the flattened tokens, the read-out fine-tuning uses (finetune.global_pool=flat)
+        self.latent_head = nn.Linear(n * cfg.embed_dim, len(LATENT_NAMES)) if cfg.latent_weight > 0 else None
+        self.last_latent_loss: torch.Tensor | None = None
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -171,11 +179,18 @@ class SpectroMAE(nn.Module):
     def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None):
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:].to(imgs.dtype)
         x, mask, ids_restore = self.random_masking(x, mask_ratio, generator)
+        return self._encode(x), mask, ids_restore
+
+    def encode(self, imgs: torch.Tensor) -> torch.Tensor:
+        """Every token in grid order, nothing masked ([CLS] first): what a fine-tuned encoder sees."""
+        return self._encode(self.patch_embed(imgs) + self.pos_embed[:, 1:].to(imgs.dtype))
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
         x = self.cls_token(x)
         x = torch.cat([x[:, :1] + self.pos_embed[:, :1].to(x.dtype), x[:, 1:]], dim=1)
         for blk in self.blocks:
             x = blk(x)
-        return self.norm(x), mask, ids_restore
+        return self.norm(x)
 
     def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         x = self.decoder_embed(x)
@@ -202,12 +217,23 @@ class SpectroMAE(nn.Module):
         return (loss * mask).sum() / mask.sum().clamp_min(1)
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float | None = None, generator: torch.Generator | None = None,
-                per_sample: bool = False, target: torch.Tensor | None = None):
-        """`target`: the image to reconstruct when it is not the input (denoising MAE)."""
+                per_sample: bool = False, target: torch.Tensor | None = None, latents: torch.Tensor | None = None):
+        """`target`: the image to reconstruct when it is not the input (denoising MAE); `latents`: the
+        simulator's truth per image (NaN where unknown), regressed when the model has a latent head."""
         ratio = self.cfg.mask_ratio if mask_ratio is None else mask_ratio
         latent, mask, ids_restore = self.forward_encoder(imgs, ratio, generator)
         pred = self.forward_decoder(latent, ids_restore)
-        return self.forward_loss(imgs if target is None else target, pred, mask, per_sample), pred, mask
+        loss = self.forward_loss(imgs if target is None else target, pred, mask, per_sample)
+        if self.latent_head is not None and latents is not None:
+            aux = latent_loss(self.latent_head(self.encode(imgs)[:, 1:].flatten(1)), latents, per_sample)
+            self.last_latent_loss = aux.detach().mean()
+            loss = loss + self.cfg.latent_weight * aux
+        elif self.latent_head is not None and per_sample:
+            # private spectra have no truth; DP-SGD's clipping still needs every parameter's per-sample
+            # gradient: a zero one (a second encoder pass would count as parameter tying there)
+            zeros = imgs.new_zeros(imgs.shape[0], self.latent_head.in_features)
+            loss = loss + 0.0 * self.latent_head(zeros).sum(dim=1)
+        return loss, pred, mask
 
     def reconstruct(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Image of the prediction in the input's units (undoing per-patch normalisation), visible patches kept."""
@@ -241,8 +267,9 @@ def build_mae(model_cfg, data_cfg) -> SpectroMAE:
 
 def mae_loss(model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
     """Loss function for the shared Trainer: batch is a data.Batch (or a plain image tensor)."""
-    if hasattr(batch, "x"):
-        loss, _, _ = model(batch.x, target=batch.target)
-    else:
-        loss, _, _ = model(batch)
-    return loss, {}
+    if not hasattr(batch, "x"):
+        return model(batch)[0], {}
+    loss, _, _ = model(batch.x, target=batch.target, latents=batch.latents)
+    inner = getattr(model, "_module", model)  # under Opacus the MAE is wrapped
+    aux = getattr(inner, "last_latent_loss", None)
+    return loss, ({} if aux is None or batch.latents is None else {"latent_loss": aux})

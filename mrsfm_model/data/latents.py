@@ -1,0 +1,67 @@
+"""The simulator's ground truth as a fixed vector of pretraining targets ("latents").
+
+A simulated spectrum comes with everything that made it: concentrations, lineshape, shift,
+phases, SNR, baseline, water. With `model.latent_weight > 0` the MAE also regresses these from
+its unmasked tokens, so that the tokens must carry denoised, chemically meaningful quantities
+rather than only what rebuilds a masked band. In vivo spectra have no truth: their rows are NaN
+and take no part in that loss. The order and scaling below are fixed (not drawn from the data),
+so every site of a federation regresses the same targets on the same scale.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+import torch
+
+# Metabolite groups reported as log(group / tCr): ratios are what spectra determine (every
+# spectrum is amplitude-normalised), logs make the narrow and the wide ranges comparable.
+RATIOS: dict[str, tuple[str, ...]] = {
+    "tNAA": ("NAA", "NAAG"), "GABA": ("GABA",), "Glu": ("Glu",), "Gln": ("Gln",), "GSH": ("GSH",),
+    "mI": ("mI",), "tCho": ("GPC", "PCh", "Ch"), "Lac": ("Lac",), "Tau": ("Tau",), "Asp": ("Asp",),
+    "PE": ("PE",), "Asc": ("Asc",), "Scyllo": ("Scyllo",),
+}
+TCR = ("Cr", "PCr")
+# Nuisance parameters: (truth key, transform to roughly unit scale).
+NUISANCE: dict[str, tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = {
+    "lorentzian": ("lorentzian_hz", lambda v: (v - 4.5) / 2.0),
+    "gaussian": ("gaussian_hz", lambda v: (v - 6.0) / 2.3),
+    "shift": ("shift_hz", lambda v: v / 5.8),
+    "phase0_cos": ("phase0", lambda v: torch.cos(torch.deg2rad(v)) / 0.7),
+    "phase0_sin": ("phase0", lambda v: torch.sin(torch.deg2rad(v)) / 0.7),
+    "phase1": ("phase1", lambda v: v / 5.8),
+    "log_snr": ("snr", lambda v: (torch.log(v.clamp(1e-3, 1e6)) - 3.9) / 0.66),
+    "baseline": ("baseline", lambda v: (v - 0.075) / 0.043),
+    "water": ("water", lambda v: (v - 1.5) / 0.87),
+}
+NAMES: tuple[str, ...] = tuple(RATIOS) + tuple(NUISANCE) + ("log_mm",)
+
+
+def latent_targets(truth: Mapping[str, torch.Tensor], mm_names: tuple[str, ...] | list[str] = ()) -> torch.Tensor:
+    """(n, len(NAMES)) float targets from a SimBatch's `truth`; NaN where the basis lacks a
+    metabolite (or a parameter was not drawn)."""
+    ref = next(iter(truth.values()))
+    nan = torch.full_like(ref, math.nan, dtype=torch.float32)
+    tcr = sum(truth[m].float() for m in TCR if m in truth)
+    cols = []
+    for members in RATIOS.values():
+        present = [m for m in members if m in truth]
+        if not present or not torch.is_tensor(tcr):
+            cols.append(nan)
+            continue
+        cols.append(torch.log(sum(truth[m].float() for m in present).clamp_min(1e-3) / tcr.clamp_min(1e-3)))
+    for key, fn in NUISANCE.values():
+        cols.append(fn(truth[key].float()) if key in truth else nan)
+    mm = [truth[m].float() for m in mm_names if m in truth and not m.startswith("Lip")]
+    cols.append(torch.log(sum(mm).clamp_min(1e-3) / tcr.clamp_min(1e-3)) if mm and torch.is_tensor(tcr) else nan)
+    return torch.stack(cols, dim=1)
+
+
+def latent_loss(pred: torch.Tensor, target: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
+    """Mean squared error over the finite targets (NaN rows and columns are skipped)."""
+    ok = torch.isfinite(target)
+    err = torch.where(ok, pred.float() - torch.nan_to_num(target.float()), torch.zeros_like(pred, dtype=torch.float32))
+    if per_sample:
+        return (err**2).sum(dim=1) / ok.sum(dim=1).clamp_min(1)
+    return (err**2).sum() / ok.sum().clamp_min(1)

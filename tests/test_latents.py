@@ -1,0 +1,85 @@
+"""The simulator-truth pretext (model.latent_weight): targets, stream rows, the MAE's second loss (CPU, seconds)."""
+
+import math
+
+import pytest
+import torch
+
+from mrsfm_model.config import load_config
+from mrsfm_model.data.latents import NAMES, latent_loss, latent_targets
+from mrsfm_model.data.simulate import Simulator
+from mrsfm_model.data.stream import InputBuilder, InVivoSet, MixedStream
+from mrsfm_model.model.export import encoder_state
+from mrsfm_model.model.mae import SpectroMAE, mae_config, mae_loss
+from mrsfm_model.training.privacy import DPConfig, PrivateSite
+from mrsfm_model.training.trainer import OptimConfig, Trainer
+
+
+@pytest.fixture(scope="module")
+def sim():
+    return Simulator("megapress_ge", device="cpu")
+
+
+def test_targets_are_log_ratios_to_tcr_and_nan_where_the_basis_lacks_a_metabolite(sim):
+    out = sim.simulate(6, seed=3)
+    y = latent_targets(out.truth, sim.mm_names)
+    assert y.shape == (6, len(NAMES)) and torch.isfinite(y).all()
+    t = out.truth
+    naa = torch.log((t["NAA"] + t["NAAG"]) / (t["Cr"] + t["PCr"]))
+    assert torch.allclose(y[:, NAMES.index("tNAA")], naa, atol=1e-5)
+    assert torch.allclose(y[:, NAMES.index("phase0_cos")], torch.cos(torch.deg2rad(t["phase0"])) / 0.7, atol=1e-5)
+    no_gaba = {k: v for k, v in t.items() if k != "GABA"}
+    z = latent_targets(no_gaba, sim.mm_names)
+    assert torch.isnan(z[:, NAMES.index("GABA")]).all()
+    assert torch.equal(torch.isfinite(z).sum(1), torch.full((6,), len(NAMES) - 1))
+
+
+def test_loss_skips_unknown_targets():
+    pred = torch.tensor([[1.0, 2.0], [5.0, 5.0]])
+    target = torch.tensor([[0.0, math.nan], [math.nan, math.nan]])
+    assert latent_loss(pred, target).item() == pytest.approx(1.0)
+    assert latent_loss(pred, target, per_sample=True).tolist() == [1.0, 0.0]
+
+
+def test_stream_gives_simulated_rows_their_truth_and_in_vivo_rows_nan(sim):
+    cfg = load_config([])
+    builder = InputBuilder.from_data_config(cfg.data)
+    invivo = InVivoSet(sim.simulate(4, seed=9).to_spectra(), builder)
+    stream = MixedStream([sim], builder.transform, cfg.data.channels, 8, invivo, invivo_fraction=0.25, seed=1)
+    b = stream.batch(0)
+    assert b.latents.shape == (8, len(NAMES))
+    assert torch.isnan(b.latents[b.invivo]).all() and b.invivo.sum() == 2
+    assert torch.isfinite(b.latents[~b.invivo]).all()
+
+
+def _mae(weight: float) -> SpectroMAE:
+    torch.manual_seed(0)
+    return SpectroMAE(mae_config("micro", latent_weight=weight))
+
+
+def test_latent_head_adds_a_weighted_second_loss_that_trains_and_is_not_exported():
+    model, plain = _mae(2.0), _mae(0.0)
+    assert plain.latent_head is None and model.latent_head is not None
+    x, y = torch.randn(4, 3, 64, 32), torch.randn(4, len(NAMES))
+    g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    base, _, _ = model(x, generator=g())
+    both, _, _ = model(x, generator=g(), latents=y)
+    aux = latent_loss(model.latent_head(model.encode(x)[:, 1:].flatten(1)), y)
+    assert torch.allclose(both, base + 2.0 * aux, atol=1e-5)
+    unknown, _, _ = model(x, generator=g(), latents=torch.full_like(y, math.nan))
+    assert torch.allclose(unknown, base)  # in vivo rows add nothing
+    assert "latent_head.weight" not in encoder_state(model)
+    batch = type("B", (), {"x": x, "target": None, "latents": y})()
+    tr = Trainer(model, mae_loss, OptimConfig.from_config(lr=3e-3, warmup_steps=2), 60, 4, progress=False)
+    first = tr.train_step(batch)["latent_loss"].item()
+    for _ in range(58):
+        last = tr.train_step(batch)["latent_loss"].item()
+    assert last < 0.5 * first
+
+
+def test_private_steps_run_with_a_latent_head():
+    """DP-SGD steps on private images (no truth) leave the head out and still clip and noise."""
+    tr = Trainer(_mae(1.0), mae_loss, OptimConfig.from_config(lr=1e-3), 10, 4, progress=False)
+    site = PrivateSite(tr, torch.randn(12, 3, 64, 32), DPConfig.from_config(enabled=True, batch_size=4))
+    out = site.private_steps(2)
+    assert out["private_steps"] == 2 and out["epsilon"] > 0
