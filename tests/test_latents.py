@@ -83,3 +83,16 @@ def test_private_steps_run_with_a_latent_head():
     site = PrivateSite(tr, torch.randn(12, 3, 64, 32), DPConfig.from_config(enabled=True, batch_size=4))
     out = site.private_steps(2)
     assert out["private_steps"] == 2 and out["epsilon"] > 0
+
+
+def test_a_latent_head_run_continues_from_a_plain_mae_with_a_fresh_head(tmp_path):
+    from mrsfm_model.model.export import init_mae, save_mae
+
+    plain, headed = _mae(0.0), _mae(1.0)
+    path = save_mae(plain, tmp_path / "plain.mae.safetensors")
+    fresh_head = headed.latent_head.weight.detach().clone()
+    assert init_mae(headed, path) == path
+    assert torch.equal(headed.state_dict()["blocks.0.attn.qkv.weight"], plain.state_dict()["blocks.0.attn.qkv.weight"])
+    assert torch.equal(headed.latent_head.weight, fresh_head)
+    back = _mae(0.0)
+    assert init_mae(back, save_mae(headed, tmp_path / "headed.mae.safetensors"))  # the head is left behind
