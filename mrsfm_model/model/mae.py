@@ -228,11 +228,12 @@ class SpectroMAE(nn.Module):
             aux = latent_loss(self.latent_head(self.encode(imgs)[:, 1:].flatten(1)), latents, per_sample)
             self.last_latent_loss = aux.detach().mean()
             loss = loss + self.cfg.latent_weight * aux
-        elif self.latent_head is not None and per_sample:
-            # private spectra have no truth; DP-SGD's clipping still needs every parameter's per-sample
-            # gradient: a zero one (a second encoder pass would count as parameter tying there)
+        elif self.latent_head is not None:
+            # no truth (private spectra, plain images); DP-SGD's clipping still needs every parameter's
+            # per-sample gradient: a zero one (a second encoder pass would count as parameter tying there)
             zeros = imgs.new_zeros(imgs.shape[0], self.latent_head.in_features)
-            loss = loss + 0.0 * self.latent_head(zeros).sum(dim=1)
+            zero = 0.0 * self.latent_head(zeros).sum(dim=1)
+            loss = loss + (zero if per_sample else zero.mean())
         return loss, pred, mask
 
     def reconstruct(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
