@@ -146,18 +146,21 @@ def init_mae(model: SpectroMAE, init: str | Path) -> Path:
     theirs = json.loads(meta["mae_config"]) if "mae_config" in meta else None
     if theirs is not None:
         theirs = {k: tuple(v) if isinstance(v, list) else v for k, v in theirs.items()}
+        pretext_only = ("mask_ratio", "norm_pix_loss", "loss_visible", "latent_weight")  # the pretext, not the weights
         differ = [f"{k}: file {theirs.get(k)}, this run {v}" for k, v in model.cfg.to_dict().items()
-                  if k not in ("mask_ratio", "norm_pix_loss", "loss_visible", "latent_weight") and theirs.get(k, v) != v]
+                  if k not in pretext_only and theirs.get(k, v) != v]
         if differ:
             raise MRSDataError(path, "init weights are another model than this run's: " + "; ".join(differ))
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches
-        raise MRSDataError(path, f"init weights do not fit this model ({str(exc).splitlines()[-1].strip()[:160]})") from None
+        last = str(exc).splitlines()[-1].strip()[:160]
+        raise MRSDataError(path, f"init weights do not fit this model ({last})") from None
     # the latent head is a pretraining tool: a run with one starts it afresh from a plain MAE, a run
     # without one ignores it
     missing = [k for k in missing if not k.startswith("latent_head.")]
     unexpected = [k for k in unexpected if not k.startswith("latent_head.")]
     if missing or unexpected:
-        raise MRSDataError(path, f"init weights do not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise MRSDataError(path, f"init weights do not fit this model (missing {missing[:3]}, "
+                                 f"unexpected {unexpected[:3]})")
     return path

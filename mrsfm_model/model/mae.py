@@ -64,7 +64,8 @@ class MAEConfig:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> MAEConfig:
         """From a saved model's header or card; options added later take their behaviour before them."""
-        return from_section(cls, {"embed_norm": False, "loss_visible": False, "latent_weight": 0.0, **raw}, "mae_config")
+        before = {"embed_norm": False, "loss_visible": False, "latent_weight": 0.0}
+        return from_section(cls, {**before, **raw}, "mae_config")
 
 
 def mae_config(size: str = "base", **overrides: Any) -> MAEConfig:
