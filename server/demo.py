@@ -50,7 +50,7 @@ def _figures(run_dir: Path, out: Path, cfg, device: torch.device) -> None:
         pts = [(r["round"], s["loss"]) for r in rows for s in r.get("sites", []) if s["site"] == site]
         ax.plot(*zip(*pts), marker=".", ls=":", label=site)
     ax.set_xlabel("round")
-    ax.set_ylabel("pretraining loss (masked bands + truth)")
+    ax.set_ylabel("pretraining loss")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "training_curve.png", dpi=110)

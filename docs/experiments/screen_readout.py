@@ -55,8 +55,8 @@ with open("docs/experiments/screen_readout.jsonl", "a") as fh:
                 samples = [task.bench.labelled_sample(int(n), int(s)) for s in cfg.finetune.seeds]
                 test = task.bench.test
                 kind = "vendor" if task.classification else "quant"
-                per = {name: [baseline_metrics(f[idx], task.y[idx], f[test], task.y[test], kind, 3, l2) for idx in samples]
-                       for name, f in feats.items()}
+                per = {name: [baseline_metrics(f[idx], task.y[idx], f[test], task.y[test], kind, 3, l2)
+                              for idx in samples] for name, f in feats.items()}
                 out = {"run": run.name, "task": task.name, "n_labels": int(n)}
                 for metric in task_metrics(task.name):
                     for name, rows in per.items():

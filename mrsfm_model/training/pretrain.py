@@ -36,7 +36,7 @@ def plot_curve(metrics_path: Path, out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker=".")
     ax.set_xlabel("step")
-    ax.set_ylabel("pretraining loss (masked bands + truth)")
+    ax.set_ylabel("pretraining loss")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     fig.tight_layout()
