@@ -85,7 +85,8 @@ def main() -> None:
             raise SystemExit(f"run ended {res['status']}; see {fed.logs}")
         rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         for r in rows:
-            print(json.dumps({"round": r["round"], "round_s": r["round_seconds"], "sites": len(r["sites"])}), flush=True)
+            line = {"round": r["round"], "round_s": r["round_seconds"], "sites": len(r["sites"])}
+            print(json.dumps(line), flush=True)
         link = _tree(fed.procs["superlink"].pid)
         site0 = _tree(fed.procs[f"supernode_{sites[0]}"].pid)
         node = next(p for p in site0 if "flower-supernode" in _cmdline(p))

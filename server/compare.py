@@ -245,7 +245,8 @@ def run_arm(arm: Arm, c: CompareConfig, root: Path, log: Log = _log.info) -> dic
     rows = fed["rounds"]
     last = {s["site"]: s for r in rows for s in r["sites"]}  # each site's latest line
     summary = {"arm": arm.name, "settings": c.part(c.PRETRAINING), "group": arm.group, "strategy": arm.strategy,
-               "epsilon_target": arm.epsilon, "held_out": arm.held_out, "vendors": arm.vendors, "sites": [asdict(s) for s in arm.sites],
+               "epsilon_target": arm.epsilon, "held_out": arm.held_out, "vendors": arm.vendors,
+               "sites": [asdict(s) for s in arm.sites],
                "samples": sum(s["num_examples"] for r in rows for s in r["sites"]),
                "site_epsilon": {name: s.get("epsilon") for name, s in last.items()},
                "first_loss": rows[0]["loss"], "final_loss": rows[-1]["loss"], "rounds": len(rows),

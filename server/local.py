@@ -345,8 +345,9 @@ def run_local_federation(out_dir: str | Path, sites: Sequence[str] = SITES, roun
     out_dir/run/ the run directory (rounds/, metrics.jsonl, encoder.safetensors, ...),
     out_dir/logs/ every process' output, out_dir/sites/<site>/ each site's private data
     (prepare_site_data, unless `data_dirs` names each site's folder), out_dir/state/<site>/ its
-    optimizer state, out_dir/flwr_home/ Flower's connection and app store, out_dir/app/ the Flower app as submitted. Returns {run_id, status,
-    seconds, run_dir, rounds (the metrics.jsonl rows), encoder, total_seconds}.
+    optimizer state, out_dir/flwr_home/ Flower's connection and app store, out_dir/app/ the Flower
+    app as submitted. Returns {run_id, status, seconds, run_dir, rounds (the metrics.jsonl rows),
+    encoder, total_seconds}.
     `secure`: TLS + SuperNode authentication, the PKI in out_dir/pki/ (see LocalFederation).
     Extra keyword arguments are run-config keys with '_' for '-' (e.g. wait_timeout_s=60).
     Raises RuntimeError when the run does not finish as completed.

@@ -398,8 +398,8 @@ def _run_with_client(tmp_path, module: str, source: str, rounds: int, local_step
     beyond configs/site/ are copies of unicamp's config under their own name (in TMP/configs,
     MRSFM_CONFIG_DIR); their data come from prepare_site_data in turn (Philips, Siemens, GE)."""
     if extra := [x for x in sites if x not in SITES]:
-        os.environ["MRSFM_CONFIG_DIR"] = str(copy_site_configs(tmp_path / "configs", extra))  # (the caller's
-        # monkeypatch restores it)
+        # the caller's monkeypatch restores it
+        os.environ["MRSFM_CONFIG_DIR"] = str(copy_site_configs(tmp_path / "configs", extra))
     app = stage_app(tmp_path)
     (app / "client" / f"{module}.py").write_text(source)
     pyproject = app / "pyproject.toml"
@@ -529,8 +529,12 @@ def test_real_sites_scaling_updates_or_claiming_1e12_examples_get_no_extra_weigh
 
 
 COLLUDING_CLIENT = FLIPPED_CLIENT.replace(
-    'except that einstein sends its update sign-flipped', 'except that einstein and site5 send their updates sign-flipped'
-).replace('if context.node_config.get("site") == "einstein":', 'if context.node_config.get("site") in ("einstein", "site5"):')
+    'except that einstein sends its update sign-flipped',
+    'except that einstein and site5 send their updates sign-flipped',
+).replace(
+    'if context.node_config.get("site") == "einstein":',
+    'if context.node_config.get("site") in ("einstein", "site5"):',
+)
 
 
 @pytest.mark.slow  # a real 5-site federation, two of whose sites collude (both sign-flip every round)
