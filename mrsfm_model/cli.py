@@ -150,6 +150,23 @@ def cmd_predict(args: argparse.Namespace, overrides: list[str]) -> int:
     return 1 if errors else 0
 
 
+def cmd_quantify(args: argparse.Namespace, overrides: list[str]) -> int:
+    from mrsfm_model.config import load_config, resolve_device
+    from mrsfm_model.evaluation.predict import quantify_files, write_predictions
+    from mrsfm_model.model.export import shipped
+
+    cfg = load_config(overrides)
+    encoder = args.encoder or shipped()
+    rows, errors = quantify_files(encoder, args.inputs, args.out, resolve_device(cfg.device))
+    if args.out is None:
+        write_predictions(rows, sys.stdout)
+    else:
+        print(f"wrote estimates for {len(rows)} spectra to {args.out}", file=sys.stderr)
+    for err in errors:
+        print(f"mrsfm quantify: error: {err}", file=sys.stderr)
+    return 1 if errors else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mrsfm", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="INFO", choices=logs.LEVELS,
@@ -196,6 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", type=Path)
     p.add_argument("--out", type=Path, help="predictions CSV (default: CSV on stdout)")
     p.set_defaults(func=cmd_predict)
+
+    p = subs.add_parser("quantify", help="metabolite ratios to tCr, linewidths and SNR from the pretrained model's "
+                                         "own head (no labels; simulation-trained, see README)")
+    p.add_argument("inputs", nargs="+", type=Path)
+    p.add_argument("--encoder", type=Path, help="encoder.safetensors with a latent head (default: the shipped one)")
+    p.add_argument("--out", type=Path, help="estimates CSV (default: CSV on stdout)")
+    p.set_defaults(func=cmd_quantify)
 
     for ep in sorted(entry_points(group=COMMANDS), key=lambda e: e.name):  # e.g. `demo`, from the federation
         ep.load()(subs)

@@ -6,11 +6,13 @@ import pytest
 import torch
 
 from mrsfm_model.config import load_config
-from mrsfm_model.data.latents import NAMES, latent_loss, latent_targets
+from mrsfm_model.data.latents import NAMES, decode, latent_loss, latent_targets
 from mrsfm_model.data.simulate import Simulator
 from mrsfm_model.data.stream import InputBuilder, InVivoSet, MixedStream
-from mrsfm_model.model.export import encoder_state
+from mrsfm_model.errors import MRSDataError
+from mrsfm_model.model.export import encoder_state, export_encoder, load_encoder
 from mrsfm_model.model.mae import SpectroMAE, mae_config, mae_loss
+from mrsfm_model.model.quantifier import calibrate, has_quantifier, load_quantifier
 from mrsfm_model.training.privacy import DPConfig, PrivateSite
 from mrsfm_model.training.trainer import OptimConfig, Trainer
 
@@ -32,6 +34,18 @@ def test_targets_are_log_ratios_to_tcr_and_nan_where_the_basis_lacks_a_metabolit
     z = latent_targets(no_gaba, sim.mm_names)
     assert torch.isnan(z[:, NAMES.index("GABA")]).all()
     assert torch.equal(torch.isfinite(z).sum(1), torch.full((6,), len(NAMES) - 1))
+
+
+def test_decode_turns_targets_back_into_the_simulators_truth(sim):
+    t = sim.simulate(6, seed=4).truth
+    d = decode(latent_targets(t, sim.mm_names))
+    tcr = t["Cr"] + t["PCr"]
+    assert torch.allclose(d["GABA/tCr"], t["GABA"] / tcr, rtol=1e-4)
+    assert torch.allclose(d["tNAA/tCr"], (t["NAA"] + t["NAAG"]) / tcr, rtol=1e-4)
+    for key in ("lorentzian_hz", "gaussian_hz", "shift_hz", "phase1", "baseline", "water"):
+        assert torch.allclose(d[key], t[key].float(), atol=1e-4), key
+    assert torch.allclose((d["phase0"] - t["phase0"] + 180) % 360 - 180, torch.zeros(6), atol=1e-3)
+    assert torch.allclose(d["snr"], t["snr"].float(), rtol=1e-4)
 
 
 def test_loss_skips_unknown_targets():
@@ -96,3 +110,25 @@ def test_a_latent_head_run_continues_from_a_plain_mae_with_a_fresh_head(tmp_path
     assert torch.equal(headed.latent_head.weight, fresh_head)
     back = _mae(0.0)
     assert init_mae(back, save_mae(headed, tmp_path / "headed.mae.safetensors"))  # the head is left behind
+
+
+def test_the_exported_encoder_carries_its_head_as_the_models_own_quantifier(tmp_path):
+    model, x = _mae(1.0).eval(), torch.randn(3, 3, 64, 32)
+    path = export_encoder(model, tmp_path / "e.safetensors")
+    assert has_quantifier(path)
+    quantifier = load_quantifier(path)
+    with torch.no_grad():
+        assert torch.allclose(quantifier(x), model.latent_head(model.encode(x)[:, 1:].flatten(1)), atol=1e-5)
+    est = quantifier.estimate(x)
+    assert {"GABA/tCr", "tNAA/tCr", "MM/tCr", "lorentzian_hz", "phase0", "snr"} <= set(est)
+    assert all(v.shape == (3,) and torch.isfinite(v).all() for v in est.values())
+    assert load_encoder(path, num_classes=3)(x).shape == (3, 3)  # fine-tuning leaves the head out
+    plain = export_encoder(_mae(0.0), tmp_path / "plain.safetensors")
+    assert not has_quantifier(plain)
+    with pytest.raises(MRSDataError, match=r"plain\.safetensors.*no latent head"):
+        load_quantifier(plain)
+
+
+def test_calibration_is_the_least_squares_line():
+    est = torch.tensor([1.0, 2.0, 3.0, 4.0]).numpy()
+    assert calibrate(est, 2 * est + 1) == pytest.approx((2.0, 1.0))

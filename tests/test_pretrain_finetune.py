@@ -92,8 +92,11 @@ def test_tiny_pretrain_resume_export_and_finetune(tmp_path):
     result = run_benchmark(cfg, run / "encoder.safetensors", tmp_path / "ft", torch.device("cpu"), log=logs.append)
     arms = {(r["task"], r["init"], r["mode"]) for r in result["rows"]}
     # 2 tasks x ((pretrained, random_init, scratch) x (linear, full) + spectrum and pixel baselines) + the fit
-    assert len(arms) == 17 and ("quant", "baseline", "lcm_fit") in arms
+    # + the encoder's own latent head on quantification, as it is and calibrated
+    assert len(arms) == 19 and ("quant", "baseline", "lcm_fit") in arms
+    assert {("quant", "pretrained", "head"), ("quant", "pretrained", "head_cal")} <= arms
     paired = {(p["task"], p["arm"], p["minus"]) for p in result["paired"]}
+    assert ("quant", "pretrained head", "baseline lcm_fit") in paired
     assert ("vendor", "pretrained full", "random_init full") in paired and ("vendor", "pretrained full", "baseline pixels") in paired
     first = next(p for p in result["paired"] if p["minus"] == "scratch full" and p["task"] == "vendor")
     rows = {(r["init"], r["mode"]): r for r in result["rows"] if r["task"] == "vendor"}

@@ -10,7 +10,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from mrsfm_model.model.export import SHIPPED_DIR, SHIPPED_NAME
+from mrsfm_model.model.export import SHIPPED_DIR, SHIPPED_NAME, export_encoder, init_mae
+from mrsfm_model.model.mae import MAEConfig, SpectroMAE
 
 run, command, made_by, *tables = sys.argv[1:]
 run = Path(run)
@@ -40,7 +41,10 @@ if tables:
     }
 else:
     card["benchmark"] = "pending: measured on the test split after shipping (README 'Current results')"
-shutil.copyfile(run / "encoder.safetensors", SHIPPED_DIR / f"{SHIPPED_NAME}.safetensors")
+# the encoder is exported afresh from the run's whole MAE, so that it carries the latent head (the
+# model's own quantifier) even when the run was made before encoders did
+mae = SpectroMAE(MAEConfig.from_dict(card["config"]))
+init_mae(mae, run / "mae.safetensors")
+export_encoder(mae, SHIPPED_DIR / f"{SHIPPED_NAME}.safetensors", card)
 shutil.copyfile(run / "mae.safetensors", SHIPPED_DIR / f"{SHIPPED_NAME}.mae.safetensors")
-(SHIPPED_DIR / f"{SHIPPED_NAME}.json").write_text(json.dumps(card, indent=1) + "\n")
 print(json.dumps({"shipped": str(SHIPPED_DIR), "benchmark": bool(tables)}))

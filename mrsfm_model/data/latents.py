@@ -23,17 +23,22 @@ RATIOS: dict[str, tuple[str, ...]] = {
     "PE": ("PE",), "Asc": ("Asc",), "Scyllo": ("Scyllo",),
 }
 TCR = ("Cr", "PCr")
-# Nuisance parameters: (truth key, transform to roughly unit scale).
-NUISANCE: dict[str, tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = {
-    "lorentzian": ("lorentzian_hz", lambda v: (v - 4.5) / 2.0),
-    "gaussian": ("gaussian_hz", lambda v: (v - 6.0) / 2.3),
-    "shift": ("shift_hz", lambda v: v / 5.8),
-    "phase0_cos": ("phase0", lambda v: torch.cos(torch.deg2rad(v)) / 0.7),
-    "phase0_sin": ("phase0", lambda v: torch.sin(torch.deg2rad(v)) / 0.7),
-    "phase1": ("phase1", lambda v: v / 5.8),
-    "log_snr": ("snr", lambda v: (torch.log(v.clamp(1e-3, 1e6)) - 3.9) / 0.66),
-    "baseline": ("baseline", lambda v: (v - 0.075) / 0.043),
-    "water": ("water", lambda v: (v - 1.5) / 0.87),
+# Nuisance parameters: name -> (truth key, transform, offset, scale); the target is
+# (transform(truth) - offset) / scale, roughly unit scale; `decode` inverts it.
+NUISANCE: dict[str, tuple[str, str | None, float, float]] = {
+    "lorentzian": ("lorentzian_hz", None, 4.5, 2.0),
+    "gaussian": ("gaussian_hz", None, 6.0, 2.3),
+    "shift": ("shift_hz", None, 0.0, 5.8),
+    "phase0_cos": ("phase0", "cos", 0.0, 0.7),
+    "phase0_sin": ("phase0", "sin", 0.0, 0.7),
+    "phase1": ("phase1", None, 0.0, 5.8),
+    "log_snr": ("snr", "log", 3.9, 0.66),
+    "baseline": ("baseline", None, 0.075, 0.043),
+    "water": ("water", None, 1.5, 0.87),
+}
+_TRANSFORMS: dict[str | None, Callable[[torch.Tensor], torch.Tensor]] = {
+    None: lambda v: v, "cos": lambda v: torch.cos(torch.deg2rad(v)), "sin": lambda v: torch.sin(torch.deg2rad(v)),
+    "log": lambda v: torch.log(v.clamp(1e-3, 1e6)),
 }
 NAMES: tuple[str, ...] = tuple(RATIOS) + tuple(NUISANCE) + ("log_mm",)
 
@@ -51,8 +56,8 @@ def latent_targets(truth: Mapping[str, torch.Tensor], mm_names: tuple[str, ...] 
             cols.append(nan)
             continue
         cols.append(torch.log(sum(truth[m].float() for m in present).clamp_min(1e-3) / tcr.clamp_min(1e-3)))
-    for key, fn in NUISANCE.values():
-        cols.append(fn(truth[key].float()) if key in truth else nan)
+    for key, transform, offset, scale in NUISANCE.values():
+        cols.append((_TRANSFORMS[transform](truth[key].float()) - offset) / scale if key in truth else nan)
     mm = [truth[m].float() for m in mm_names if m in truth and not m.startswith("Lip")]
     cols.append(torch.log(sum(mm).clamp_min(1e-3) / tcr.clamp_min(1e-3)) if mm and torch.is_tensor(tcr) else nan)
     return torch.stack(cols, dim=1)
@@ -65,3 +70,19 @@ def latent_loss(pred: torch.Tensor, target: torch.Tensor, per_sample: bool = Fal
     if per_sample:
         return (err**2).sum(dim=1) / ok.sum(dim=1).clamp_min(1)
     return (err**2).sum() / ok.sum().clamp_min(1)
+
+
+def decode(pred: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Predicted targets (n, len(NAMES)) -> physical quantities: each metabolite group's ratio to
+    tCr ("GABA/tCr"), the macromolecules' ("MM/tCr"), and the nuisance parameters in the
+    simulator's units (linewidths and shift in Hz, zero-order phase in degrees, SNR)."""
+    col = {name: pred[:, j].float() for j, name in enumerate(NAMES)}
+    out = {f"{name}/tCr": torch.exp(col[name]) for name in RATIOS}
+    out["MM/tCr"] = torch.exp(col["log_mm"])
+    unscaled = {name: col[name] * scale + offset for name, (_, _, offset, scale) in NUISANCE.items()}
+    for name, (key, transform, _, _) in NUISANCE.items():
+        if transform is None:
+            out[key] = unscaled[name]
+    out["phase0"] = torch.rad2deg(torch.atan2(unscaled["phase0_sin"], unscaled["phase0_cos"]))
+    out["snr"] = torch.exp(unscaled["log_snr"])
+    return out

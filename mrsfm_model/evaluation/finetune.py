@@ -27,10 +27,11 @@ from mrsfm_model.data.spectrum import VENDORS
 from mrsfm_model.data.stream import InputBuilder
 from mrsfm_model.errors import MRSDataError
 from mrsfm_model.evaluation.linear import fit_linear, fit_predict
-from mrsfm_model.evaluation.tasks import QUANT_TARGETS, build_benchmark, generators_seen, lcm_ratios
+from mrsfm_model.evaluation.tasks import HEAD_ESTIMATES, QUANT_TARGETS, build_benchmark, generators_seen, lcm_ratios
 from mrsfm_model.logs import Log, get_logger
 from mrsfm_model.model.export import build_vit, encoder_state, load_encoder, read_encoder_config
 from mrsfm_model.model.mae import MAEConfig, SpectroMAE, configured_mae
+from mrsfm_model.model.quantifier import calibrate, has_quantifier, load_quantifier
 from mrsfm_model.reports.cards import read_card
 from mrsfm_model.training.trainer import OptimConfig, Trainer
 
@@ -303,6 +304,11 @@ def run_benchmark(cfg, encoder: str | Path | None, out_dir: str | Path, device: 
     arms = [(init, mode) for init in [*inits, "scratch"] for mode in ft.modes]
     # the yardsticks: logistic / ridge regression on the magnitude spectra, and on the very image the ViT sees
     arms += [("baseline", "spectrum"), ("baseline", "pixels")]
+    head_est = None  # the pretrained model's own quantifier, when its encoder carries the latent head
+    if "quant" in ft.tasks and encoder and has_quantifier(encoder):
+        est = load_quantifier(encoder).to(device).estimate(bench.x)
+        head_est = torch.stack([est[HEAD_ESTIMATES[t]] for t in QUANT_TARGETS], 1)
+        log("the encoder carries its latent head: also scored without labels (head) and calibrated on them (head_cal)")
     lcm = None
     if "quant" in ft.tasks and ft.lcm:
         log(f"linear-combination fit of the {int(test.sum())} test spectra (each with its vendor's basis set)")
@@ -310,9 +316,11 @@ def run_benchmark(cfg, encoder: str | Path | None, out_dir: str | Path, device: 
     rows = []
     for task in ft.tasks:
         task_arms = arms + ([("baseline", "lcm_fit")] if task == "quant" and lcm is not None else [])
+        if task == "quant" and head_est is not None:
+            task_arms += [("pretrained", mode) for mode in HEAD_MODES]
         for init, mode in task_arms:
             steps = ft.quant_steps if task == "quant" else ft.steps
-            fcfg = FinetuneConfig.from_config(ft, mode=mode, steps=steps) if init != "baseline" else None
+            fcfg = FinetuneConfig.from_config(ft, mode=mode, steps=steps) if mode in ("linear", "full") else None
             for n in ft.label_sizes:
                 per_seed = []
                 for seed in ft.seeds:
@@ -320,6 +328,9 @@ def run_benchmark(cfg, encoder: str | Path | None, out_dir: str | Path, device: 
                     y = bench.vendor if task == "vendor" else bench.ratios
                     if mode == "lcm_fit":
                         per_seed.append(regression_metrics(y[test].numpy(), lcm.numpy(), QUANT_TARGETS))
+                        continue
+                    if mode in HEAD_MODES:
+                        per_seed.append(head_metrics(head_est, y, idx if mode == "head_cal" else None, test))
                         continue
                     if init == "baseline":
                         feats = bench.spectra if mode == "spectrum" else bench.x.flatten(1)
@@ -358,7 +369,7 @@ def paired_differences(rows: list[dict]) -> list[dict]:
         for other in rows:
             same = other["task"] == r["task"] and other["n_labels"] == r["n_labels"] and other is not r
             control = other["init"] in ("random_init", "scratch") and other["mode"] == r["mode"]
-            yardstick = other["init"] == "baseline" and r["mode"] == "full"
+            yardstick = other["init"] == "baseline" and r["mode"] in ("full", *HEAD_MODES)
             if not (same and (control or yardstick)):
                 continue
             d = [a[key] - b[key] for a, b in zip(r["per_seed"], other["per_seed"])]
@@ -375,6 +386,20 @@ def print_paired(paired: list[dict], log: Log = _log.info) -> None:
         sign = "+" if p["mean"] >= 0 else "-"
         log(f"  {p['task']:<6} n={p['n_labels']:<4} {p['arm']} - {p['minus']:<20} {p['metric']:<12} "
             f"{sign}{abs(p['mean']):.3f} ± {p['ci95']:.3f}")
+
+
+HEAD_MODES = ("head", "head_cal")  # the latent head as it is (no labels), and calibrated on the labelled sample
+
+
+def head_metrics(est: torch.Tensor, y: torch.Tensor, labelled: torch.Tensor | None, test: torch.Tensor) -> dict:
+    """The quantifier's estimates scored on the test set: as they are, or after a per-target line
+    fitted on the labelled sample (`calibrate`)."""
+    pred = est[test].numpy().copy()
+    if labelled is not None:
+        for j in range(pred.shape[1]):
+            slope, intercept = calibrate(est[labelled, j].numpy(), y[labelled, j].numpy())
+            pred[:, j] = slope * pred[:, j] + intercept
+    return regression_metrics(y[test].numpy(), pred, QUANT_TARGETS)
 
 
 def baseline_metrics(f_train: torch.Tensor, y_train: torch.Tensor, f_test: torch.Tensor, y_test: torch.Tensor, task: str,

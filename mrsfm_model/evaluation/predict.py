@@ -167,5 +167,40 @@ def predict_files(
     return rows, errors
 
 
+@torch.no_grad()
+def quantify_files(
+    encoder: str | Path, inputs: Sequence[str | Path], out_csv: str | Path | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[list[dict[str, Any]], list[MRSDataError]]:
+    """The pretrained model's own estimates (model/quantifier.py) for every readable spectrum in
+    `inputs`: metabolite ratios to tCr, linewidths, shift, phase, SNR. Inputs are made exactly as
+    in the encoder's pretraining (its card's grid, spectrogram and channels); unreadable files come
+    back as errors and do not stop the rest."""
+    from mrsfm_model.model.quantifier import load_quantifier
+    from mrsfm_model.reports.cards import read_card
+
+    quantifier = load_quantifier(encoder).to(torch.device(device))
+    card = read_card(encoder) or {}
+    if not all(k in card for k in ("grid", "spectrogram", "channels")):
+        raise MRSDataError(encoder, "its model card does not say which inputs it was pretrained on "
+                                    "(grid, spectrogram, channels); it cannot quantify files")
+    builder = InputBuilder.from_dict({k: card[k] for k in ("grid", "spectrogram", "channels")})
+    spectra, errors = _gather(inputs)
+    files, images = [], []
+    for spec in spectra:
+        try:
+            images.append(builder.prepare(spec).image)
+            files.append(spec.provenance.source)
+        except MRSDataError as err:
+            errors.append(err)
+    rows: list[dict[str, Any]] = []
+    if images:
+        est = quantifier.estimate(torch.stack(images))
+        rows = [{"file": f, **{k: float(f"{float(v[i]):.4g}") for k, v in est.items()}} for i, f in enumerate(files)]
+    if out_csv is not None:
+        write_predictions(rows, out_csv)
+    return rows, errors
+
+
 __all__ = ["InputBuilder", "Prepared", "STUDY_FORMAT", "save_study_model", "load_study_model", "read_study_meta",
-           "predict_files", "write_predictions", "outputs_to_rows"]
+           "predict_files", "quantify_files", "write_predictions", "outputs_to_rows"]

@@ -30,6 +30,8 @@ from mrsfm_model.evaluation.lcm import LinearCombinationFit
 BENCH_SEED_BASE = 2**40
 VENDOR_PROFILES = ("megapress_ge", "megapress_philips", "megapress_siemens")
 QUANT_TARGETS = ("GABA/tCr", "NAA/tCr")
+# which of the pretrained quantifier's estimates (latents.decode) answers each target
+HEAD_ESTIMATES = {"GABA/tCr": "GABA/tCr", "NAA/tCr": "tNAA/tCr"}
 
 
 @dataclass

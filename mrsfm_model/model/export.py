@@ -15,11 +15,16 @@ from timm.layers import LayerNorm
 from timm.models.vision_transformer import VisionTransformer
 
 from mrsfm_model.config import RESOURCES
+from mrsfm_model.data.latents import NAMES as LATENT_NAMES
 from mrsfm_model.errors import MRSDataError
 from mrsfm_model.model.mae import MAEConfig, SpectroMAE, _sincos
 from mrsfm_model.model.weights import save_weights
 
 ENCODER_PREFIXES = ("patch_embed.", "cls_token.", "blocks.", "norm.")
+# The MAE's latent head (a linear map from the flat band tokens to the simulator's truth, see
+# data/latents.py) travels in the encoder file under this prefix: the pretrained model's own
+# quantifier (model/quantifier.py). Fine-tuning ignores it.
+HEAD_PREFIX = "latent_head."
 # The pretrained model the package ships (made by `mrsfm pretrain`, see its card): NAME.safetensors is
 # the encoder (+ NAME.json, the card), NAME.mae.safetensors the whole MAE, decoder included, so that
 # pretraining, central or federated, can continue from it (`init=shipped`).
@@ -38,15 +43,23 @@ def encoder_state(model: SpectroMAE) -> dict[str, torch.Tensor]:
 
 
 def export_encoder(model: SpectroMAE, path: str | Path, card: dict[str, Any] | None = None) -> Path:
-    """Write ENCODER.safetensors (config in its metadata) and ENCODER.json (the model card)."""
+    """Write ENCODER.safetensors (config in its metadata; the latent head too, when the MAE has one)
+    and ENCODER.json (the model card)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"mae_config": json.dumps(model.cfg.to_dict()), "format": "mrsfm-encoder-v1"}
+    state = encoder_state(model)
+    head = getattr(model, "latent_head", None)
+    if head is not None:
+        state.update({HEAD_PREFIX + k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()})
+        meta["latent_names"] = json.dumps(list(LATENT_NAMES))
     tmp = path.with_suffix(".tmp")
-    save_file(encoder_state(model), str(tmp), metadata=meta)
+    save_file(state, str(tmp), metadata=meta)
     tmp.replace(path)
     card = {"architecture": "ViT encoder of a spectrogram MAE (timm VisionTransformer layout)",
-            "config": model.cfg.to_dict(), **(card or {})}
+            "config": model.cfg.to_dict(),
+            **({"latent_head": {"outputs": list(LATENT_NAMES), "use": "mrsfm quantify"}} if head is not None else {}),
+            **(card or {})}
     path.with_suffix(".json").write_text(json.dumps(card, indent=1, default=str))
     return path
 
@@ -107,7 +120,8 @@ def load_encoder(path: str | Path, num_classes: int = 0, global_pool: str = "avg
 
     cfg = read_encoder_config(path)
     vit = build_vit(cfg, num_classes, global_pool)
-    missing, unexpected = vit.load_state_dict(load_file(str(path)), strict=False)
+    state = {k: v for k, v in load_file(str(path)).items() if not k.startswith(HEAD_PREFIX)}
+    missing, unexpected = vit.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith(("head.", "fc_norm."))]
     if missing or unexpected:
         raise MRSDataError(path, f"encoder weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
