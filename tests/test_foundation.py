@@ -63,6 +63,9 @@ def test_shipped_model_loads_with_its_card_and_through_timm():
     for key in ("command", "trained_steps", "final_loss", "spectrogram", "grid", "channels", "benchmark"):
         assert key in card, key
     assert "mrsfm pretrain" in card["command"]
+    from mrsfm_model.model.quantifier import has_quantifier
+
+    assert has_quantifier(path) and card["latent_head"]["outputs"][:2] == ["tNAA", "GABA"]  # its own quantifier
     assert path.stat().st_size + shipped("mae").stat().st_size < 25e6
     ours = load_encoder(path, num_classes=3)
     theirs = timm.create_model("mrsfm_micro", pretrained=True, num_classes=3)

@@ -71,7 +71,7 @@ def _mae(weight: float) -> SpectroMAE:
     return SpectroMAE(mae_config("micro", latent_weight=weight))
 
 
-def test_latent_head_adds_a_weighted_second_loss_that_trains_and_is_not_exported():
+def test_latent_head_adds_a_weighted_second_loss_that_trains_and_stays_out_of_the_vit_state():
     model, plain = _mae(2.0), _mae(0.0)
     assert plain.latent_head is None and model.latent_head is not None
     x, y = torch.randn(4, 3, 64, 32), torch.randn(4, len(NAMES))
