@@ -107,6 +107,7 @@ def test_quantify_estimates_simulated_files_near_their_truth_and_names_a_bad_fil
     rows = list(csv.DictReader(io.StringIO(out)))
     assert code == 1 and len(err.strip().splitlines()) == 1 and "broken.nii.gz" in err
     assert len(rows) == 8 and {"GABA/tCr", "tNAA/tCr", "lorentzian_hz", "snr"} <= set(rows[0])
+    assert not {"phase0", "water"} & set(rows[0])  # magnitude images carry no phase; the grid removed the water
     est, truth = [], []
     for r in rows:
         c = json.loads(Path(r["file"].removesuffix(".nii.gz") + ".json").read_text())["concentrations_mM"]

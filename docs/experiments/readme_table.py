@@ -8,7 +8,9 @@ NAMES = {("pretrained", "full"): "pretrained, full fine-tune", ("random_init", "
          ("scratch", "full"): "scratch (timm init), full fine-tune", ("pretrained", "linear"): "pretrained, linear probe",
          ("random_init", "linear"): "random-init control, linear probe", ("scratch", "linear"): "scratch, linear probe",
          ("baseline", "spectrum"): "baseline: logistic / ridge on spectra", ("baseline", "pixels"): "baseline: logistic / ridge on pixels",
-         ("baseline", "lcm_fit"): "baseline: linear-combination fit (no labels)"}
+         ("baseline", "lcm_fit"): "baseline: linear-combination fit (no labels)",
+         ("pretrained", "head"): "pretrained, its own latent head (no labels)",
+         ("pretrained", "head_cal"): "pretrained, latent head calibrated on the labels"}
 sizes = sorted({r["n_labels"] for r in res["rows"]})
 extra = [("quant", "r2_NAA/tCr", "NAA/tCr, R²")]
 print("| task, metric | arm | " + " | ".join(f"{n} labels" for n in sizes) + " |")
@@ -29,7 +31,7 @@ pairs = {}
 for p in res["paired"]:
     pairs.setdefault((p["task"], p["arm"], p["minus"]), {})[p["n_labels"]] = p
 for (task, arm, minus), by_n in pairs.items():
-    if arm != "pretrained full" and not minus.startswith(("random_init", "scratch")):
+    if arm not in ("pretrained full", "pretrained head", "pretrained head_cal") and not minus.startswith(("random_init", "scratch")):
         continue
     cells = [f"{by_n[n]['mean']:+.3f} ± {by_n[n]['ci95']:.3f}" if n in by_n else "" for n in sizes]
     print(f"| {task} | {arm} − {minus} | " + " | ".join(cells) + " |")

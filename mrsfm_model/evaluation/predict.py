@@ -196,6 +196,11 @@ def quantify_files(
     rows: list[dict[str, Any]] = []
     if images:
         est = quantifier.estimate(torch.stack(images))
+        # what the inputs cannot carry is left out rather than guessed: a magnitude spectrogram has
+        # no phase, and the grid removes residual water before the image is made
+        hidden = {"phase0", "phase1"} if builder.spec_cfg.part == "abs" else set()
+        hidden |= {"water"} if builder.grid.remove_water else set()
+        est = {k: v for k, v in est.items() if k not in hidden}
         rows = [{"file": f, **{k: float(f"{float(v[i]):.4g}") for k, v in est.items()}} for i, f in enumerate(files)]
     if out_csv is not None:
         write_predictions(rows, out_csv)
