@@ -135,36 +135,38 @@ def cmd_finetune(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def _report_rows(command: str, rows: list[dict], errors: list, out: Path | None, what: str) -> int:
+    """Rows as CSV on stdout (or a line saying where they went), then one line per unreadable file;
+    exit code 1 when any file was unreadable."""
+    from mrsfm_model.evaluation.predict import write_predictions
+
+    if out is None:
+        write_predictions(rows, sys.stdout)
+    else:
+        print(f"wrote {what} to {out}", file=sys.stderr)
+    for err in errors:
+        print(f"mrsfm {command}: error: {err}", file=sys.stderr)
+    return 1 if errors else 0
+
+
 def cmd_predict(args: argparse.Namespace, overrides: list[str]) -> int:
     from mrsfm_model.config import load_config, resolve_device
-    from mrsfm_model.evaluation.predict import predict_files, write_predictions
+    from mrsfm_model.evaluation.predict import predict_files
 
     cfg = load_config(overrides)
     rows, errors = predict_files(args.model, args.inputs, args.out, resolve_device(cfg.device))
-    if args.out is None:
-        write_predictions(rows, sys.stdout)
-    else:
-        print(f"wrote {len(rows)} predictions to {args.out}", file=sys.stderr)
-    for err in errors:
-        print(f"mrsfm predict: error: {err}", file=sys.stderr)
-    return 1 if errors else 0
+    return _report_rows("predict", rows, errors, args.out, f"{len(rows)} predictions")
 
 
 def cmd_quantify(args: argparse.Namespace, overrides: list[str]) -> int:
     from mrsfm_model.config import load_config, resolve_device
-    from mrsfm_model.evaluation.predict import quantify_files, write_predictions
+    from mrsfm_model.evaluation.predict import quantify_files
     from mrsfm_model.model.export import shipped
 
     cfg = load_config(overrides)
     encoder = args.encoder or shipped()
     rows, errors = quantify_files(encoder, args.inputs, args.out, resolve_device(cfg.device))
-    if args.out is None:
-        write_predictions(rows, sys.stdout)
-    else:
-        print(f"wrote estimates for {len(rows)} spectra to {args.out}", file=sys.stderr)
-    for err in errors:
-        print(f"mrsfm quantify: error: {err}", file=sys.stderr)
-    return 1 if errors else 0
+    return _report_rows("quantify", rows, errors, args.out, f"estimates for {len(rows)} spectra")
 
 
 def build_parser() -> argparse.ArgumentParser:

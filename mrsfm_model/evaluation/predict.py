@@ -24,7 +24,9 @@ from mrsfm_model.errors import MRSDataError
 from mrsfm_model.evaluation.finetune import PooledFeatures
 from mrsfm_model.model.export import build_vit
 from mrsfm_model.model.mae import MAEConfig
+from mrsfm_model.model.quantifier import load_quantifier
 from mrsfm_model.model.weights import save_weights
+from mrsfm_model.reports.cards import read_card
 
 STUDY_FORMAT = "mrsfm-study-model-v1"
 
@@ -125,6 +127,20 @@ def _gather(inputs: Sequence[str | Path]) -> tuple[list[Spectrum], list[MRSDataE
     return spectra, errors
 
 
+def _images(inputs: Sequence[str | Path], builder: InputBuilder) -> tuple[list[str], list[torch.Tensor],
+                                                                          list[MRSDataError]]:
+    """(source files, model images, errors) of every readable spectrum in `inputs`, made by `builder`."""
+    spectra, errors = _gather(inputs)
+    files, images = [], []
+    for spec in spectra:
+        try:
+            images.append(builder.prepare(spec).image)
+            files.append(spec.provenance.source)
+        except MRSDataError as err:
+            errors.append(err)
+    return files, images, errors
+
+
 def write_predictions(rows: list[dict[str, Any]], out: str | Path | TextIO) -> None:
     """Rows as CSV (file, prediction, prob_<label>...) to a path or an open text stream (stdout)."""
     if not isinstance(out, (str, Path)):
@@ -148,14 +164,7 @@ def predict_files(
     as errors with their reason and do not stop the rest. Rows: file, prediction, prob_<label>."""
     model, meta = load_study_model(model_path)
     builder = InputBuilder.from_dict(meta["inputs"])
-    spectra, errors = _gather(inputs)
-    files, images = [], []
-    for spec in spectra:
-        try:
-            images.append(builder.prepare(spec).image)
-            files.append(spec.provenance.source)
-        except MRSDataError as err:
-            errors.append(err)
+    files, images, errors = _images(inputs, builder)
     rows: list[dict[str, Any]] = []
     device = torch.device(device)
     model.to(device)
@@ -176,23 +185,13 @@ def quantify_files(
     `inputs`: metabolite ratios to tCr, linewidths, shift, phase, SNR. Inputs are made exactly as
     in the encoder's pretraining (its card's grid, spectrogram and channels); unreadable files come
     back as errors and do not stop the rest."""
-    from mrsfm_model.model.quantifier import load_quantifier
-    from mrsfm_model.reports.cards import read_card
-
     quantifier = load_quantifier(encoder).to(torch.device(device))
     card = read_card(encoder) or {}
     if not all(k in card for k in ("grid", "spectrogram", "channels")):
         raise MRSDataError(encoder, "its model card does not say which inputs it was pretrained on "
                                     "(grid, spectrogram, channels); it cannot quantify files")
     builder = InputBuilder.from_dict({k: card[k] for k in ("grid", "spectrogram", "channels")})
-    spectra, errors = _gather(inputs)
-    files, images = [], []
-    for spec in spectra:
-        try:
-            images.append(builder.prepare(spec).image)
-            files.append(spec.provenance.source)
-        except MRSDataError as err:
-            errors.append(err)
+    files, images, errors = _images(inputs, builder)
     rows: list[dict[str, Any]] = []
     if images:
         est = quantifier.estimate(torch.stack(images))
