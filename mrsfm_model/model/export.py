@@ -172,8 +172,8 @@ def init_mae(model: SpectroMAE, init: str | Path) -> Path:
         raise MRSDataError(path, f"init weights do not fit this model ({last})") from None
     # the latent head is a pretraining tool: a run with one starts it afresh from a plain MAE, a run
     # without one ignores it
-    missing = [k for k in missing if not k.startswith("latent_head.")]
-    unexpected = [k for k in unexpected if not k.startswith("latent_head.")]
+    missing = [k for k in missing if not k.startswith(HEAD_PREFIX)]
+    unexpected = [k for k in unexpected if not k.startswith(HEAD_PREFIX)]
     if missing or unexpected:
         raise MRSDataError(path, f"init weights do not fit this model (missing {missing[:3]}, "
                                  f"unexpected {unexpected[:3]})")
