@@ -22,7 +22,8 @@ Downstream: mrsfm_model.evaluation.panel, every encoder on the same labelled sam
 
 Everything lands under OUT: arms/<arm>/ (that federation's run, logs, configs, arm.json), data/
 (the sites' private sets), scores/<arm>.json, and compare.jsonl, compare.json, compare.md,
-compare.png. Starting again with the same OUT reuses finished arms and scores.
+compare.png. Starting again with the same OUT reuses finished arms and scores; a mode added to
+compare.modes is scored on its own.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from omegaconf import OmegaConf
 from mrsfm_model.config import ConfigSection, config_dir, load_config, resolve_device
 from mrsfm_model.data.simulate import write_simulated
 from mrsfm_model.data.spectrum import VENDORS
-from mrsfm_model.evaluation.finetune import RANDOM_INIT, mean_ci95
+from mrsfm_model.evaluation.finetune import HEAD_MODES, RANDOM_INIT, mean_ci95
 from mrsfm_model.evaluation.panel import Panel, task_metrics
 from mrsfm_model.logs import Log, get_logger
 
@@ -97,8 +98,8 @@ class CompareConfig(ConfigSection):
             raise ValueError(f"config compare.sizes: {len(VENDORS)} positive numbers (GE, Philips, Siemens)")
         if bad := [v for v in self.lovo if v not in VENDORS]:
             raise ValueError(f"config compare.lovo: unknown vendor {bad[0]!r} (one of {', '.join(VENDORS)})")
-        if bad := [m for m in self.modes if m not in ("linear", "full")]:
-            raise ValueError(f"config compare.modes: expected linear|full, got {bad[0]!r}")
+        if bad := [m for m in self.modes if m not in ("linear", "full", *HEAD_MODES)]:
+            raise ValueError(f"config compare.modes: expected linear|full|{'|'.join(HEAD_MODES)}, got {bad[0]!r}")
         if len(self.seeds) < 2:
             raise ValueError("config compare.seeds: at least 2 (intervals are over paired seeds)")
 
@@ -274,28 +275,33 @@ def score_arms(arms: Sequence[dict], c: CompareConfig, root: Path, log: Log = _l
     starts += [("random_init", RANDOM_INIT, []), ("scratch", None, [])]
     for name, encoder, seen in starts:
         path = folder / f"{name}.json"
-        if path.is_file():
-            scores[name] = _reuse(path, settings)["rows"]
-            continue
-        t0 = time.monotonic()
-        tasks = [t.name for t in panel().tasks if not (t.name.startswith("lovo_") and t.name[5:] in seen)]
-        scores[name] = panel().score(encoder, c.modes, tasks)
-        path.write_text(json.dumps({"settings": settings, "rows": scores[name]}))
-        log(f"scored {name} ({', '.join(tasks)}) in {time.monotonic() - t0:.0f} s")
+        saved = _reuse(path, settings, ignore=("modes",)) if path.is_file() else {"settings": {"modes": []}, "rows": []}
+        done = saved["settings"].get("modes") or []
+        todo = [m for m in c.modes if m not in done]  # a mode added to a finished comparison is scored alone
+        if todo:
+            t0 = time.monotonic()
+            tasks = [t.name for t in panel().tasks if not (t.name.startswith("lovo_") and t.name[5:] in seen)]
+            saved = {"settings": {**settings, "modes": [*done, *todo]},
+                     "rows": saved["rows"] + panel().score(encoder, todo, tasks)}
+            path.write_text(json.dumps(saved))
+            log(f"scored {name} ({', '.join(tasks)}; {', '.join(todo)}) in {time.monotonic() - t0:.0f} s")
+        scores[name] = [r for r in saved["rows"] if r["mode"] in c.modes]
     path = folder / "baselines.json"
     if not path.is_file():
         path.write_text(json.dumps({"settings": settings, "rows": panel().baselines()}))
-    return scores, _reuse(path, settings)["rows"]
+    return scores, _reuse(path, settings, ignore=("modes",))["rows"]
 
 
-def _reuse(path: Path, settings: dict) -> dict:
-    """A finished arm's or score's file, when it was made with these settings; one line otherwise."""
+def _reuse(path: Path, settings: dict, ignore: Sequence[str] = ()) -> dict:
+    """A finished arm's or score's file, when it was made with these settings (but for `ignore`);
+    one line otherwise."""
     try:
         saved = json.loads(path.read_text())
     except ValueError:
         raise ValueError(f"{path}: unreadable ({path.stat().st_size} bytes); delete it to redo that step") from None
-    if saved.get("settings") != settings:
-        differ = sorted(k for k in settings if (saved.get("settings") or {}).get(k) != settings[k])
+    made = saved.get("settings") or {}
+    if any(made.get(k) != v for k, v in settings.items() if k not in ignore):
+        differ = sorted(k for k in settings if k not in ignore and made.get(k) != settings[k])
         raise ValueError(f"{path}: made with other compare settings ({', '.join(differ)}); "
                          "use a new --out, or delete that file to redo the step")
     return saved
@@ -399,10 +405,12 @@ def write_report(root: Path, arms: Sequence[dict], scores: dict, baselines: dict
 def table(arms: Sequence[dict], scores: dict, baselines: dict, c: CompareConfig, targets: dict) -> str:
     """Markdown: one row per arm, one column per task figure and label size (mean ± 95% interval)."""
     tasks = ["vendor", "quant", *(f"lovo_{v}" for v in c.lovo)]
-    cols = [(t, k, n) for t in tasks for k in task_metrics(t) for n in c.label_sizes]
     info = {a["arm"]: a for a in arms}
     lines = []
     for mode in c.modes:
+        # the head modes answer the quantification tasks only (the pretrained model's own estimates)
+        cols = [(t, k, n) for t in tasks if not (mode in HEAD_MODES and t == "vendor")
+                for k in task_metrics(t) for n in c.label_sizes]
         lines += [f"Downstream ({mode}; {len(c.seeds)} paired seeds; accuracy for vendor, R² otherwise)", "",
                   "| arm | samples | site epsilon | " + " | ".join(f"{t} {k.removeprefix('r2_')} @{n}"
                                                                   for t, k, n in cols) + " |",

@@ -84,7 +84,7 @@ def test_compare_end_to_end_on_local_federations(tmp_path):
     from server.compare import run_compare
 
     arms = ["centralized", "single_philips", "lovo_ge_federated"]
-    result = run_compare(tmp_path, [*SMALL, f"compare.arms=[{','.join(arms)}]"])
+    result = run_compare(tmp_path, [*SMALL, f"compare.arms=[{','.join(arms)}]", "compare.modes=[linear]"])
     expected = 2 * 6 * 8  # rounds x steps per round x batch
     for arm in arms:  # from the ServerApp's own metrics of each run
         rows = [json.loads(x) for x in (tmp_path / "arms" / arm / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -108,9 +108,18 @@ def test_compare_end_to_end_on_local_federations(tmp_path):
     assert kinds == {"arm", "score", "paired", "target"}
     assert "| lovo_ge_federated | 96 |" in (tmp_path / "compare.md").read_text()
     assert (tmp_path / "compare.png").stat().st_size > 10_000
-    # a second start reuses every finished arm and score
+    # a second start reuses every finished arm and score, and scores only the modes added (the default
+    # adds the pretrained model's own quantifier: its latent head, quantification tasks only)
     again = run_compare(tmp_path, [*SMALL, f"compare.arms=[{','.join(arms)}]"])
     assert [a["seconds"] for a in again["arms"]] == [a["seconds"] for a in result["arms"]]
+    for name, rows in result["scores"].items():
+        assert [r for r in again["scores"][name] if r["mode"] == "linear"] == rows
+    modes = {name: {(r["task"], r["mode"]) for r in rows if r["mode"] != "linear"} for name, rows in again["scores"].items()}
+    assert modes["centralized"] == {("quant", "head"), ("quant", "head_cal")}
+    assert modes["lovo_ge_federated"] == {(t, m) for t in ("quant", "lovo_GE") for m in ("head", "head_cal")}
+    assert modes["random_init"] == modes["scratch"] == set()
+    assert any(p["mode"] == "head" and p["task"] == "lovo_GE" and p["minus"] == "single_philips" for p in again["paired"])
+    assert "Downstream (head;" in (tmp_path / "compare.md").read_text()
     with pytest.raises(ValueError, match=r"scores/centralized.json: made with other compare settings \(seeds\)"):
         run_compare(tmp_path, [*SMALL, f"compare.arms=[{','.join(arms)}]", "compare.seeds=[0,2]"])
     with pytest.raises(ValueError, match=r"arm.json: made with other compare settings \(rounds\)"):

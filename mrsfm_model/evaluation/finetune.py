@@ -305,9 +305,7 @@ def run_benchmark(cfg, encoder: str | Path | None, out_dir: str | Path, device: 
     # the yardsticks: logistic / ridge regression on the magnitude spectra, and on the very image the ViT sees
     arms += [("baseline", "spectrum"), ("baseline", "pixels")]
     head_est = None  # the pretrained model's own quantifier, when its encoder carries the latent head
-    if "quant" in ft.tasks and encoder and has_quantifier(encoder):
-        est = load_quantifier(encoder).to(device).estimate(bench.x)
-        head_est = torch.stack([est[HEAD_ESTIMATES[t]] for t in QUANT_TARGETS], 1)
+    if "quant" in ft.tasks and (head_est := head_estimates(encoder, bench.x, device)) is not None:
         log("the encoder carries its latent head: also scored without labels (head) and calibrated on them (head_cal)")
     lcm = None
     if "quant" in ft.tasks and ft.lcm:
@@ -389,6 +387,15 @@ def print_paired(paired: list[dict], log: Log = _log.info) -> None:
 
 
 HEAD_MODES = ("head", "head_cal")  # the latent head as it is (no labels), and calibrated on the labelled sample
+
+
+def head_estimates(encoder: str | Path | None, x: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """(N, len(QUANT_TARGETS)) estimates of the encoder's own quantifier for images x; None when
+    the encoder (a path) carries no latent head."""
+    if not encoder or encoder == RANDOM_INIT or not has_quantifier(encoder):
+        return None
+    est = load_quantifier(encoder).to(device).estimate(x)
+    return torch.stack([est[HEAD_ESTIMATES[t]] for t in QUANT_TARGETS], 1)
 
 
 def head_metrics(est: torch.Tensor, y: torch.Tensor, labelled: torch.Tensor | None, test: torch.Tensor) -> dict:

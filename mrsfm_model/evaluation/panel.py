@@ -8,6 +8,9 @@ Tasks:
 - `quant`: GABA/tCr and NAA/tCr regression on the same spectra (R²);
 - `lovo_<vendor>`: the quantification task on one vendor's spectra alone, for encoders whose
   pretraining never saw that vendor (leave-one-vendor-out: what a new site with a new scanner gets).
+Modes: `linear` (frozen probe), `full` (fine-tune), and for encoders that carry the latent head,
+`head` (its own GABA/NAA estimates, no labels) and `head_cal` (a line per target fitted on the
+labelled sample); the head modes score the quantification tasks only.
 """
 
 from __future__ import annotations
@@ -21,11 +24,14 @@ import torch
 from mrsfm_model.data.spectrum import VENDORS
 from mrsfm_model.data.stream import InputBuilder
 from mrsfm_model.evaluation.finetune import (
+    HEAD_MODES,
     RANDOM_INIT,
     FinetuneConfig,
     architecture,
     baseline_metrics,
     fit_and_evaluate,
+    head_estimates,
+    head_metrics,
     mean_ci95,
 )
 from mrsfm_model.evaluation.tasks import QUANT_TARGETS, Benchmark, build_benchmark
@@ -101,12 +107,24 @@ class Panel:
         `tasks` restricts to some task names (e.g. no lovo task for an encoder that saw that vendor)."""
         path = Path(encoder) if encoder not in (None, RANDOM_INIT) else None
         mae_cfg = architecture(self.cfg, path, self.builder)
+        heads: dict[int, torch.Tensor | None] = {}  # the head's estimates per benchmark, computed once
         rows = []
         for task, n, samples in self._cells():
             if tasks is not None and task.name not in tasks:
                 continue
             test = task.bench.test
             for mode in modes:
+                if mode in HEAD_MODES:
+                    if task.classification:
+                        continue
+                    key = id(task.bench)
+                    if key not in heads:
+                        heads[key] = head_estimates(path, task.bench.x, self.device)
+                    if heads[key] is not None:
+                        rows.append(_row(task.name, mode, n, [
+                            head_metrics(heads[key], task.y, idx if mode == "head_cal" else None, test)
+                            for idx in samples]))
+                    continue
                 steps = self.ft.quant_steps if not task.classification else self.ft.steps
                 fcfg = FinetuneConfig.from_config(self.ft, mode=mode, steps=steps)
                 per_seed = [fit_and_evaluate(
