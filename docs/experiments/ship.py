@@ -34,7 +34,9 @@ if tables:
     card["benchmark"] = {
         "split": "test subjects (benchmark seed 2), 5 paired seeds, 2-core CPU; see README 'Current results'",
         "command": "mrsfm finetune --out runs/final_vendor finetune.tasks=[vendor] \"finetune.seeds=[0,1,2,3,4]\" "
-                   "(and finetune.tasks=[quant])",
+                   "(and finetune.tasks=[quant]); an encoder's own rows beside unchanged controls: "
+                   "docs/experiments/final_pretrained_only.py + merge_final.py",
+        "tables": [vendor, quant],
         "vendor_accuracy": means(vendor, "accuracy"),
         "gaba_tcr_r2": means(quant, "r2_GABA/tCr"),
         "naa_tcr_r2": means(quant, "r2_NAA/tCr"),
