@@ -11,9 +11,11 @@ the default) and `ephemeral` (site.worker=false: Flower's fresh ClientApp proces
 Prints JSON lines: one per round ({"mode", "wire_dtype", "round", "round_s", "overhead_s" =
 round_s - sleep, "bytes_up_per_site", "bytes_down_per_site", "site_setup_s"}), one summary per
 mode and wire dtype (mean overhead over rounds after the first, which builds the model in either
-mode; bytes per site per round), and comparison lines (bf16 vs fp32; ephemeral vs warm).
+mode; bytes per site per round), and comparison lines (bf16 vs fp32; ephemeral vs warm; with
+`--polls 3,0.5`, the SuperNode's idle wait `site.poll_s`: Flower's fixed 3 s against the sites'
+default, each in a federation of its own, mode names e.g. `warm@poll3`).
 Usage: python bench/fl_round_overhead.py [--rounds 3] [--sleep 5] [--model base] [--sites 3]
-       [--dtypes fp32,bf16] [--modes warm,ephemeral] [--database] [--out DIR]
+       [--dtypes fp32,bf16] [--modes warm,ephemeral] [--polls S,S] [--database] [--out DIR]
 `--sleep 0` trains for real (`--local-steps` steps) instead of sleeping.
 """
 
@@ -38,6 +40,7 @@ def main() -> None:
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--modes", default="warm,ephemeral")
     ap.add_argument("--local-steps", type=int, default=1)
+    ap.add_argument("--polls", default="", help="site.poll_s values, each its own federation (default: the sites' own)")
     ap.add_argument("--database", action="store_true", help="the SuperLink keeps its state in SQLite (a file "
                     "under OUT), as a lab that must survive restarts does; default: in memory")
     ap.add_argument("--out", type=Path, default=None)
@@ -47,14 +50,24 @@ def main() -> None:
     if len(set(sites)) != len(sites):
         raise SystemExit(f"at most {len(SITES)} sites (one per configs/site/*.yaml): {SITES}")
     summary = {}
-    for mode in args.modes.split(","):
+    polls = [float(x) for x in args.polls.split(",") if x.strip()]
+    modes = [f"{m}@poll{p:g}" for m in args.modes.split(",") for p in polls] if polls else args.modes.split(",")
+    for mode in modes:
+        kind, _, poll = mode.partition("@poll")
         db = out / mode / "superlink.db" if args.database else None
         with LocalFederation(out / mode, sites, log=lambda m: None, database=db) as fed:
             for site in sites:  # simulation only: the sleep replaces training anyway
-                fed.start_supernode(site, worker=mode == "warm")
+                fed.start_supernode(site, worker=kind == "warm", **({"poll_s": poll} if poll else {}))
             for dtype in args.dtypes.split(","):
                 summary[mode, dtype] = _measure(fed, out / mode / f"run_{dtype}", mode, dtype, sites, args)
-    for mode in args.modes.split(","):
+    for dtype in args.dtypes.split(","):
+        for kind in args.modes.split(","):
+            if len(polls) > 1 and all((f"{kind}@poll{p:g}", dtype) in summary for p in polls):
+                slow, fast = (summary[f"{kind}@poll{p:g}", dtype] for p in (max(polls), min(polls)))
+                print(json.dumps({"compare": f"poll {max(polls):g} s vs {min(polls):g} s ({kind}, {dtype})",
+                                  "round_s": [slow["mean_round_s"], fast["mean_round_s"]],
+                                  "round_ratio": round(slow["mean_round_s"] / fast["mean_round_s"], 2)}))
+    for mode in modes:
         if (mode, "fp32") in summary and (mode, "bf16") in summary:
             a, b = summary[mode, "fp32"], summary[mode, "bf16"]
             print(json.dumps({"compare": f"bf16 vs fp32 ({mode})", "overhead_s": [a["mean_overhead_s"], b["mean_overhead_s"]],

@@ -4,7 +4,8 @@ Reads configs/site/<site>.yaml through Hydra (`site.*` words on the command line
 any other `key=value` words are extra training overrides for this site), checks what would
 otherwise fail later and far from the cause (unknown site, SuperLink not reachable, data folder
 without usable spectra, missing or unreadable certificate or key, a key flower-supernode cannot
-parse), then runs `flower-supernode` and the site worker (client/worker.py) under one supervisor.
+parse), then runs `flower-supernode` (through client/supernode.py, which sets its idle waits to
+`site.poll_s`) and the site worker (client/worker.py) under one supervisor.
 Errors are one line on stderr and a non-zero exit code.
 """
 
@@ -26,6 +27,8 @@ from pathlib import Path
 
 from mrsfm_model.files import write_atomic
 
+from .supernode import ENV as POLL_ENV
+
 PROG = "python -m client"
 
 
@@ -34,9 +37,9 @@ class SiteError(Exception):
 
 
 def known_sites() -> list[str]:
-    from mrsfm_model.config import config_dir
+    from mrsfm_model.config import config_names
 
-    return sorted(p.stem for p in (config_dir() / "site").glob("*.yaml"))
+    return config_names("site")
 
 
 def load_site(site: str, overrides: list[str]):
@@ -282,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg, train_words = load_site(args.site, args.overrides)  # local problems first, then the network
+        poll_s = float(cfg.site.poll_s)
+        if not 0.05 <= poll_s <= 60:
+            raise SiteError(f"site.poll_s must be between 0.05 and 60 seconds, got {cfg.site.poll_s}")
         data_dir = check_data_dir(cfg.site.data_dir)
         cmd = supernode_command(cfg, train_words, data_dir)
         state_dir = Path(str(cfg.site.state_dir)).expanduser()
@@ -309,12 +315,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     env = {**os.environ, "PATH": path}  # the SuperNode starts flower-superexec and flwr-clientapp from PATH
+    env[POLL_ENV] = str(poll_s)  # client/supernode.py: Flower's SuperNode with this site's idle waits
     env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     mode = ("site worker on (warm model between rounds; only this installation's client code runs)" if warm else
             "site worker off (site.worker=false): every message starts a fresh process running the app bundle's code")
     print(f"{PROG}: site {cfg.site.name} -> SuperLink {cfg.site.superlink}, data "
-          f"{data_dir or '(simulation only)'}; {mode}", file=sys.stderr, flush=True)
-    return Supervisor([exe, *cmd[1:]], worker, env).run()
+          f"{data_dir or '(simulation only)'}; {mode}; idle poll every {poll_s:g} s", file=sys.stderr, flush=True)
+    return Supervisor([sys.executable, "-m", "client.supernode", *cmd[1:]], worker, env).run()
 
 
 if __name__ == "__main__":

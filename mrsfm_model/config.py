@@ -33,6 +33,12 @@ def config_dir() -> Path:
                             "or reinstall mrsfm")
 
 
+def config_names(group: str) -> list[str]:
+    """The choices of a config group (configs/<group>/*.yaml), leaving out the files the others
+    share (`_common.yaml`): e.g. the sites that `python -m client --site` knows."""
+    return sorted(p.stem for p in (config_dir() / group).glob("*.yaml") if not p.stem.startswith("_"))
+
+
 def load_config(overrides: Sequence[str] = (), name: str = "config") -> DictConfig:
     """Compose `configs/<name>.yaml` with Hydra overrides like `data.batch_size=8`."""
     from hydra import compose, initialize_config_dir

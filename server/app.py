@@ -29,7 +29,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import OmegaConf
 
-from mrsfm_model.config import config_dir, from_section, load_config, site_owned_keys
+from mrsfm_model.config import config_names, from_section, load_config, site_owned_keys
 from mrsfm_model.data.stream import build_stream
 from mrsfm_model.model.export import export_encoder, init_mae
 from mrsfm_model.model.mae import build_mae
@@ -85,7 +85,7 @@ class RunSettings:
     def expected_sites(self) -> list[str]:
         if self.sites.strip():
             return [x.strip() for x in self.sites.split(",") if x.strip()]
-        return sorted(p.stem for p in (config_dir() / "site").glob("*.yaml"))
+        return config_names("site")
 
 
 def run_root() -> Path:

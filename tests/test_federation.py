@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -21,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
-from helpers import ScriptedGrid, live_members, phase, run_module, wait_for
+from helpers import REPO, ScriptedGrid, live_members, phase, run_module, wait_for
 
 from mrsfm_model.model.wire import as_fp32_record, decode, encode, nbytes, to_state
 from server.example_sites import SITES, prepare_site_data
@@ -162,6 +164,27 @@ def test_launcher_runtime_port_in_use_is_one_clear_line():
                          f"site.superlink=127.0.0.1:{port}")
     assert res.returncode != 0 and res.stderr.strip().count("\n") == 0, res.stderr
     assert f"site.runtime_port {port} is in use on this machine" in res.stderr
+
+
+@pytest.mark.slow  # real processes (the site launcher)
+def test_launcher_poll_interval_out_of_range_is_one_clear_line():
+    res = run_module("client", "--site", "unicamp", "site.poll_s=0")
+    assert res.returncode != 0 and res.stderr.strip().count("\n") == 0, res.stderr
+    assert "site.poll_s must be between 0.05 and 60 seconds, got 0" in res.stderr
+
+
+def test_supernode_entry_caps_only_the_supernode_loops_waits():
+    """client/supernode.py, in a process of its own (it patches Flower's module for that process)."""
+    code = ("import time, functools; from client.supernode import shorten_waits; "
+            "import flwr.supernode.start_client_internal as loop; assert shorten_waits(0.1); "
+            "t = time.monotonic(); loop.time.sleep(3); capped = time.monotonic() - t; "
+            "t = time.monotonic(); time.sleep(0.3); plain = time.monotonic() - t; "
+            "assert isinstance(loop.pull_objects, functools.partial) and loop.pull_objects.keywords == {'initial_backoff': 0.1}; "
+            "print(round(capped, 2), round(plain, 2), loop.time.monotonic is time.monotonic)")
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    capped, plain, same = res.stdout.split()
+    assert float(capped) < 0.5 and float(plain) >= 0.3 and same == "True"  # the rest of time untouched
 
 
 @pytest.mark.slow  # reads a folder through the real launcher process
