@@ -2,8 +2,9 @@
 
 Flower 1.41's SuperNode sleeps a fixed 3 s after every pull that finds no message, 0.5 s at a time
 while it waits for its ClientApp's reply, and backs off from 1 s when a message's content is not on
-the SuperLink yet; none of it is an option. A round is two exchanges (train, evaluate), so with a
-small model about 7 of its ~8 s were these waits. This entry point caps the sleeps of Flower's
+the SuperLink yet; none of it is an option. After a site sends its update it asks at once for the
+next round's message, finds none (the server is still aggregating) and sleeps the 3 s out, so a
+small model's round lasted ~8 s for ~0.2 s of training. This entry point caps the sleeps of Flower's
 SuperNode loop (`flwr.supernode.start_client_internal`, that module alone: heartbeats and
 connection retries keep their own timing) and the first back-off at MRSFM_SUPERNODE_POLL_S seconds,
 then runs Flower's own `flower_supernode()` with the same arguments. If this Flower does not have
