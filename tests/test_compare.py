@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mrsfm_model.config import load_config
+from mrsfm_model.config import config_names, load_config
 from mrsfm_model.data.simulate import load_profile
 from server.compare import CompareConfig, comparisons, config_folder, plan_arms, write_configs
 
@@ -35,6 +35,15 @@ def test_every_arm_trains_on_the_same_samples_and_lovo_arms_never_hold_their_ven
     assert [s.private for s in hetero.sites] == [48, 14, 5] and [s.noisy for s in hetero.sites] == [False, False, True]
 
 
+def test_gpu_scale_is_a_valid_larger_comparison():
+    c = settings("compare=gpu")
+    small = settings()
+    assert c.model == "small" and c.rounds > small.rounds and c.private_spectra > small.private_spectra
+    assert set(c.modes) == {"linear", "full", "head", "head_cal"} and len(c.seeds) == 10
+    held = {a.held_out for a in plan_arms(c) if a.group == "lovo"}
+    assert held == {"GE", "Philips", "Siemens"}
+
+
 def test_bad_settings_are_one_line_naming_the_key():
     with pytest.raises(ValueError, match="compare.steps_per_round"):
         settings("compare.steps_per_round=100")
@@ -54,6 +63,11 @@ def test_site_configs_carry_the_vendor_mix_dp_and_a_noisier_profile(tmp_path):
         assert load_profile("press_siemens").snr == (15.0, 150.0)
     site = (folder / "site" / "siemens.yaml").read_text()
     assert "press_siemens_noisy" in site and "privacy" not in site
+    with config_folder(folder):  # the arm's site file still takes what every site shares
+        siemens = load_config(["+site=siemens"]).site
+        assert siemens.name == "siemens" and siemens.worker is True and siemens.poll_s == 0.5
+        assert siemens.overrides == ["data.sim_profiles=[press_siemens_noisy,megapress_siemens_noisy]"]
+        assert config_names("site") == ["einstein", "ge", "hcfmrp", "philips", "siemens", "unicamp"]  # not _common
     dp = write_configs(arms["dp_eps3"], c, tmp_path / "dp")
     assert "privacy.target_epsilon=3.0" in (dp / "site" / "ge.yaml").read_text()
 
