@@ -9,6 +9,8 @@ import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.grad_sample import GradSampleModule
 
+from mrsfm_model.data.latents import NAMES as LATENT_NAMES
+from mrsfm_model.data.stream import Batch
 from mrsfm_model.model.mae import SpectroMAE, mae_config, mae_loss
 from mrsfm_model.training.privacy import DPConfig, PrivateSite, register_grad_samplers
 from mrsfm_model.training.trainer import OptimConfig, Trainer
@@ -238,7 +240,8 @@ def test_ghost_clipping_gives_the_same_clipped_gradient_as_per_sample_gradients(
             enabled=True, noise_multiplier=0.0, batch_size=6, max_grad_norm=0.05, clipping=mode))
         torch.manual_seed(1)  # the same masks
         site.private_step(x)  # a DP-SGD step on a fixed batch (no epsilon: sigma 0 makes it infinite)
-        grads[mode] = torch.cat([p.grad.flatten() for p in tr.model.parameters()])
+        # (the latent head sits the private step out: tested below)
+        grads[mode] = torch.cat([p.grad.flatten() for p in tr.model.parameters() if p.grad is not None])
     plain = _trainer(0)
     torch.manual_seed(1)
     mae_loss(plain.model, x)[0].backward()
@@ -265,3 +268,29 @@ def test_a_failed_private_round_leaves_no_opacus_hooks_on_the_warm_model(private
         _round(private_folder, 1)
     _, metrics = _round(private_folder, 1)  # the same warm model: would be "hooks twice" without the cleanup
     assert metrics["private-steps"] == 2 and len(calls) == 2
+
+
+@pytest.mark.parametrize("clipping", ["ghost", "flat"])
+def test_private_steps_leave_the_latent_head_alone_and_public_steps_train_it(clipping):
+    """The head regresses simulator truth that private spectra lack: DP noise would be its only
+    gradient (and AdamW makes noise a full-size step), so it sits out the private steps."""
+    torch.manual_seed(0)
+    tr = Trainer(SpectroMAE(mae_config("micro", img_size=(64, 64), latent_weight=1.0)), mae_loss,
+                 OptimConfig.from_config(lr=1e-3), 100, 8, progress=False)
+    head = tr.model.latent_head
+    assert list(head.parameters()) == tr.model.public_only_parameters()
+    site = PrivateSite(tr, torch.randn(12, 3, 64, 64),
+                       DPConfig.from_config(enabled=True, noise_multiplier=1.0, batch_size=4, clipping=clipping))
+    public = Batch(x=torch.randn(4, 3, 64, 64), vendor=torch.zeros(4, dtype=torch.long),
+                   invivo=torch.zeros(4, dtype=torch.bool), latents=torch.randn(4, len(LATENT_NAMES)))
+    tr.train_step(public)  # a public step: the head moves, and leaves a gradient behind
+    before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+    state = {n: {k: v.clone() for k, v in tr.optimizer.state[p].items()} for n, p in head.named_parameters()}
+    assert site.private_steps(3)["private_steps"] == 3
+    moved = {n for n, p in tr.model.named_parameters() if not torch.equal(before[n], p)}
+    assert moved and not any(n.startswith("latent_head.") for n in moved)  # the encoder did move
+    for n, p in head.named_parameters():  # nor did its AdamW moments
+        assert all(torch.equal(state[n][k], v) for k, v in tr.optimizer.state[p].items())
+    assert all(p.requires_grad for p in tr.model.parameters())
+    tr.train_step(public)
+    assert not torch.equal(before["latent_head.weight"], head.weight)  # public steps still train it

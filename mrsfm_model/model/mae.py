@@ -237,6 +237,12 @@ class SpectroMAE(nn.Module):
             loss = loss + (zero if per_sample else zero.mean())
         return loss, pred, mask
 
+    def public_only_parameters(self) -> list[nn.Parameter]:
+        """Parameters that batches without the simulator's truth (a site's private spectra) never
+        train: the latent head. DP-SGD leaves them out of its private steps, which would give them
+        noise and nothing else (training.privacy.PrivateSite)."""
+        return [] if self.latent_head is None else list(self.latent_head.parameters())
+
     def reconstruct(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Image of the prediction in the input's units (undoing per-patch normalisation), visible patches kept."""
         target = self.patchify(imgs)

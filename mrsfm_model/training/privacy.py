@@ -6,6 +6,9 @@
 - Only the private in vivo set goes through the DP data loader (Poisson sampling); shared
   simulated data is trained in separate non-private steps (`public()`), so it neither dilutes
   the sampling rate nor costs privacy.
+- Parameters the private spectra cannot train (the MAE's latent head: private spectra carry no
+  simulator truth) sit out the private steps. Otherwise DP noise would be their only gradient,
+  and AdamW turns pure noise into full-size steps: the head was lost at every epsilon.
 - The accountant's history persists between rounds (`state()` / `PrivateSite(..., state=)`),
   so the reported epsilon is the true cumulative value over the whole federation; when the
   budget is spent the site stops taking private steps.
@@ -13,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import warnings
 from collections.abc import Iterator
@@ -185,6 +189,27 @@ class PrivateSite:
             for (x,) in self.loader:
                 yield x.to(self.trainer.device)
 
+    @contextlib.contextmanager
+    def _public_only_kept(self) -> Iterator[None]:
+        """The model's public-only parameters come out of a private step as they went in, with their
+        AdamW moments. (Freezing them instead would clash with ghost clipping, whose parameter list
+        is fixed when Opacus wraps the model; the noise drawn for them is simply discarded.)"""
+        params = getattr(self.trainer.model, "public_only_parameters", list)()
+        opt = self.trainer.optimizer
+        saved = [(p.detach().clone(), {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[p].items()}
+                  if p in opt.state else None) for p in params]
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, (value, state) in zip(params, saved):
+                    p.copy_(value)
+                    p.grad = None
+                    if state is None:
+                        opt.state.pop(p, None)
+                    else:
+                        opt.state[p] = state
+
     def private_steps(self, steps: int) -> dict:
         """Up to `steps` DP-SGD steps; fewer (maybe none) when the budget runs out."""
         done = self._dp_steps(self.steps_within_budget(steps))
@@ -196,13 +221,14 @@ class PrivateSite:
         for _ in range(steps):
             batch = next(it)
             if len(batch) == 0:  # Poisson sampling can draw an empty batch: a noise-only step, still counted
-                self.dp_optimizer.zero_grad(set_to_none=True)
-                for p in self.dp_optimizer.params:
-                    if self.ghost:
-                        p.grad = torch.zeros_like(p)
-                    else:
-                        p.grad_sample = p.new_zeros((0, *p.shape))
-                self.dp_optimizer.step()
+                with self._public_only_kept():
+                    self.dp_optimizer.zero_grad(set_to_none=True)
+                    for p in self.dp_optimizer.params:
+                        if self.ghost:
+                            p.grad = torch.zeros_like(p)
+                        else:
+                            p.grad_sample = p.new_zeros((0, *p.shape))
+                    self.dp_optimizer.step()
             else:
                 self.private_step(batch)
         return steps
@@ -232,7 +258,8 @@ class PrivateSite:
         per-sample hooks on for exactly this step."""
         self.dp_model.enable_hooks()
         try:
-            return self.trainer.train_step(batch, self.policy)
+            with self._public_only_kept():
+                return self.trainer.train_step(batch, self.policy)
         finally:
             self.dp_model.disable_hooks()
 
