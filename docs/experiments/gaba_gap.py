@@ -2,12 +2,17 @@
 
     python docs/experiments/gaba_gap.py   # the shipped encoder, benchmark seeds 1 (validation) and 2 (test); JSON lines
 """
-import json, torch, numpy as np
+import json
+
+import numpy as np
+import torch
+
 from mrsfm_model.config import load_config
 from mrsfm_model.data.stream import InputBuilder
-from mrsfm_model.evaluation.tasks import build_benchmark
 from mrsfm_model.evaluation.finetune import head_estimates
+from mrsfm_model.evaluation.tasks import build_benchmark
 from mrsfm_model.model.export import shipped
+
 cfg = load_config(["device=cpu"]); ft = cfg.finetune; b = InputBuilder.from_data_config(cfg.data)
 for seed in (1, 2):
     bench = build_benchmark(b.grid, b.transform, b.channels, ft.benchmark.subjects_per_vendor, ft.benchmark.scans_per_subject,
