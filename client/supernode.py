@@ -10,6 +10,12 @@ connection retries keep their own timing) and the first back-off at MRSFM_SUPERN
 then runs Flower's own `flower_supernode()` with the same arguments. If this Flower does not have
 that layout, it says so on stderr and runs unchanged.
 
+It also makes the SuperNode's leave survive a second stop signal. On SIGTERM/SIGINT Flower's SuperNode
+deactivates and unregisters its node on the SuperLink, after putting back the handlers it found at
+start; with Python's defaults there, a second signal during that leave (systemd or a test signalling
+the whole process group and the launcher forwarding its own SIGTERM; Ctrl-C reaching both) killed it
+half-way, and the SuperLink kept a ghost node that every later round waited for until its deadline.
+
     MRSFM_SUPERNODE_POLL_S=0.5 python -m client.supernode --superlink HOST:PORT ...
 """
 
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
 import time
 import types
@@ -42,7 +49,20 @@ def shorten_waits(cap_s: float) -> bool:
     return True
 
 
+def _ignore(_signum: int, _frame: object) -> None:
+    """A Python handler, not SIG_IGN: processes the SuperNode starts get the default back at exec."""
+
+
+def leave_once() -> None:
+    """Ignore SIGTERM/SIGINT until Flower's SuperNode installs its own handlers: these are what it
+    puts back when the first signal starts its leave, so a second one cannot cut the leave short
+    (the launcher kills a SuperNode that has not left within its grace period)."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _ignore)
+
+
 def main() -> None:
+    leave_once()
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     cap = os.environ.get(ENV)

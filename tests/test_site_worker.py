@@ -3,7 +3,9 @@
 One federation (module fixture), in phases:
   A. 3 sites with their workers (the default), 2 rounds.
   B. the same sites with site.worker=false (a fresh flwr-clientapp process per message), the same 2
-     rounds into another run dir: the same global weights as A.
+     rounds into another run dir: the same global weights as A. The SuperNodes of A, stopped as
+     systemd stops a unit (SIGTERM to the process group), left the SuperLink: no round of B or C
+     waits for a node of the phase before.
   C. workers again, 3 rounds of a few seconds each; hcfmrp's worker is SIGKILLed during round 2: the
      round aggregates the other two, the launcher restarts the worker, round 3 has all three.
   D. a run whose app bundle carries changed client code: every site refuses it, nothing trains.
@@ -116,12 +118,20 @@ def test_warm_workers_and_fresh_processes_give_the_same_global_weights(warm_fede
     assert max(warm_setup) < 0.5 < min(cold_setup), (warm_setup, cold_setup)  # round 2: nothing rebuilt
 
 
+def test_stopped_sites_leave_the_superlink_and_no_round_waits_for_them(warm_federation):
+    out = warm_federation["out"]
+    rows = [r for x in "BC" if (out / x / "metrics.jsonl").exists() for r in RunDir(out / x).read_metrics()]
+    assert len(rows) == 5, warm_federation.get("error")
+    ghosts = [d for r in rows for d in r["dropped"] if d["site"].startswith("node ")]
+    assert not ghosts, ghosts  # a node no site name was learnt for: a SuperNode of an earlier phase
+
+
 def test_a_killed_worker_costs_its_site_one_round_and_is_restarted(warm_federation):
     res = phase(warm_federation, "C")
     assert res["status"] == "finished:completed", res
     rows = {r["round"]: r for r in RunDir(warm_federation["out"] / "C").read_metrics()}
     assert sorted(s["site"] for s in rows[2]["sites"]) == ["einstein", "unicamp"]
-    assert "hcfmrp" in [d["site"] for d in rows[2]["dropped"]]  # (nodes of the previous phase, gone, as well)
+    assert [d["site"] for d in rows[2]["dropped"]] == ["hcfmrp"]
     assert sorted(s["site"] for s in rows[3]["sites"]) == sorted(SITES)  # the restarted worker takes part
     assert "site worker exited (code -9); restarting it with its SuperNode" in warm_federation["C_log"]
     assert not alive(warm_federation["killed"])
