@@ -509,10 +509,11 @@ def scaled_train(msg, context):
 
 @pytest.mark.slow  # a real federation: one site scales its update every round, another inflates its num-examples
 def test_real_sites_scaling_updates_or_claiming_1e12_examples_get_no_extra_weight(tmp_path):
-    res = _run_with_client(tmp_path, "scaled", SCALED_CLIENT, rounds=3, local_steps=3, timeout_s=300)
+    # 2 rounds (the sign-flip test shows that a rejection holds in the rounds after it)
+    res = _run_with_client(tmp_path, "scaled", SCALED_CLIENT, rounds=2, local_steps=3, timeout_s=300)
     assert res["status"] == "finished:completed", res
     rows = RunDir(tmp_path / "run").read_metrics()
-    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert [r["round"] for r in rows] == [1, 2]
     # Round 1, from a random model, the honest sites' steps are large and uneven enough that 1000x a tiny update
     # stays under 10x their median (measured: accepted, clipped to 3x the median); from round 2 on it is rejected.
     transcript = (tmp_path / "logs" / "flwr_run.log").read_text(errors="replace")
@@ -541,11 +542,11 @@ COLLUDING_CLIENT = FLIPPED_CLIENT.replace(
 def test_two_real_colluders_among_five_sites_are_rejected_from_round_2(tmp_path, monkeypatch):
     monkeypatch.setenv("MRSFM_CONFIG_DIR", os.environ.get("MRSFM_CONFIG_DIR", str(config_dir())))
     assert 'in ("einstein", "site5")' in COLLUDING_CLIENT
-    res = _run_with_client(tmp_path, "colluding", COLLUDING_CLIENT, rounds=3, local_steps=3, timeout_s=400,
+    res = _run_with_client(tmp_path, "colluding", COLLUDING_CLIENT, rounds=2, local_steps=3, timeout_s=400,
                            sites=(*SITES, "site4", "site5"))
     assert res["status"] == "finished:completed", res
     rows = RunDir(tmp_path / "run").read_metrics()
-    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert [r["round"] for r in rows] == [1, 2]
     # Round 1, from a random model, the sites' updates agree too little to expose the flips (measured:
     # both accepted, as a single flipper is); from round 2 on both are rejected (cosine -0.93 with the median).
     for r in rows[1:]:
