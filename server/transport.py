@@ -21,7 +21,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from mrsfm_model.model.wire import decode, encode, nbytes, to_state
+from mrsfm_model.model.wire import decode, encode, nbytes, pack, to_state, unpack
 
 from .validate import UpdateValidator, ValidationSettings
 
@@ -115,12 +115,14 @@ class WireGrid(Grid):
         wire, sent, globals_, out = {}, {}, {}, []
         for msg in messages:
             content = RecordDict(dict(msg.content.items()))
-            for key, rec in msg.content.array_records.items():
-                if id(rec) not in wire:  # the strategy sends one record to all: encode it once
-                    wire[id(rec)] = encode(to_state(rec), self.wire_dtype)
-                content[key] = wire[id(rec)]
             node = msg.metadata.dst_node_id
-            sent[node] = sum(nbytes(r) for r in content.array_records.values())
+            sent[node] = 0
+            for key, rec in msg.content.array_records.items():
+                if id(rec) not in wire:  # the strategy sends one record to all: encode and pack it once
+                    encoded = encode(to_state(rec), self.wire_dtype)
+                    wire[id(rec)] = (nbytes(encoded), pack(encoded))
+                sent[node] += wire[id(rec)][0]
+                content[key] = wire[id(rec)][1]
             globals_[node] = dict(msg.content.array_records)  # float32: what validation compares with
             out.append(Message(content=content, dst_node_id=node, message_type=msg.metadata.message_type,
                                group_id=msg.metadata.group_id, ttl=msg.metadata.ttl))
@@ -129,12 +131,20 @@ class WireGrid(Grid):
         # an error reply comes from the SuperLink (node 1): map it back to its node
         nodes = [to_node.get(r.metadata.reply_to_message_id, r.metadata.src_node_id) for r in replies]
         answered = {node: r.content for node, r in zip(nodes, replies) if not r.has_error()}
+        unpackable = {}
         for node, content in answered.items():
             self.name_site(node, content)
+            try:
+                for key, rec in list(content.array_records.items()):
+                    content[key] = unpack(rec)
+            except ValueError as exc:
+                unpackable[node] = str(exc)
+        answered = {node: c for node, c in answered.items() if node not in unpackable}
         if is_train:
             updates, rejected = self.validate(answered, {node: globals_.get(node, {}) for node in answered})
+            rejected.update(unpackable)
         else:  # no checks on other replies (none carry weights today: evaluation is off)
-            rejected = {}
+            rejected = unpackable
             updates = {n: {k: decode(r, self.template) for k, r in c.array_records.items()}
                        for n, c in answered.items()}
         kept, report = [], []

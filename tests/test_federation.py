@@ -20,12 +20,13 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from helpers import REPO, ScriptedGrid, live_members, phase, run_module, wait_for
 
-from mrsfm_model.model.wire import as_fp32_record, decode, encode, nbytes, to_state
+from mrsfm_model.model.wire import LAYOUT, PACKED, as_fp32_record, decode, encode, nbytes, pack, to_state, unpack
 from server.example_sites import SITES, prepare_site_data
 from server.local import LocalFederation
 from server.rundir import RunDir
@@ -55,6 +56,26 @@ def test_bf16_wire_round_trips_within_bf16_precision_and_halves_the_bytes():
         decode(rec16, {**state, "w": torch.zeros(3)})
 
 
+def test_a_packed_record_unpacks_to_the_same_bytes_in_two_arrays():
+    gen = torch.Generator().manual_seed(0)
+    state = {"w": torch.randn(64, 33, generator=gen), "b": torch.randn(7, generator=gen),
+             "n": torch.tensor([3, 4], dtype=torch.int64), "e": torch.zeros(0)}
+    for wire_dtype in ("bf16", "fp32"):
+        rec = encode(state, wire_dtype)
+        packed = pack(rec)
+        assert list(packed.keys()) == [PACKED, LAYOUT]
+        back = unpack(packed)
+        assert list(back.keys()) == list(rec.keys())
+        assert all(back[k].dtype == rec[k].dtype and back[k].shape == rec[k].shape and back[k].data == rec[k].data
+                   for k in rec)
+    assert unpack(rec) is rec  # a record that was never packed passes as it is
+    from flwr.app import Array
+    longer = pack(rec)
+    longer[PACKED] = Array(np.concatenate([longer[PACKED].numpy(), np.zeros(3, np.uint8)]))
+    with pytest.raises(ValueError, match="3 bytes beyond its layout"):
+        unpack(longer)
+
+
 FL = {"fedavg": None, "fedadam": type("Fl", (), {"eta": 1e-3, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-6})}
 
 
@@ -75,7 +96,8 @@ def test_server_averages_decoded_float32_not_16_bit_views(monkeypatch, name):
         def reply(self, messages):
             replies = []
             for m in messages:
-                assert m.content["arrays"]["w"].dtype == "int16"  # the server sends 16 bits too
+                assert set(m.content["arrays"].keys()) == {PACKED, LAYOUT}  # one trip through Flower's store
+                assert unpack(m.content["arrays"])["w"].dtype == "int16"  # the server sends 16 bits too
                 name, w, n = sites[m.metadata.dst_node_id]
                 replies.append(Message(RecordDict({"arrays": encode({"w": w}, "bf16"),
                                                    "metrics": MetricRecord({"num-examples": n, "loss": 1.0}),

@@ -19,7 +19,7 @@ from helpers import APP_CONFIG, ScriptedGrid
 from safetensors.torch import load_file
 
 from mrsfm_model.config import config_dir, load_config
-from mrsfm_model.model.wire import as_fp32_record, encode, to_state
+from mrsfm_model.model.wire import PACKED, as_fp32_record, encode, pack, to_state, unpack
 from server.app import RunSettings, run_federation
 from server.bundle import stage_app
 from server.example_sites import SITES, copy_site_configs, prepare_site_data
@@ -61,7 +61,7 @@ class FakeGrid(ScriptedGrid):
     def reply(self, messages):
         out = []
         for m in messages:
-            arrays = m.content["arrays"].items()
+            arrays = unpack(m.content["arrays"]).items()
             state = {k: torch.from_numpy(a.numpy()).view(torch.bfloat16).float() for k, a in arrays}
             out.append(Message(self.sites[m.metadata.dst_node_id](state), reply_to=m))
         return out
@@ -112,6 +112,11 @@ def _with(mutate: Callable[[ArrayRecord], None], state: dict | None = None, **kw
     return make
 
 
+def _truncated(rec):
+    rec[PACKED] = Array(rec[PACKED].numpy()[:-2].copy())
+    return rec
+
+
 def _nan(rec):
     a = rec["w"].numpy().copy()
     a[0, :3] = BF16_NAN
@@ -143,6 +148,9 @@ BROKEN = {  # kind -> (einstein's reply, the reason it must be rejected with)
     "no arrays": (lambda g: RecordDict({"metrics": MetricRecord({"num-examples": 5, "loss": 1.0}),
                                         "site": ConfigRecord({"site": "einstein"})}),
                   r"array records \[\], expected \['arrays'\]$"),
+    "bad packing": (lambda g: RecordDict({"arrays": _truncated(pack(encode(trained(4)))), "site": ConfigRecord(
+        {"site": "einstein"}), "metrics": MetricRecord({"num-examples": 5, "loss": 1.0})}),
+                    r"a packed record that cannot be unpacked: the packed bytes end before the layout does$"),
 }
 
 
@@ -354,6 +362,7 @@ from flwr.app import Array
 from flwr.clientapp import ClientApp
 
 from client.app import query, train
+from mrsfm_model.model.wire import pack, unpack
 
 app = ClientApp()
 app.query()(query)
@@ -363,11 +372,12 @@ app.query()(query)
 def broken_train(msg, context):
     reply = train(msg, context)
     if context.node_config.get("site") == "einstein":
-        arrays = reply.content["arrays"]
+        arrays = unpack(reply.content["arrays"])
         key = next(iter(arrays))
         a = arrays[key].numpy().copy()
         a.reshape(-1)[:12] = 0x7FC0 if a.dtype == np.int16 else np.nan  # 0x7FC0: a bf16 NaN's bits
         arrays[key] = Array(a)
+        reply.content["arrays"] = pack(arrays)
     return reply
 '''
 
@@ -444,7 +454,7 @@ import torch
 from flwr.clientapp import ClientApp
 
 from client.app import query, train
-from mrsfm_model.model.wire import decode, encode
+from mrsfm_model.model.wire import decode, encode, pack, unpack
 
 app = ClientApp()
 app.query()(query)
@@ -454,10 +464,10 @@ app.query()(query)
 def flipped_train(msg, context):
     reply = train(msg, context)
     if context.node_config.get("site") == "einstein":
-        sent = msg.content["arrays"]
+        sent = unpack(msg.content["arrays"])
         template = {k: torch.zeros(tuple(a.shape)) for k, a in sent.items()}
-        g, w = decode(sent, template), decode(reply.content["arrays"], template)
-        reply.content["arrays"] = encode({k: 2 * g[k] - w[k] for k in g}, str(msg.content["config"]["wire-dtype"]))
+        g, w = decode(sent, template), decode(unpack(reply.content["arrays"]), template)
+        reply.content["arrays"] = pack(encode({k: 2 * g[k] - w[k] for k in g}, str(msg.content["config"]["wire-dtype"])))
     return reply
 '''
 
@@ -485,7 +495,7 @@ from flwr.app import MetricRecord
 from flwr.clientapp import ClientApp
 
 from client.app import query, train
-from mrsfm_model.model.wire import decode, encode
+from mrsfm_model.model.wire import decode, encode, pack, unpack
 
 app = ClientApp()
 app.query()(query)
@@ -496,11 +506,11 @@ def scaled_train(msg, context):
     reply = train(msg, context)
     site = context.node_config.get("site")
     if site == "unicamp":
-        sent = msg.content["arrays"]
+        sent = unpack(msg.content["arrays"])
         template = {k: torch.zeros(tuple(a.shape)) for k, a in sent.items()}
-        g, w = decode(sent, template), decode(reply.content["arrays"], template)
-        reply.content["arrays"] = encode({k: g[k] + 1000.0 * (w[k] - g[k]) for k in g},
-                                         str(msg.content["config"]["wire-dtype"]))
+        g, w = decode(sent, template), decode(unpack(reply.content["arrays"]), template)
+        reply.content["arrays"] = pack(encode({k: g[k] + 1000.0 * (w[k] - g[k]) for k in g},
+                                              str(msg.content["config"]["wire-dtype"])))
     if site == "einstein":
         reply.content["metrics"] = MetricRecord({**dict(reply.content["metrics"]), "num-examples": 10**12})
     return reply
