@@ -61,7 +61,10 @@ def warm_federation(tmp_path_factory):
             before = log.read_text(errors="replace").count("Receiving: train message")
             outcome: dict = {}
             runner = threading.Thread(target=lambda: outcome.update(fed.run(
-                {**RUN, "num-rounds": 3, "run-dir": str(out / "C"), "local-sleep-s": 4.0, "round-timeout-s": 20},
+                # min-sites 3: round 3 waits until the restarted site is back (round 2 aggregates the
+                # two replies it gets); without it a fast round 3 could start before it re-registers
+                {**RUN, "num-rounds": 3, "run-dir": str(out / "C"), "local-sleep-s": 4.0, "round-timeout-s": 20,
+                 "min-sites": 3},
                 timeout_s=180)))
             runner.start()
             wait_for(lambda: log.read_text(errors="replace").count("Receiving: train message") >= before + 2, 90,
