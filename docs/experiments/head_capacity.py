@@ -5,7 +5,9 @@ spectra (benchmark generators, a benchmark seed no screen or test uses) and scor
 VALIDATION benchmark's held-out subjects (seed 1), beside the shipped head read with no labels:
 ridge and a small MLP on the frozen flat band tokens, the same on the image pixels.
 
-    python docs/experiments/head_capacity.py [TRAIN_SUBJECTS_PER_VENDOR]   # default 1000 (6 000 spectra); JSON lines
+    python docs/experiments/head_capacity.py [TRAIN_SUBJECTS_PER_VENDOR [ENCODER]]   # default 1000 (6 000 spectra),
+                                                                                  # the shipped encoder; JSON lines
+With ENCODER (an exported encoder with its head) the pixel arms, which do not depend on it, are left out.
 """
 import json
 import os
@@ -73,10 +75,11 @@ def mlp(f: np.ndarray, y: np.ndarray, fv: np.ndarray, yv: np.ndarray, ft: np.nda
 
 cfg = load_config(["device=cpu"]); ft = cfg.finetune; b = InputBuilder.from_data_config(cfg.data); cpu = torch.device("cpu")
 per_vendor = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
+encoder = sys.argv[2] if len(sys.argv) > 2 else shipped()
 train = build_benchmark(b.grid, b.transform, b.channels, per_vendor, 2, 0.2, TRAIN_SEED, cpu)
 val = build_benchmark(b.grid, b.transform, b.channels, ft.benchmark.subjects_per_vendor, ft.benchmark.scans_per_subject,
                       ft.benchmark.test_fraction, 1, cpu)
-vit = load_encoder(shipped(), num_classes=0, global_pool="flat").eval()
+vit = load_encoder(encoder, num_classes=0, global_pool="flat").eval()
 
 
 @torch.no_grad()
@@ -88,9 +91,10 @@ def tokens(x: torch.Tensor) -> np.ndarray:
 fit, hold, t = ~train.test, train.test, val.test  # train's own held-out subjects choose alpha / the epoch
 y_fit, y_hold = np.log(train.ratios[fit].numpy()), np.log(train.ratios[hold].numpy())
 y_val = val.ratios[t].numpy()
-print(json.dumps({"arm": "shipped head, no labels", "n_train": 0,
-                  "r2": r2(head_estimates(shipped(), val.x, cpu)[t].numpy(), y_val)}), flush=True)
-for name, feats in (("tokens", tokens), ("pixels", lambda x: x.flatten(1).numpy())):
+print(json.dumps({"arm": "head, no labels", "encoder": str(encoder), "n_train": 0,
+                  "r2": r2(head_estimates(encoder, val.x, cpu)[t].numpy(), y_val)}), flush=True)
+arms = (("tokens", tokens),) + ((("pixels", lambda x: x.flatten(1).numpy()),) if len(sys.argv) <= 2 else ())
+for name, feats in arms:
     f, fv = feats(train.x), feats(val.x)
     pred, alpha = ridge(f[fit.numpy()], y_fit, f[hold.numpy()], y_hold, fv[t.numpy()])
     print(json.dumps({"arm": f"ridge on {name}", "alpha": alpha, "n_train": int(fit.sum()), "r2": r2(np.exp(pred), y_val)}),
