@@ -89,7 +89,7 @@ def main() -> None:
             print(json.dumps(line), flush=True)
         link = _tree(fed.procs["superlink"].pid)
         site0 = _tree(fed.procs[f"supernode_{sites[0]}"].pid)
-        node = next(p for p in site0 if "flower-supernode" in _cmdline(p))
+        node = next(p for p in site0 if "client.supernode" in _cmdline(p))  # Flower's SuperNode, as the launcher runs it
         worker = next(p for p in site0 if "client.worker" in _cmdline(p))
         everything = link + [p for s in sites for p in _tree(fed.procs[f"supernode_{s}"].pid)]
         peak = {"superlink": max(_peak_mb(p) for p in link), "supernode": _peak_mb(node), "worker": _peak_mb(worker),
