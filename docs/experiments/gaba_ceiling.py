@@ -15,18 +15,15 @@ import torch
 
 from mrsfm_model.config import load_config
 from mrsfm_model.data.stream import InputBuilder
-from mrsfm_model.evaluation.finetune import head_estimates
+from mrsfm_model.evaluation.finetune import head_estimates, regression_metrics
 from mrsfm_model.evaluation.tasks import QUANT_TARGETS, build_benchmark, lcm_ratios
 from mrsfm_model.model.export import shipped
 
 
 def scores(est: np.ndarray, y: np.ndarray) -> dict:
-    out = {}
-    for j, name in enumerate(QUANT_TARGETS):
-        e, yy = est[:, j], y[:, j]
-        out[name] = {"r2": round(float(1 - ((e - yy) ** 2).sum() / ((yy - yy.mean()) ** 2).sum()), 3),
-                     "rmse": round(float(np.sqrt(((e - yy) ** 2).mean())), 4)}
-    return out
+    r2 = regression_metrics(y, est, QUANT_TARGETS)
+    return {name: {"r2": round(r2[f"r2_{name}"], 3), "rmse": round(float(np.sqrt(((est[:, j] - y[:, j]) ** 2).mean())), 4)}
+            for j, name in enumerate(QUANT_TARGETS)}
 
 
 cfg = load_config(["device=cpu"]); ft = cfg.finetune; b = InputBuilder.from_data_config(cfg.data)

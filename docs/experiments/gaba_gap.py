@@ -9,7 +9,7 @@ import torch
 
 from mrsfm_model.config import load_config
 from mrsfm_model.data.stream import InputBuilder
-from mrsfm_model.evaluation.finetune import head_estimates
+from mrsfm_model.evaluation.finetune import head_estimates, regression_metrics
 from mrsfm_model.evaluation.tasks import build_benchmark
 from mrsfm_model.model.export import shipped
 
@@ -20,7 +20,7 @@ for seed in (1, 2):
     est = head_estimates(shipped(), bench.x, torch.device("cpu")).numpy(); y = bench.ratios.numpy(); t = bench.test.numpy()
     for j, name in enumerate(("GABA/tCr", "NAA/tCr")):
         e, yy = est[t, j], y[t, j]
-        r2 = 1 - ((e - yy) ** 2).sum() / ((yy - yy.mean()) ** 2).sum()
+        r2 = regression_metrics(yy[:, None], e[:, None], [name])[f"r2_{name}"]
         print(json.dumps({"benchmark_seed": seed, "target": name, "n": int(t.sum()), "r2": round(float(r2), 3),
                           "rmse": round(float(np.sqrt(((e - yy) ** 2).mean())), 4), "sd_truth": round(float(yy.std()), 4),
                           "bias": round(float((e - yy).mean()), 4), "corr": round(float(np.corrcoef(e, yy)[0, 1]), 3)}))

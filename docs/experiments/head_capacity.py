@@ -21,7 +21,7 @@ from torch import nn  # noqa: E402
 
 from mrsfm_model.config import load_config  # noqa: E402
 from mrsfm_model.data.stream import InputBuilder  # noqa: E402
-from mrsfm_model.evaluation.finetune import head_estimates  # noqa: E402
+from mrsfm_model.evaluation.finetune import head_estimates, regression_metrics  # noqa: E402
 from mrsfm_model.evaluation.tasks import QUANT_TARGETS, build_benchmark  # noqa: E402
 from mrsfm_model.model.export import load_encoder, shipped  # noqa: E402
 
@@ -29,8 +29,8 @@ TRAIN_SEED = 11  # benchmark seeds 1 (validation) and 2 (test) are the screens' 
 
 
 def r2(pred: np.ndarray, y: np.ndarray) -> dict:
-    return {name: round(float(1 - ((pred[:, j] - y[:, j]) ** 2).sum() / ((y[:, j] - y[:, j].mean()) ** 2).sum()), 3)
-            for j, name in enumerate(QUANT_TARGETS)}
+    m = regression_metrics(y, pred, QUANT_TARGETS)
+    return {name: round(m[f"r2_{name}"], 3) for name in QUANT_TARGETS}
 
 
 def ridge(f: np.ndarray, y: np.ndarray, fv: np.ndarray, yv: np.ndarray, ft: np.ndarray) -> tuple[np.ndarray, float]:
