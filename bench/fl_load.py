@@ -2,12 +2,15 @@
 
 Each extra site is a copy of configs/site/<template>.yaml under a new name in a config folder of
 its own (MRSFM_CONFIG_DIR), so every SuperNode is started by `python -m client --site NAME`
-exactly as a hospital's. After the run, peak resident memory (VmHWM) of the SuperLink, of one
-SuperNode and of one site worker are read from /proc, and the sum over every process.
+exactly as a hospital's. Twice a second during the run, every process of the federation is read
+from /proc (peak resident memory, VmHWM), so that a process that ends before the run does (the
+ServerApp, each round's ClientApp) is counted too. Reported per role: the SuperLink itself, the
+ServerApp it starts (it holds torch and the global model), one SuperNode, one site worker (it
+serves the site's ClientApp messages), and the sum of the peaks of every process seen.
 
 Prints JSON lines: one per round ({"round", "round_s", "sites"}) and one summary ({"sites",
-"rounds", "rounds_per_s", "run_s", "peak_rss_mb": {"superlink", "supernode", "worker",
-"all_processes"}}).
+"rounds", "rounds_per_s", "run_s", "peak_rss_mb": {"superlink", "serverapp", "supernode",
+"worker", "all_processes"}}).
 Usage: python bench/fl_load.py [--sites 20] [--rounds 3] [--local-steps 2] [--out DIR]
 """
 
@@ -17,6 +20,7 @@ import argparse
 import json
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -54,6 +58,48 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+ROLES = {"superlink": "flower-superlink", "serverapp": "flwr-serverapp", "supernode": "client.supernode",
+         "worker": "client.worker"}
+
+
+class PeakSampler(threading.Thread):
+    """Peak RSS of every process under the named root processes, sampled until stopped."""
+
+    def __init__(self, roots: dict[str, int], every_s: float = 0.5) -> None:
+        super().__init__(daemon=True)
+        self.roots, self.every_s = roots, every_s
+        self.peaks: dict[int, float] = {}
+        self.cmd: dict[int, str] = {}
+        self.owner: dict[int, str] = {}  # pid -> the root it was found under
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            self.sample()
+            self.done.wait(self.every_s)
+
+    def sample(self) -> None:
+        for name, root in self.roots.items():
+            for pid in _tree(root):
+                try:
+                    peak = _peak_mb(pid)
+                except OSError:
+                    continue  # ended between the listing and the read
+                self.peaks[pid] = max(peak, self.peaks.get(pid, 0.0))
+                self.cmd.setdefault(pid, _cmdline(pid))
+                self.owner.setdefault(pid, name)
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join()
+        self.sample()
+
+    def role_peak(self, role: str, root: str | None = None) -> float:
+        """The largest peak among processes of `role` (under the root named `root` only, if given)."""
+        return max((mb for pid, mb in self.peaks.items() if ROLES[role] in self.cmd[pid]
+                    and root in (None, self.owner[pid])), default=0.0)
+
+
 def make_sites(n: int, template: str, folder: Path) -> list[str]:
     """A config folder (a copy of configs/) with n site files site00..; returns their names."""
     names = [f"site{i:02d}" for i in range(n)]
@@ -78,22 +124,21 @@ def main() -> None:
         for site in sites:
             fed.start_supernode(site, env=env)
         run_dir = out / "run"
+        sampler = PeakSampler({name: proc.pid for name, proc in fed.procs.items()})
+        sampler.start()
         res = fed.run({"overrides": "model=micro data.batch_size=4", "num-rounds": args.rounds,
                        "local-steps": args.local_steps, "run-dir": str(run_dir), "min-sites": len(sites),
                        "sites": ",".join(sites), "round-timeout-s": 600, "wait-timeout-s": 600}, timeout_s=3000)
+        sampler.stop()
         if res["status"] != "finished:completed":
             raise SystemExit(f"run ended {res['status']}; see {fed.logs}")
         rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         for r in rows:
             line = {"round": r["round"], "round_s": r["round_seconds"], "sites": len(r["sites"])}
             print(json.dumps(line), flush=True)
-        link = _tree(fed.procs["superlink"].pid)
-        site0 = _tree(fed.procs[f"supernode_{sites[0]}"].pid)
-        node = next(p for p in site0 if "client.supernode" in _cmdline(p))  # Flower's SuperNode, as the launcher runs it
-        worker = next(p for p in site0 if "client.worker" in _cmdline(p))
-        everything = link + [p for s in sites for p in _tree(fed.procs[f"supernode_{s}"].pid)]
-        peak = {"superlink": max(_peak_mb(p) for p in link), "supernode": _peak_mb(node), "worker": _peak_mb(worker),
-                "all_processes": round(sum(_peak_mb(p) for p in everything), 1)}
+        site0 = f"supernode_{sites[0]}"  # one site's processes: its SuperNode, worker and ClientApps
+        peak = {role: sampler.role_peak(role, site0 if role in ("supernode", "worker") else None) for role in ROLES}
+        peak["all_processes"] = round(sum(sampler.peaks.values()), 1)
         print(json.dumps({"summary": {"sites": len(sites), "rounds": len(rows), "run_s": res["seconds"],
                                       "start_to_end_s": round(time.monotonic() - t0, 1),
                                       "rounds_per_s": round(len(rows) / sum(r["round_seconds"] for r in rows), 4),
