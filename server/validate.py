@@ -159,6 +159,20 @@ def norm_outliers(norms: Mapping[K, float], max_ratio: float) -> dict[K, str]:
     return out
 
 
+def lower_median(rows: torch.Tensor) -> torch.Tensor:
+    """torch.median(rows, dim=0) (the lower median), 5-15x faster for the few sites of a round:
+    an odd-even transposition sort of the rows, element-wise min/max only (n passes of n/2
+    compare-exchanges, so from ~24 rows on torch's own median is the faster)."""
+    n = rows.shape[0]
+    if n > 24:
+        return rows.median(dim=0).values
+    r = list(rows.unbind(0))
+    for p in range(n):
+        for i in range(p % 2, n - 1, 2):
+            r[i], r[i + 1] = torch.minimum(r[i], r[i + 1]), torch.maximum(r[i], r[i + 1])
+    return r[(n - 1) // 2]
+
+
 class UpdateValidator:
     """One round's replies in, the decoded float32 updates that may be aggregated out, with a
     one-line reason for every reply that may not. See the module docstring for the checks."""
@@ -213,17 +227,19 @@ class UpdateValidator:
         cannot move): cosine below validation.min_cosine."""
         sites = list(decoded)
         tensors = [(key, name) for key, s in decoded[sites[0]].items() for name, t in s.items() if t.is_floating_point()]
-        dot = dict.fromkeys(sites, 0.0)
-        norm2 = dict.fromkeys(sites, 0.0)
+        dot = torch.zeros(len(sites), dtype=torch.float64)
+        norm2 = torch.zeros(len(sites), dtype=torch.float64)
         med2 = 0.0
         for key, name in tensors:  # tensor by tensor: memory of one tensor x the sites
-            stack = torch.stack([(decoded[k][key][name].double() - globals_[id(sent[k][key])][name].double()).flatten()
+            # float32 per tensor, sums combined in double: a cosine threshold needs no more (in
+            # double with torch.median this check took ~9 s a round on a ViT-B with 3 sites)
+            stack = torch.stack([(decoded[k][key][name].float() - globals_[id(sent[k][key])][name].float()).flatten()
                                  for k in sites])
-            med = stack.median(dim=0).values
+            med = lower_median(stack)
             med2 += float(med @ med)
-            for i, k in enumerate(sites):
-                dot[k] += float(stack[i] @ med)
-                norm2[k] += float(stack[i] @ stack[i])
+            dot += (stack @ med).double()
+            norm2 += stack.square().sum(dim=1).double()
+        dot, norm2 = dict(zip(sites, dot.tolist())), dict(zip(sites, norm2.tolist()))
         out = {}
         for k in sites:
             if med2 > 0 and norm2[k] > 0:

@@ -27,7 +27,7 @@ from server.local import LocalFederation
 from server.rundir import RunDir
 from server.strategy import STRATEGIES, make_strategy
 from server.transport import WireGrid
-from server.validate import ValidationSettings, array_problem, norm_outliers
+from server.validate import ValidationSettings, array_problem, lower_median, norm_outliers
 
 EXAMPLES = 12  # what the server asks each site for per round (local steps x batch size)
 TEMPLATE = {"w": torch.zeros(6, 8), "b": torch.zeros(8)}
@@ -562,3 +562,11 @@ def test_two_real_colluders_among_five_sites_are_rejected_from_round_2(tmp_path,
     for r in rows[1:]:
         assert sorted(s["site"] for s in r["sites"]) == ["hcfmrp", "site4", "unicamp"], r
         assert sorted(d["site"] for d in r["dropped"]) == ["einstein", "site5"], r["dropped"]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 7, 24, 25])
+def test_lower_median_is_torch_median_with_ties(n):
+    g = torch.Generator().manual_seed(n)
+    rows = torch.randint(-3, 4, (n, 5000), generator=g).float()  # few values: many ties
+    rows[:, :100] = torch.randn(n, 100, generator=g)
+    assert torch.equal(lower_median(rows), rows.median(dim=0).values)
