@@ -9,7 +9,8 @@ mode runs in a federation of its own: `warm` (the site worker keeps the model be
 the default) and `ephemeral` (site.worker=false: Flower's fresh ClientApp process per message).
 
 Prints JSON lines: one per round ({"mode", "wire_dtype", "round", "round_s", "overhead_s" =
-round_s - sleep, "bytes_up_per_site", "bytes_down_per_site", "site_setup_s"}), one summary per
+round_s - sleep, "bytes_up_per_site", "bytes_down_per_site", "site_setup_s", "server_s": the
+ServerApp's send / wait / check seconds from metrics.jsonl}), one summary per
 mode and wire dtype (mean overhead over rounds after the first, which builds the model in either
 mode; bytes per site per round), and comparison lines (bf16 vs fp32; ephemeral vs warm; with
 `--polls 3,0.5`, the SuperNode's idle wait `site.poll_s`: Flower's fixed 3 s against the sites'
@@ -94,7 +95,8 @@ def _measure(fed: LocalFederation, run_dir: Path, mode: str, dtype: str, sites: 
                 "overhead_s": round(r["round_seconds"] - args.sleep, 2),
                 "bytes_up_per_site": {s["site"]: s["bytes_up"] for s in r["sites"]},
                 "bytes_down_per_site": {s["site"]: s["bytes_down"] for s in r["sites"]},
-                "site_setup_s": {s["site"]: s["setup_seconds"] for s in r["sites"]}}
+                "site_setup_s": {s["site"]: s["setup_seconds"] for s in r["sites"]},
+                "server_s": r.get("server_seconds", {})}
         print(json.dumps(line), flush=True)
     later = rows[1:] or rows  # round 1 builds the model in both modes
     summary = {

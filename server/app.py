@@ -173,7 +173,8 @@ def _rounds(grid: Grid, s: RunSettings, cfg, model, rd: RunDir, done: int) -> No
                        "setup_seconds": round(float(r.metrics.get("setup-seconds", 0.0)), 3),
                        "bytes_up": r.bytes_up, "bytes_down": r.bytes_down, **_privacy(r.metrics)} for r in ok],
             "dropped": [{"site": r.site, "node_id": r.node_id, "error": r.error} for r in replies if not r.ok],
-            "round_seconds": round(now - clock[0], 3), "wire_dtype": s.wire_dtype, "strategy": s.strategy,
+            "round_seconds": round(now - clock[0], 3), "server_seconds": dict(wgrid.last_seconds),
+            "wire_dtype": s.wire_dtype, "strategy": s.strategy,
             "time": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         clock[0] = now

@@ -67,6 +67,7 @@ class WireGrid(Grid):
         self.sites: dict[int, str] = dict(sites or {})  # node id -> site name, learnt from replies
         self.say = logger or (lambda msg: log(INFO, msg))
         self.last_train: list[SiteReply] = []
+        self.last_seconds: dict[str, float] = {}  # the last train exchange: send, wait, check (metrics.jsonl)
         self.validate = UpdateValidator(template, wire_dtype, validation, say=self.say)
 
     # -- plain delegation ------------------------------------------------------------------------
@@ -113,6 +114,11 @@ class WireGrid(Grid):
             return []
         is_train = messages[0].metadata.message_type.startswith(MessageType.TRAIN)
         wire, sent, globals_, out = {}, {}, {}, []
+        clock = [time.monotonic()]
+
+        def lap() -> float:
+            clock.append(time.monotonic())
+            return round(clock[-1] - clock[-2], 3)
         for msg in messages:
             content = RecordDict(dict(msg.content.items()))
             node = msg.metadata.dst_node_id
@@ -126,7 +132,9 @@ class WireGrid(Grid):
             globals_[node] = dict(msg.content.array_records)  # float32: what validation compares with
             out.append(Message(content=content, dst_node_id=node, message_type=msg.metadata.message_type,
                                group_id=msg.metadata.group_id, ttl=msg.metadata.ttl))
+        seconds = {"send": lap()}  # encode and pack
         replies = self._exchange(out, timeout)
+        seconds["wait"] = lap()  # push, the sites' work and transport, pull
         to_node = {m.metadata.message_id: m.metadata.dst_node_id for m in out}  # ids are set once pushed
         # an error reply comes from the SuperLink (node 1): map it back to its node
         nodes = [to_node.get(r.metadata.reply_to_message_id, r.metadata.src_node_id) for r in replies]
@@ -176,7 +184,8 @@ class WireGrid(Grid):
                 rest = f"aggregating the {n_ok} other site(s)" if n_ok else "no site left to aggregate"
                 log(WARNING, f"[mrsfm] {who} {what} {r.error}; {rest}")
         if is_train:
-            self.last_train = report
+            seconds["check"] = lap()  # unpack, validate, re-encode for the strategy
+            self.last_train, self.last_seconds = report, seconds
         return kept
 
     def _server_weight(self, content: RecordDict, metrics: dict) -> None:

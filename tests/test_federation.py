@@ -272,6 +272,11 @@ def test_three_sites_two_rounds_checkpoint_and_metrics_every_round(federation):
     for r in rows[:2]:
         assert rd.checkpoint(r["round"]).is_file()
         assert sorted(s["site"] for s in r["sites"]) == sorted(SITES)
+        # where the server's round went: encode, the sites' work and transport, validation
+        assert set(r["server_seconds"]) == {"send", "wait", "check"}, r
+        assert all(v >= 0 for v in r["server_seconds"].values())
+        assert r["server_seconds"]["wait"] >= max(s["local_seconds"] for s in r["sites"])
+        assert sum(r["server_seconds"].values()) <= r["round_seconds"]
         for s in r["sites"]:
             assert s["num_examples"] == 3 * 4 and s["loss"] > 0 and s["local_seconds"] > 0
             assert s["bytes_up"] == s["bytes_down"] > 0
