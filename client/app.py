@@ -41,15 +41,15 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    from mrsfm_model.model.wire import decode, encode, nbytes, pack, unpack
+    from mrsfm_model.model.wire import nbytes, pack_state, unpack_state
 
     conf = dict(msg.content["config"])
     node = {k: str(v) for k, v in context.node_config.items()}
     node.setdefault("site", f"node-{context.node_id}")
-    state, metrics = local_round(conf, node, lambda template: decode(unpack(msg.content["arrays"]), template))
-    arrays = encode(state, str(conf["wire-dtype"]))
+    state, metrics = local_round(conf, node, lambda template: unpack_state(msg.content["arrays"], template))
+    arrays = pack_state(state, str(conf["wire-dtype"]))
     metrics["bytes-sent"] = nbytes(arrays)
-    return Message(RecordDict({"arrays": pack(arrays), "metrics": MetricRecord(metrics),
+    return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics),
                                "site": ConfigRecord({"site": node["site"]})}), reply_to=msg)
 
 

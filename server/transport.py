@@ -21,7 +21,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from mrsfm_model.model.wire import decode, encode, nbytes, pack, to_state, unpack
+from mrsfm_model.model.wire import decode, encode, nbytes, pack_state, to_state, unpack
 
 from .validate import UpdateValidator, ValidationSettings
 
@@ -125,8 +125,8 @@ class WireGrid(Grid):
             sent[node] = 0
             for key, rec in msg.content.array_records.items():
                 if id(rec) not in wire:  # the strategy sends one record to all: encode and pack it once
-                    encoded = encode(to_state(rec), self.wire_dtype)
-                    wire[id(rec)] = (nbytes(encoded), pack(encoded))
+                    packed = pack_state(to_state(rec), self.wire_dtype)
+                    wire[id(rec)] = (nbytes(packed), packed)
                 sent[node] += wire[id(rec)][0]
                 content[key] = wire[id(rec)][1]
             globals_[node] = dict(msg.content.array_records)  # float32: what validation compares with
@@ -140,6 +140,7 @@ class WireGrid(Grid):
         nodes = [to_node.get(r.metadata.reply_to_message_id, r.metadata.src_node_id) for r in replies]
         answered = {node: r.content for node, r in zip(nodes, replies) if not r.has_error()}
         unpackable = {}
+        up = {node: sum(nbytes(r) for r in c.array_records.values()) for node, c in answered.items()}  # as sent
         for node, content in answered.items():
             self.name_site(node, content)
             try:
@@ -164,14 +165,14 @@ class WireGrid(Grid):
                 continue
             content = reply.content
             metrics = {k: v for m in content.metric_records.values() for k, v in m.items()}
-            up = sum(nbytes(r) for r in content.array_records.values())
             if node in rejected:
-                report.append(SiteReply(node, site, False, metrics, down, up, error=f"rejected: {rejected[node]}"))
+                report.append(SiteReply(node, site, False, metrics, down, up[node],
+                                        error=f"rejected: {rejected[node]}"))
                 continue
             for key, state in updates[node].items():
                 content[key] = encode(state, "fp32")
             self._server_weight(content, metrics)
-            report.append(SiteReply(node, site, True, metrics, down, up))
+            report.append(SiteReply(node, site, True, metrics, down, up[node]))
             kept.append(reply)
         for node in set(sent) - {r.node_id for r in report}:
             report.append(SiteReply(node, self.sites.get(node, f"node {node}"), False, bytes_down=sent[node],

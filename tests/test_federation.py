@@ -26,7 +26,19 @@ import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from helpers import REPO, ScriptedGrid, live_members, phase, run_module, wait_for
 
-from mrsfm_model.model.wire import LAYOUT, PACKED, as_fp32_record, decode, encode, nbytes, pack, to_state, unpack
+from mrsfm_model.model.wire import (
+    LAYOUT,
+    PACKED,
+    as_fp32_record,
+    decode,
+    encode,
+    nbytes,
+    pack,
+    pack_state,
+    to_state,
+    unpack,
+    unpack_state,
+)
 from server.example_sites import SITES, prepare_site_data
 from server.local import LocalFederation
 from server.rundir import RunDir
@@ -76,6 +88,26 @@ def test_a_packed_record_unpacks_to_the_same_bytes_in_two_arrays():
         unpack(longer)
 
 
+def test_the_direct_pack_and_unpack_match_the_two_step_ones():
+    """What the sites and the server use (fewer copies) is byte-identical to encode+pack and decode+unpack."""
+    gen = torch.Generator().manual_seed(1)
+    state = {"w": torch.randn(64, 33, generator=gen), "b": torch.randn(7, generator=gen),
+             "n": torch.tensor([3, 4], dtype=torch.int64), "e": torch.zeros(0)}
+    for wire_dtype in ("bf16", "fp32"):
+        direct, two_step = pack_state(state, wire_dtype), pack(encode(state, wire_dtype))
+        assert all(direct[k].data == two_step[k].data for k in (PACKED, LAYOUT))
+        back, ref = unpack_state(direct, state), decode(unpack(two_step), state)
+        assert list(back) == list(ref) and all(back[k].dtype == ref[k].dtype and torch.equal(back[k], ref[k])
+                                               for k in ref)
+    assert torch.equal(unpack_state(encode(state, "bf16"), state)["w"], decode(encode(state, "bf16"), state)["w"])
+    with pytest.raises(ValueError, match="missing"):
+        unpack_state(direct, {**state, "extra": torch.zeros(1)})
+    with pytest.raises(ValueError, match="shape"):
+        unpack_state(direct, {**state, "w": torch.zeros(3)})
+    with pytest.raises(ValueError, match="wire-dtype"):
+        pack_state(state, "fp8")
+
+
 FL = {"fedavg": None, "fedadam": type("Fl", (), {"eta": 1e-3, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-6})}
 
 
@@ -99,7 +131,7 @@ def test_server_averages_decoded_float32_not_16_bit_views(monkeypatch, name):
                 assert set(m.content["arrays"].keys()) == {PACKED, LAYOUT}  # one trip through Flower's store
                 assert unpack(m.content["arrays"])["w"].dtype == "int16"  # the server sends 16 bits too
                 name, w, n = sites[m.metadata.dst_node_id]
-                replies.append(Message(RecordDict({"arrays": encode({"w": w}, "bf16"),
+                replies.append(Message(RecordDict({"arrays": pack_state({"w": w}, "bf16"),  # as a real site
                                                    "metrics": MetricRecord({"num-examples": n, "loss": 1.0}),
                                                    "site": ConfigRecord({"site": name})}), reply_to=m))
             return replies
@@ -117,7 +149,7 @@ def test_server_averages_decoded_float32_not_16_bit_views(monkeypatch, name):
     else:  # one Adam step of size ~eta from 0 along the sign of the averaged update
         assert torch.equal(torch.sign(got), torch.sign(mean).float()) and got.abs().max() < 2e-3
     assert sorted(r.site for r in grid.last_train) == ["hcfmrp", "unicamp"]
-    assert all(r.bytes_up == r.bytes_down == nbytes(encode(template, "bf16")) for r in grid.last_train)
+    assert all(r.bytes_up == r.bytes_down == nbytes(pack_state(template, "bf16")) for r in grid.last_train)  # as sent
 
 
 def test_fedadam_moments_survive_a_restart(tmp_path):

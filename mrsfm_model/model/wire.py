@@ -28,38 +28,46 @@ PACKED, LAYOUT = "packed", "packed.layout"  # the two arrays of a packed record:
 
 def encode(state: Mapping[str, torch.Tensor], wire_dtype: str = "bf16") -> ArrayRecord:
     """state_dict -> ArrayRecord; floating tensors as bf16 bits (int16 view) or float32."""
+    return ArrayRecord({key: Array(t.numpy()) for key, t in _wire_tensors(state, wire_dtype)})
+
+
+def _wire_tensors(state: Mapping[str, torch.Tensor], wire_dtype: str):
+    """(key, tensor as it travels): floating tensors as bf16 bits (int16) or float32, on the CPU."""
     if wire_dtype not in WIRE_DTYPES:
         raise ValueError(f"wire-dtype must be one of {WIRE_DTYPES}, got {wire_dtype!r}")
-    arrays = {}
     for key, t in state.items():
         t = t.detach().cpu().contiguous()
         if t.is_floating_point():
             t = t.to(torch.bfloat16).view(torch.int16) if wire_dtype == "bf16" else t.float()
-        arrays[key] = Array(t.numpy())
-    return ArrayRecord(arrays)
+        yield key, t
 
 
 def decode(record: ArrayRecord, template: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """ArrayRecord -> float32 state_dict, using `template` (the receiver's model) to know
     which int16 arrays are bf16 bits. Keys or shapes that differ from the template fail loudly."""
-    if set(record.keys()) != set(template.keys()):
-        missing, extra = set(template) - set(record), set(record) - set(template)
+    _keys_problem(record.keys(), template)
+    return {key: _from_wire(key, record[key].numpy(), ref) for key, ref in template.items()}
+
+
+def _from_wire(key: str, arr: np.ndarray, ref: torch.Tensor) -> torch.Tensor:
+    """One array as it travelled -> the model's tensor (float32 for floating-point entries)."""
+    if ref.is_floating_point() and arr.dtype == np.int16:
+        t = torch.from_numpy(arr).view(torch.bfloat16).float()
+    elif ref.is_floating_point():
+        t = torch.from_numpy(arr).float()
+    else:
+        t = torch.from_numpy(arr).to(ref.dtype)
+    if tuple(t.shape) != tuple(ref.shape):
+        raise ValueError(f"weights do not match the model: {key} has shape {tuple(t.shape)}, "
+                         f"the model {tuple(ref.shape)} (same model= override on every site?)")
+    return t
+
+
+def _keys_problem(keys, template: Mapping[str, torch.Tensor]) -> None:
+    if set(keys) != set(template.keys()):
+        missing, extra = set(template) - set(keys), set(keys) - set(template)
         raise ValueError(f"weights do not match the model: missing {sorted(missing)[:3]}, "
                          f"unexpected {sorted(extra)[:3]}")
-    out = {}
-    for key, ref in template.items():
-        arr = record[key].numpy()
-        if ref.is_floating_point() and arr.dtype == np.int16:
-            t = torch.from_numpy(arr).view(torch.bfloat16).float()
-        elif ref.is_floating_point():
-            t = torch.from_numpy(arr).float()
-        else:
-            t = torch.from_numpy(arr).to(ref.dtype)
-        if tuple(t.shape) != tuple(ref.shape):
-            raise ValueError(f"weights do not match the model: {key} has shape {tuple(t.shape)}, "
-                             f"the model {tuple(ref.shape)} (same model= override on every site?)")
-        out[key] = t
-    return out
 
 
 def nbytes(record: ArrayRecord) -> int:
@@ -80,7 +88,16 @@ def to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
 def pack(record: ArrayRecord) -> ArrayRecord:
     """Every array's bytes in one uint8 array, in the record's order, and its layout (names, dtypes,
     shapes) as JSON in a second one."""
-    arrays = [(k, a.numpy()) for k, a in record.items()]
+    return _packed([(k, a.numpy()) for k, a in record.items()])
+
+
+def pack_state(state: Mapping[str, torch.Tensor], wire_dtype: str = "bf16") -> ArrayRecord:
+    """pack(encode(state, wire_dtype)), byte for byte, without the per-tensor Arrays in between
+    (each of those is a copy; on a ViT-B this halves the time, 0.58 -> 0.32 s)."""
+    return _packed([(k, t.numpy()) for k, t in _wire_tensors(state, wire_dtype)])
+
+
+def _packed(arrays: list[tuple[str, np.ndarray]]) -> ArrayRecord:
     layout = [[k, a.dtype.str, list(a.shape)] for k, a in arrays]
     data = np.concatenate([np.ascontiguousarray(a).reshape(-1).view(np.uint8) for _, a in arrays]) if arrays \
         else np.zeros(0, np.uint8)
@@ -92,19 +109,34 @@ def unpack(record: ArrayRecord) -> ArrayRecord:
     judges it like any other); a packed one whose layout and bytes disagree raises ValueError."""
     if set(record.keys()) != {PACKED, LAYOUT}:
         return record
+    return ArrayRecord({key: Array(arr) for key, arr in _unpacked(record)})
+
+
+def unpack_state(record: ArrayRecord, template: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """decode(unpack(record), template) without the per-tensor Arrays in between (a ViT-B: 0.25 ->
+    0.10 s). Raises ValueError as those do, for a bad packing or weights of another model."""
+    if set(record.keys()) != {PACKED, LAYOUT}:
+        return decode(record, template)
+    arrays = dict(_unpacked(record))
+    _keys_problem(arrays.keys(), template)
+    return {key: _from_wire(key, arrays[key], ref) for key, ref in template.items()}
+
+
+def _unpacked(record: ArrayRecord) -> list[tuple[str, np.ndarray]]:
+    """(key, array) views into a packed record's bytes, in its layout's order."""
     try:
         layout = json.loads(record[LAYOUT].numpy().tobytes())
         data = record[PACKED].numpy()
-        out, offset = {}, 0
+        out, offset = [], 0
         for key, dtype, shape in layout:
             dt = np.dtype(dtype)
             n = dt.itemsize * int(np.prod(shape, dtype=np.int64))
             if data.dtype != np.uint8 or offset + n > data.size:
                 raise ValueError("the packed bytes end before the layout does")
-            out[str(key)] = Array(data[offset:offset + n].view(dt).reshape(shape))
+            out.append((str(key), data[offset:offset + n].view(dt).reshape(shape)))
             offset += n
     except (TypeError, ValueError, json.JSONDecodeError) as exc:
         raise ValueError(f"a packed record that cannot be unpacked: {exc}") from exc
     if offset != data.size:
         raise ValueError(f"a packed record with {data.size - offset} bytes beyond its layout")
-    return ArrayRecord(out)
+    return out
