@@ -35,14 +35,20 @@ def _peak_mb(pid: int) -> float:
     return 0.0
 
 
-def _tree(pid: int) -> list[int]:
-    """`pid` and all its descendants."""
+def _parents() -> dict[int, int]:
+    """pid -> parent pid, for every process (one pass over /proc)."""
     parent = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             parent[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):
             continue
+    return parent
+
+
+def _tree(pid: int, parent: dict[int, int] | None = None) -> list[int]:
+    """`pid` and all its descendants."""
+    parent = _parents() if parent is None else parent
     out, todo = [], [pid]
     while todo:
         p = todo.pop()
@@ -79,14 +85,16 @@ class PeakSampler(threading.Thread):
             self.done.wait(self.every_s)
 
     def sample(self) -> None:
+        parent = _parents()  # one pass over /proc per sample, not one per root
         for name, root in self.roots.items():
-            for pid in _tree(root):
+            for pid in _tree(root, parent):
                 try:
                     peak = _peak_mb(pid)
                 except OSError:
                     continue  # ended between the listing and the read
                 self.peaks[pid] = max(peak, self.peaks.get(pid, 0.0))
-                self.cmd.setdefault(pid, _cmdline(pid))
+                # the latest command line: a process first seen between fork and exec shows its parent's
+                self.cmd[pid] = _cmdline(pid) or self.cmd.get(pid, "")
                 self.owner.setdefault(pid, name)
 
     def stop(self) -> None:

@@ -244,7 +244,7 @@ class UpdateValidator:
         for k in sites:
             if med2 > 0 and norm2[k] > 0:
                 cos = dot[k] / math.sqrt(norm2[k] * med2)
-                if cos < self.settings.min_cosine:
+                if not cos >= self.settings.min_cosine:  # `not >=`: a NaN cosine (float32 overflow) fails too
                     out[k] = (f"update points against the others (cosine {cos:.2f} with the median of all "
                               f"updates); validation.min_cosine is {self.settings.min_cosine:g}")
         return out

@@ -49,14 +49,15 @@ def decode(record: ArrayRecord, template: Mapping[str, torch.Tensor]) -> dict[st
     return {key: _from_wire(key, record[key].numpy(), ref) for key, ref in template.items()}
 
 
-def _from_wire(key: str, arr: np.ndarray, ref: torch.Tensor) -> torch.Tensor:
-    """One array as it travelled -> the model's tensor (float32 for floating-point entries)."""
+def _from_wire(key: str, arr: np.ndarray, ref: torch.Tensor, copy: bool = False) -> torch.Tensor:
+    """One array as it travelled -> the model's tensor (float32 for floating-point entries).
+    `copy`: never a view of `arr` (a view into packed bytes would be unaligned and keep them alive)."""
     if ref.is_floating_point() and arr.dtype == np.int16:
         t = torch.from_numpy(arr).view(torch.bfloat16).float()
     elif ref.is_floating_point():
-        t = torch.from_numpy(arr).float()
+        t = torch.from_numpy(arr).to(torch.float32, copy=copy)
     else:
-        t = torch.from_numpy(arr).to(ref.dtype)
+        t = torch.from_numpy(arr).to(ref.dtype, copy=copy)
     if tuple(t.shape) != tuple(ref.shape):
         raise ValueError(f"weights do not match the model: {key} has shape {tuple(t.shape)}, "
                          f"the model {tuple(ref.shape)} (same model= override on every site?)")
@@ -119,7 +120,7 @@ def unpack_state(record: ArrayRecord, template: Mapping[str, torch.Tensor]) -> d
         return decode(record, template)
     arrays = dict(_unpacked(record))
     _keys_problem(arrays.keys(), template)
-    return {key: _from_wire(key, arrays[key], ref) for key, ref in template.items()}
+    return {key: _from_wire(key, arrays[key], ref, copy=True) for key, ref in template.items()}
 
 
 def _unpacked(record: ArrayRecord) -> list[tuple[str, np.ndarray]]:
