@@ -181,7 +181,8 @@ def _rounds(grid: Grid, s: RunSettings, cfg, model, rd: RunDir, done: int) -> No
         strategy.save_state(rd.server_state(rnd))
         rd.append_metrics(record)
         save_weights(model, rd.checkpoint(rnd), {"round": rnd, "strategy": s.strategy})  # commit point
-        scalars.add({"loss": loss, "num_sites": len(ok), "round_seconds": record["round_seconds"]}, rnd, "round")
+        scalars.add({"loss": loss, "num_sites": len(ok), "round_seconds": record["round_seconds"],
+                     **{f"server_{k}_seconds": v for k, v in record["server_seconds"].items()}}, rnd, "round")
         for site in record["sites"]:
             scalars.add({k: site[k] for k in ("loss", "epsilon", "bytes_up", "bytes_down", "local_seconds")
                          if k in site}, rnd, f"site/{site['site']}")

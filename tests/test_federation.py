@@ -326,6 +326,8 @@ def test_the_server_writes_tensorboard_beside_its_metrics_across_the_resume(fede
     assert [e.step for e in acc.Scalars("round/loss")] == [r["round"] for r in rows]  # no doubles after resume
     assert [round(e.value, 5) for e in acc.Scalars("round/loss")] == [round(r["loss"], 5) for r in rows]
     assert {f"site/{s}/loss" for s in SITES} | {f"site/{s}/bytes_up" for s in SITES} <= tags
+    assert [round(e.value, 3) for e in acc.Scalars("round/server_wait_seconds")] == [r["server_seconds"]["wait"]
+                                                                                     for r in rows]
 
 
 def test_site_killed_mid_round_the_round_aggregates_the_others(federation):
