@@ -46,9 +46,8 @@ def _parents() -> dict[int, int]:
     return parent
 
 
-def _tree(pid: int, parent: dict[int, int] | None = None) -> list[int]:
-    """`pid` and all its descendants."""
-    parent = _parents() if parent is None else parent
+def _tree(pid: int, parent: dict[int, int]) -> list[int]:
+    """`pid` and all its descendants, from a `_parents()` map."""
     out, todo = [], [pid]
     while todo:
         p = todo.pop()
