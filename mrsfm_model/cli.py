@@ -93,6 +93,12 @@ def cmd_simulate(args: argparse.Namespace, overrides: list[str]) -> int:
     from mrsfm_model.data.simulate import write_simulated
 
     cfg, builder = _data_setup(overrides)
+    if args.study:
+        from mrsfm_model.data.cohort import write_cohort
+
+        labels = write_cohort(args.profile.split(","), args.n, args.out, seed=args.seed, grid=builder.grid)
+        print(f"wrote a study of {args.n} subjects per profile (half lesion) to {args.out}; labels in {labels}")
+        return 0
     device = resolve_device(args.device or cfg.device)
     paths = write_simulated(args.profile, args.n, args.out, seed=args.seed, grid=builder.grid, device=device)
     print(f"wrote {len(paths)} NIfTI-MRS files (+ JSON ground truth) to {args.out}")
@@ -187,8 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = subs.add_parser("simulate", help="write simulated in vivo-like spectra as NIfTI-MRS + JSON truth")
-    p.add_argument("--n", type=int, required=True)
-    p.add_argument("--profile", required=True, help="name in configs/simulation/ or a YAML path")
+    p.add_argument("--n", type=int, required=True, help="spectra (with --study: subjects per profile)")
+    p.add_argument("--profile", required=True,
+                   help="name in configs/simulation/ or a YAML path (with --study: a comma-separated list, one per vendor)")
+    p.add_argument("--study", action="store_true",
+                   help="a labelled control-vs-lesion study (configs/simulation/_cohort.yaml) with labels.csv, "
+                        "for `mrsfm finetune --data DIR --labels DIR/labels.csv --target condition`")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: config's device)")

@@ -133,7 +133,7 @@ def test_token_pooling_is_kept_in_the_study_model(study, tmp_path):
     from mrsfm_model.evaluation.predict import load_study_model
 
     root, rows = study
-    cfg = load_config(OVERRIDES + ["++study.seeds=[0]", "finetune.global_pool=token"])
+    cfg = load_config(OVERRIDES + ["++study.seeds=[0]", "finetune.global_pool=token", "study.mode=full"])
     run_study(cfg, None, root / "data", write_labels(tmp_path / "labels.csv", rows), "vendor", tmp_path / "out", CPU,
               log=lambda m: None)
     model, meta = load_study_model(tmp_path / "out" / "model.safetensors")
@@ -248,3 +248,54 @@ def test_scratch_architecture_is_the_configured_model():
     cfg = load_config(["model.embed_norm=true", "model.patch_size=[4,4]"])
     got = architecture(cfg, None, InputBuilder.from_data_config(cfg.data))
     assert got == build_mae(cfg.model, cfg.data).cfg and got.embed_norm and got.patch_size == (4, 4)
+
+
+def test_auto_picks_a_frozen_readout_per_fold_and_predict_rebuilds_it(cfg, tmp_path):
+    """`mrsfm simulate --study` writes a labelled control-vs-lesion study; mode auto (the default)
+    records which read-out each fold chose, and the saved model predicts exactly as it was fitted."""
+    from mrsfm_model.data.cohort import write_cohort
+    from mrsfm_model.evaluation.predict import load_study_model
+
+    labels = write_cohort(["press_ge", "press_siemens"], 8, tmp_path / "data")
+    rows = list(csv.DictReader(open(labels)))
+    assert len(rows) == 16 and {r["condition"] for r in rows} == {"control", "lesion"}
+    lesion = [float(r["NAA/tCr"]) for r in rows if r["condition"] == "lesion"]
+    control = [float(r["NAA/tCr"]) for r in rows if r["condition"] == "control"]
+    assert np.mean(lesion) < np.mean(control)  # the lesion lowers NAA
+    auto = load_config(OVERRIDES + ["++study.seeds=[0]"])
+    assert auto.study.mode == "auto"
+    torch.manual_seed(0)
+    spec = auto.data.spectrogram
+    mae = SpectroMAE(mae_config("micro", img_size=(spec.height, spec.width), in_chans=len(auto.data.channels)))
+    enc = export_encoder(mae, tmp_path / "enc.safetensors", {"trained_steps": 0})
+    res = run_study(auto, enc, tmp_path / "data", labels, "condition", tmp_path / "out", CPU, log=lambda m: None)
+    for arm in ("pretrained", "random_init", "scratch"):
+        assert {f["mode"] for f in res["arms"][arm]["per_fold"]} <= {"linear", "latent"}
+    assert res["final_mode"] in ("linear", "latent")
+    for mode in ("latent", "linear"):
+        one = load_config(OVERRIDES + ["++study.seeds=[0]", f"study.mode={mode}"])
+        res = run_study(one, enc, tmp_path / "data", labels, "condition", tmp_path / mode, CPU, log=lambda m: None)
+        model, meta = load_study_model(tmp_path / mode / "model.safetensors")
+        assert meta["mode"] == mode == res["final_mode"]
+        data = load_study(one, tmp_path / "data", labels, "condition", log=lambda m: None)
+        from mrsfm_model.evaluation.study import DeepSetup, train_deep
+        from mrsfm_model.evaluation.study_data import StudyConfig
+
+        scfg = StudyConfig.from_config(one.study)
+        setup = DeepSetup(enc, mae.cfg, scfg.finetune(one), CPU)
+        fitted, _, _ = train_deep(data.x, data.y, data.task, data.n_classes, setup, scfg.seeds[0], data.groups)
+        with torch.no_grad():
+            assert torch.allclose(model(data.x), fitted(data.x), atol=1e-5)
+
+
+def test_latent_mode_needs_a_latent_head(cfg, study, tmp_path):
+    root, rows = study
+    torch.manual_seed(0)
+    spec = cfg.data.spectrogram
+    mae = SpectroMAE(mae_config("micro", img_size=(spec.height, spec.width), in_chans=len(cfg.data.channels),
+                                latent_weight=0.0))
+    enc = export_encoder(mae, tmp_path / "nohead.safetensors", {"trained_steps": 0})
+    one = load_config(OVERRIDES + ["study.mode=latent"])
+    with pytest.raises(ValueError, match="latent head"):
+        run_study(one, enc, root / "data", write_labels(tmp_path / "labels.csv", rows), "vendor", tmp_path / "o",
+                  CPU, log=lambda m: None)

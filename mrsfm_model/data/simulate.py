@@ -401,6 +401,12 @@ def _nifti(spec: Spectrum, vendor: str | None, sequence: str, te_ms: float | Non
     return img
 
 
+def write_nifti(spec: Spectrum, batch: SimBatch, path: str | Path) -> Path:
+    """One simulated spectrum of `batch` as a NIfTI-MRS file (vendor, sequence, TE in its header)."""
+    _nifti(spec, batch.vendor, batch.sequence, batch.te_ms, batch.profile).save(str(path))
+    return Path(path)
+
+
 def write_simulated(profile: str | SimProfile, n: int, out_dir: str | Path, seed: int = 0,
                     grid: CanonicalGrid | None = None, device: torch.device | str | None = None,
                     chunk: int = 1024) -> list[Path]:
@@ -419,7 +425,7 @@ def write_simulated(profile: str | SimProfile, n: int, out_dir: str | Path, seed
         batch = sim.simulate(min(chunk, n - start), seed=seed + k)
         for j, spec in enumerate(batch.to_spectra()):
             stem = out_dir / f"{name}_s{seed}_{start + j:06d}"
-            _nifti(spec, batch.vendor, batch.sequence, batch.te_ms, name).save(str(stem) + ".nii.gz")
+            write_nifti(spec, batch, str(stem) + ".nii.gz")
             truth = spec.provenance.extra["truth"]
             sidecar = {
                 "profile": name, "seed": batch.seed, "index": j, "source": spec.provenance.source,
@@ -437,5 +443,5 @@ def write_simulated(profile: str | SimProfile, n: int, out_dir: str | Path, seed
     return paths
 
 
-__all__ = ["SimProfile", "SimBatch", "Simulator", "load_profile", "available_profiles", "write_simulated",
+__all__ = ["SimProfile", "SimBatch", "Simulator", "load_profile", "available_profiles", "write_simulated", "write_nifti",
            "parametric_mm", "MM_PEAKS"]

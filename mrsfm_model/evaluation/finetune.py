@@ -1,10 +1,13 @@
 """Few-label fine-tuning of the exported encoder, beside the same encoder at initialisation and
 timm's from-scratch ViT.
 
-Two modes:
+Three modes:
 - linear: the encoder is frozen; its pooled features (`global_pool`; `flat` keeps each ppm band
   in its place) are computed once and the regularised logistic / ridge regression of the
   non-deep baselines (mrsfm_model.evaluation.linear) is fitted on them, kept as BatchNorm + Linear;
+- latent: the same regression on the outputs of the encoder's latent head (its own estimates of
+  metabolite ratios and acquisition parameters, model/quantifier.py): a few numbers per spectrum
+  that carry what pretraining learnt about the chemistry;
 - full: the whole ViT is trained by the shared `Trainer`, with layer-wise learning-rate decay,
   its head either fresh or the linear probe's (`head_init: probe`, LP-FT).
 Classification uses cross-entropy and reports accuracy, balanced accuracy and macro-F1;
@@ -23,6 +26,7 @@ import torch
 from torch import nn
 
 from mrsfm_model.config import ConfigSection
+from mrsfm_model.data.latents import NAMES as LATENT_NAMES
 from mrsfm_model.data.spectrum import VENDORS
 from mrsfm_model.data.stream import InputBuilder
 from mrsfm_model.errors import MRSDataError
@@ -31,7 +35,7 @@ from mrsfm_model.evaluation.tasks import HEAD_ESTIMATES, QUANT_TARGETS, build_be
 from mrsfm_model.logs import Log, get_logger
 from mrsfm_model.model.export import build_vit, encoder_state, load_encoder, read_encoder_config
 from mrsfm_model.model.mae import MAEConfig, SpectroMAE, configured_mae
-from mrsfm_model.model.quantifier import calibrate, has_quantifier, load_quantifier
+from mrsfm_model.model.quantifier import Quantifier, calibrate, has_quantifier, load_quantifier
 from mrsfm_model.reports.cards import read_card
 from mrsfm_model.training.trainer import OptimConfig, Trainer
 
@@ -43,7 +47,7 @@ class FinetuneConfig(ConfigSection):
     """One fine-tuning run's settings; values (and their reasons) in configs/finetune/default.yaml."""
 
     SECTION = "finetune"
-    mode: str  # full | linear
+    mode: str  # full | linear | latent
     steps: int
     batch_size: int
     blr: float
@@ -56,8 +60,8 @@ class FinetuneConfig(ConfigSection):
     probe_l2: float  # L2 of the linear probe (the non-deep baselines' estimator, mrsfm_model.evaluation.linear)
 
     def check(self) -> None:
-        if self.mode not in ("full", "linear"):
-            raise ValueError(f"config finetune.mode: expected full|linear, got {self.mode!r}")
+        if self.mode not in FROZEN_READOUTS + ("full",):
+            raise ValueError(f"config finetune.mode: expected full|linear|latent, got {self.mode!r}")
         if self.head_init not in ("random", "probe"):
             raise ValueError(f"config finetune.head_init: expected random|probe, got {self.head_init!r}")
         if self.global_pool not in ("avg", "token", "flat"):
@@ -90,6 +94,7 @@ def _loss_fn(task: str):
 
 
 RANDOM_INIT = "random-init"  # `encoder` value of the control arm: the MAE's encoder at its initialisation
+FROZEN_READOUTS = ("linear", "latent")  # modes that fit a linear model on a frozen network's outputs
 
 
 def _model(encoder: str | Path | None, mae_cfg: MAEConfig, n_out: int, pool: str) -> nn.Module:
@@ -105,12 +110,50 @@ def _model(encoder: str | Path | None, mae_cfg: MAEConfig, n_out: int, pool: str
 
 def random_init_encoder(mae_cfg: MAEConfig, n_out: int, pool: str) -> nn.Module:
     """The MAE's encoder at initialisation (seeded by the caller's torch seed), as a timm ViT."""
+    return _random_init_parts(mae_cfg, n_out, pool)[0]
 
-    state = encoder_state(SpectroMAE(mae_cfg))  # drawn first: the same weights a pretraining run seeded alike starts from
+
+def _random_init_parts(mae_cfg: MAEConfig, n_out: int, pool: str) -> tuple[nn.Module, nn.Linear | None]:
+    """(the MAE's encoder at initialisation as a timm ViT, its latent head at initialisation)."""
+    mae = SpectroMAE(mae_cfg)  # drawn first: the same weights a pretraining run seeded alike starts from
     vit = build_vit(mae_cfg, num_classes=n_out, global_pool=pool)
-    missing, _ = vit.load_state_dict(state, strict=False)
+    missing, _ = vit.load_state_dict(encoder_state(mae), strict=False)
     assert all(k.startswith("head.") for k in missing), missing
-    return vit
+    return vit, mae.latent_head
+
+
+def frozen_network(encoder: str | Path | None, mae_cfg: MAEConfig, readout: str, pool: str, n_out: int) -> nn.Module:
+    """The frozen network a read-out fits its linear model on (call after seeding, like `_model`).
+
+    linear: the ViT's pooled features. latent: its latent head's outputs: the pretrained head, the
+    MAE's head at initialisation (RANDOM_INIT), or for timm's scratch ViT a head initialised as the
+    MAE initialises its own, so every arm reads the same number of outputs the same way."""
+    if readout == "linear":
+        vit = _model(encoder, mae_cfg, n_out, pool)  # n_out: the same random draws as a full fine-tune's start
+        vit.reset_classifier(0)
+        return PooledFeatures(vit)
+    if encoder == RANDOM_INIT:
+        vit, head = _random_init_parts(mae_cfg, 0, "flat")
+        if head is None:
+            raise ValueError("finetune mode latent needs a model with a latent head (model.latent_weight > 0)")
+        return Quantifier(vit, head)
+    if encoder:
+        return load_quantifier(encoder)
+    vit = build_vit(mae_cfg, num_classes=0, global_pool="flat")
+    head = nn.Linear(vit.num_features, len(LATENT_NAMES))
+    nn.init.xavier_uniform_(head.weight)
+    nn.init.zeros_(head.bias)
+    return Quantifier(vit, head)
+
+
+def fit_readout(net: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str, n_out: int, l2: float,
+                device: torch.device, feats: np.ndarray | None = None) -> nn.Module:
+    """A frozen network followed by the regularised linear model fitted on its outputs (`feats`,
+    when the caller has them already): one module mapping images to logits or values."""
+    if feats is None:
+        feats = network_outputs(net, x, device).numpy()
+    target = y.numpy() if task == "classification" else y.numpy().reshape(len(y), -1)
+    return nn.Sequential(net, fit_linear(feats, target, task, n_out, l2).to(device)).eval()
 
 
 @torch.no_grad()
@@ -126,11 +169,10 @@ def train_model(
 ) -> nn.Module:
     """Train on (x, y) and return a module mapping images to outputs (logits or standardised values)."""
     torch.manual_seed(seed)
+    if cfg.mode in FROZEN_READOUTS:
+        return fit_readout(frozen_network(encoder, mae_cfg, cfg.mode, cfg.global_pool, n_out), x, y, task, n_out,
+                           cfg.probe_l2, device)
     vit = _model(encoder, mae_cfg, n_out, cfg.global_pool)
-    if cfg.mode == "linear":
-        head = _fit_probe(vit, x, y, task, n_out, cfg, device)
-        vit.reset_classifier(0)
-        return nn.Sequential(PooledFeatures(vit), head).eval()
     if cfg.head_init == "probe":  # LP-FT: start the full fine-tune from the linear probe's head
         _fold_probe_into_head(vit, _fit_probe(vit, x, y, task, n_out, cfg, device))
     opt = OptimConfig.from_config(blr=cfg.blr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
@@ -318,7 +360,7 @@ def run_benchmark(cfg, encoder: str | Path | None, out_dir: str | Path, device: 
             task_arms += [("pretrained", mode) for mode in HEAD_MODES]
         for init, mode in task_arms:
             steps = ft.quant_steps if task == "quant" else ft.steps
-            fcfg = FinetuneConfig.from_config(ft, mode=mode, steps=steps) if mode in ("linear", "full") else None
+            fcfg = FinetuneConfig.from_config(ft, mode=mode, steps=steps) if mode in ("full", *FROZEN_READOUTS) else None
             for n in ft.label_sizes:
                 per_seed = []
                 for seed in ft.seeds:

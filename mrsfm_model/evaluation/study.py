@@ -31,6 +31,8 @@ from mrsfm_model.evaluation.finetune import (
     architecture,
     arm_start,
     classification_metrics,
+    fit_readout,
+    frozen_network,
     mean_ci95,
     network_outputs,
     regression_metrics,
@@ -68,24 +70,67 @@ def baseline_fit_predict(f_train: np.ndarray, y_train: np.ndarray, f_test: np.nd
 
 @dataclass
 class DeepSetup:
-    """What a deep arm needs besides the data."""
+    """What a deep arm needs besides the data. `choose`: the frozen read-outs study mode `auto`
+    picks from (by an inner CV on the training rows); empty for a fixed mode."""
 
     encoder: Path | None
     mae_cfg: MAEConfig
     ft: FinetuneConfig
     device: torch.device
+    choose: tuple[str, ...] = ()
 
 
-def train_deep(x: torch.Tensor, y: np.ndarray, task: str, n_classes: int, setup: DeepSetup,
-               seed: int) -> tuple[torch.nn.Module, dict[str, float]]:
-    """The shared `train_model`; regression targets standardised (stats returned to undo it)."""
+def train_deep(x: torch.Tensor, y: np.ndarray, task: str, n_classes: int, setup: DeepSetup, seed: int,
+               groups: np.ndarray | None = None) -> tuple[torch.nn.Module, dict[str, float], str]:
+    """The shared `train_model` (or, in mode auto, the read-out `choose_readout` picks); regression
+    targets standardised (stats returned to undo it). Returns (model, stats, the mode it used)."""
+    stats = {} if task == "classification" else {"mean": float(y.mean()), "std": float(max(y.std(), 1e-6))}
+    n_out = n_classes if task == "classification" else 1
+    yt = (torch.from_numpy(y).long() if task == "classification"
+          else torch.from_numpy((y - stats["mean"]) / stats["std"]).float()[:, None])
+    if setup.choose:
+        model, mode = choose_readout(x, y, yt, np.arange(len(y)) if groups is None else groups, task, n_out,
+                                     setup, seed)
+        return model, stats, mode
+    return train_model(x, yt, task, n_out, setup.encoder, setup.mae_cfg, setup.ft, seed, setup.device), stats, \
+        setup.ft.mode
+
+
+def choose_readout(x: torch.Tensor, y: np.ndarray, yt: torch.Tensor, groups: np.ndarray, task: str, n_out: int,
+                   setup: DeepSetup, seed: int) -> tuple[torch.nn.Module, str]:
+    """Mode auto: score each frozen read-out in `setup.choose` by a grouped, stratified inner CV on
+    these (training) rows alone, then fit the best on all of them. Why: the latent head's estimates
+    carry the chemistry (concentration differences) and the band tokens the acquisition (vendor);
+    which one a study's target needs is measured on its own training data, never on its test fold."""
+    k = _inner_folds(y, groups, task)
+    best: tuple[float, str, torch.nn.Module, np.ndarray] | None = None
+    for readout in setup.choose:
+        torch.manual_seed(seed)
+        net = frozen_network(setup.encoder, setup.mae_cfg, readout, setup.ft.global_pool, n_out)
+        feats = network_outputs(net, x, setup.device).numpy()
+        score = _inner_score(feats, y, groups, task, n_out, setup.ft.probe_l2, k, seed) if k >= 2 else 0.0
+        if best is None or score > best[0]:
+            best = (score, readout, net, feats)
+    _, readout, net, feats = best
+    return fit_readout(net, x, yt, task, n_out, setup.ft.probe_l2, setup.device, feats=feats), readout
+
+
+def _inner_folds(y: np.ndarray, groups: np.ndarray, task: str, most: int = 4) -> int:
+    """Folds of the inner CV: at most `most`, and no more than the smallest class has groups."""
     if task == "classification":
-        model = train_model(x, torch.from_numpy(y).long(), task, n_classes, setup.encoder, setup.mae_cfg, setup.ft,
-                            seed, setup.device)
-        return model, {}
-    stats = {"mean": float(y.mean()), "std": float(max(y.std(), 1e-6))}
-    yt = torch.from_numpy((y - stats["mean"]) / stats["std"]).float()[:, None]
-    return train_model(x, yt, task, 1, setup.encoder, setup.mae_cfg, setup.ft, seed, setup.device), stats
+        return min([most] + [len(set(groups[y == c])) for c in np.unique(y)])
+    return min(most, len(set(groups)))
+
+
+def _inner_score(feats: np.ndarray, y: np.ndarray, groups: np.ndarray, task: str, n_out: int, l2: float, k: int,
+                 seed: int) -> float:
+    """Headline metric of the linear read-out's out-of-fold predictions over the inner folds."""
+    fold = cv_folds(y, groups, k, seed + 7919, task)
+    oof = np.zeros((len(y), n_out)) if task == "classification" else np.zeros(len(y))
+    for f in range(k):
+        tr, te = fold != f, fold == f
+        oof[te] = baseline_fit_predict(feats[tr], y[tr], feats[te], task, n_out, l2)
+    return _scores(y, oof, task, n_out)[HEADLINE_METRIC[task]]
 
 
 def deep_outputs(model: torch.nn.Module, x: torch.Tensor, task: str, stats: dict[str, float],
@@ -117,11 +162,13 @@ def evaluate_arm(arm: str, data: StudyData, folds: dict[int, np.ndarray], k: int
                 oof[te] = baseline_fit_predict(data.features[tr], data.y[tr], data.features[te], data.task,
                                                data.n_classes, scfg.baseline_l2)
             else:
-                arm_setup = DeepSetup(arm_start(arm, setup.encoder), setup.mae_cfg, setup.ft, setup.device)
-                model, stats = train_deep(data.x[tr], data.y[tr], data.task, data.n_classes, arm_setup,
-                                          seed * 1000 + f)
+                arm_setup = DeepSetup(arm_start(arm, setup.encoder), setup.mae_cfg, setup.ft, setup.device,
+                                      setup.choose)
+                model, stats, mode = train_deep(data.x[tr], data.y[tr], data.task, data.n_classes, arm_setup,
+                                                seed * 1000 + f, data.groups[tr])
                 oof[te] = deep_outputs(model, data.x[te], data.task, stats, setup.device)
             per_fold.append({"seed": seed, "fold": f, "n_test": int(te.sum()),
+                             **({} if arm == "baseline" else {"mode": mode}),
                              **_scores(data.y[te], oof[te], data.task, data.n_classes)})
         per_seed.append(_scores(data.y, oof, data.task, data.n_classes))
         if data.task == "classification":
@@ -206,9 +253,10 @@ def _compare_note(arms: dict[str, dict], headline: str, task: str) -> str | None
 
 
 # --------------------------------------------------------------------------- the command
-def _final_model(data: StudyData, setup: DeepSetup, seed: int, log: Log) -> tuple[torch.nn.Module, dict[str, float]]:
+def _final_model(data: StudyData, setup: DeepSetup, seed: int,
+                 log: Log) -> tuple[torch.nn.Module, dict[str, float], str]:
     log(f"training the final model on all {len(data)} spectra")
-    return train_deep(data.x, data.y, data.task, data.n_classes, setup, seed)
+    return train_deep(data.x, data.y, data.task, data.n_classes, setup, seed, data.groups)
 
 
 def run_study(cfg, encoder: Path | None, data_dir: Path, labels_csv: Path, target: str, out_dir: Path,
@@ -222,7 +270,8 @@ def run_study(cfg, encoder: Path | None, data_dir: Path, labels_csv: Path, targe
     device, out_dir = torch.device(device), Path(out_dir)
     builder = InputBuilder.from_data_config(cfg.data)
     warn = Warnings(log)
-    setup = DeepSetup(encoder, architecture(cfg, encoder, builder), scfg.finetune(cfg), device)
+    mae_cfg = architecture(cfg, encoder, builder)
+    setup = DeepSetup(encoder, mae_cfg, scfg.finetune(cfg), device, scfg.readouts(mae_cfg, encoder))
     data = load_study(cfg, data_dir, labels_csv, target, task, log=log)
     warn.items[:0] = data.warnings
     k = choose_folds(data, scfg.folds, warn)
@@ -242,7 +291,8 @@ def run_study(cfg, encoder: Path | None, data_dir: Path, labels_csv: Path, targe
         plot_confusion(np.array(arms[headline]["confusion"]), data.labels, title, out_dir / "confusion.png")
         result["confusion_png"] = str(out_dir / "confusion.png")
     print_table(arms, data.task, log)
-    model, stats = _final_model(data, setup, scfg.seeds[0], log)
+    model, stats, mode = _final_model(data, setup, scfg.seeds[0], log)
+    result["final_mode"] = mode
     result["model"] = str(_save_final(model, stats, result, setup, builder, scfg, out_dir / "model.safetensors"))
     result["seconds"] = round(time.perf_counter() - t0, 1)
     (out_dir / "study.json").write_text(json.dumps(_jsonable(result), indent=1, default=str))
@@ -279,7 +329,7 @@ def _result(scfg: StudyConfig, setup: DeepSetup, data: StudyData, target: str, k
 
 def _save_final(model: torch.nn.Module, stats: dict[str, float], result: dict[str, Any], setup: DeepSetup,
                 builder: InputBuilder, scfg: StudyConfig, path: Path) -> Path:
-    meta = {"task": result["task"], "target": result["target"], "labels": result["labels"], "mode": scfg.mode,
+    meta = {"task": result["task"], "target": result["target"], "labels": result["labels"], "mode": result["final_mode"],
             "global_pool": setup.ft.global_pool, "target_stats": stats, "mae_config": setup.mae_cfg.to_dict(),
             "inputs": builder.to_dict()}
     headline = result["arms"][result["headline"]]["metrics"]

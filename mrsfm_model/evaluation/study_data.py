@@ -16,7 +16,7 @@ from mrsfm_model.config import ConfigSection
 from mrsfm_model.data.io import load_spectrum
 from mrsfm_model.data.stream import InputBuilder
 from mrsfm_model.errors import MRSDataError
-from mrsfm_model.evaluation.finetune import FinetuneConfig
+from mrsfm_model.evaluation.finetune import FROZEN_READOUTS, FinetuneConfig
 from mrsfm_model.evaluation.labels import (
     LabelRow,
     Warnings,
@@ -28,6 +28,7 @@ from mrsfm_model.evaluation.labels import (
 )
 from mrsfm_model.evaluation.tasks import spectrum_features
 from mrsfm_model.logs import Log, get_logger
+from mrsfm_model.model.mae import MAEConfig
 
 _log = get_logger("evaluation")
 
@@ -40,7 +41,7 @@ class StudyConfig(ConfigSection):
     SECTION = "study"
     folds: int
     seeds: tuple[int, ...]
-    mode: str  # full | linear
+    mode: str  # auto | full | linear | latent
     steps: int
     batch_size: int
     baseline_l2: float
@@ -48,15 +49,29 @@ class StudyConfig(ConfigSection):
     small_class: int
 
     def check(self) -> None:
-        if self.folds < 2 or not self.seeds or self.mode not in ("full", "linear") or self.steps < 1:
-            raise ValueError(f"config study: need folds >= 2, at least one seed, mode full|linear and steps >= 1, "
+        if self.folds < 2 or not self.seeds or self.mode not in ("auto", "full", *FROZEN_READOUTS) or self.steps < 1:
+            raise ValueError(f"config study: need folds >= 2, at least one seed, mode auto|full|linear|latent and "
+                             f"steps >= 1, "
                              f"got folds={self.folds} seeds={list(self.seeds)} mode={self.mode} steps={self.steps}")
 
     def finetune(self, cfg) -> FinetuneConfig:
         """The shared fine-tuning settings with this study's mode, steps and batch size."""
         base = dict(cfg.get("finetune") or {})
-        return FinetuneConfig.from_config({**base, "mode": self.mode, "steps": self.steps,
-                                           "batch_size": self.batch_size})
+        mode = "linear" if self.mode == "auto" else self.mode  # auto: a frozen read-out, chosen per training set
+        return FinetuneConfig.from_config({**base, "mode": mode, "steps": self.steps, "batch_size": self.batch_size})
+
+    def readouts(self, mae_cfg: MAEConfig, encoder: Path | None) -> tuple[str, ...]:
+        """The frozen read-outs mode auto chooses from: the band tokens, and the latent head's
+        estimates when the model has one; () for a fixed mode. A fixed `latent` on an encoder
+        without a head is refused here, before any work."""
+        has_head = mae_cfg.latent_weight > 0
+        if self.mode == "latent" and not has_head:
+            raise ValueError(f"study.mode=latent reads the encoder's latent head, and "
+                             f"{encoder or 'this model'} has none (pretrained with model.latent_weight=0); "
+                             f"use study.mode=linear or auto")
+        if self.mode != "auto":
+            return ()
+        return FROZEN_READOUTS if has_head else ("linear",)
 
 
 # --------------------------------------------------------------------------- loading the study
