@@ -46,6 +46,7 @@ from mrsfm_model.evaluation.study_data import (
     StudyData,
     choose_folds,
     cv_folds,
+    fold_limit,
     load_study,
     spectral_features,
 )
@@ -116,10 +117,8 @@ def choose_readout(x: torch.Tensor, y: np.ndarray, yt: torch.Tensor, groups: np.
 
 
 def _inner_folds(y: np.ndarray, groups: np.ndarray, task: str, most: int = 4) -> int:
-    """Folds of the inner CV: at most `most`, and no more than the smallest class has groups."""
-    if task == "classification":
-        return min([most] + [len(set(groups[y == c])) for c in np.unique(y)])
-    return min(most, len(set(groups)))
+    """Folds of the inner CV: at most `most`, and no more than the rows allow (`fold_limit`)."""
+    return min(most, fold_limit(y, groups, task)[0])
 
 
 def _inner_score(feats: np.ndarray, y: np.ndarray, groups: np.ndarray, task: str, n_out: int, l2: float, k: int,

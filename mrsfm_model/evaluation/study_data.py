@@ -223,16 +223,21 @@ def cv_folds(y: np.ndarray, groups: np.ndarray, k: int, seed: int, task: str = "
     return fold_of[inv]
 
 
+def fold_limit(y: np.ndarray, groups: np.ndarray, task: str) -> tuple[int, int | None]:
+    """(most folds these rows allow, the class that limits it): every class needs a group in every fold."""
+    if task == "classification":
+        per_class = {int(c): len(set(groups[y == c])) for c in np.unique(y)}
+        smallest = min(per_class, key=lambda c: (per_class[c], c))
+        return per_class[smallest], smallest
+    return len(set(groups)), None
+
+
 def choose_folds(data: StudyData, requested: int, warn: Log) -> int:
     """k, lowered so every class has a group in every fold (and every fold a group)."""
-    groups_per = len(set(data.groups))
     what = "subjects/groups" if data.grouped else "spectra"
-    if data.task == "classification":
-        per_class = {data.labels[c]: len(set(data.groups[data.y == c])) for c in range(data.n_classes)}
-        smallest, groups_per = min(per_class.items(), key=lambda kv: kv[1])
-        reason = f"class {smallest!r} has only {groups_per} {what}"
-    else:
-        reason = f"there are only {groups_per} {what}"
+    groups_per, smallest = fold_limit(data.y, data.groups, data.task)
+    reason = (f"class {data.labels[smallest]!r} has only {groups_per} {what}" if smallest is not None
+              else f"there are only {groups_per} {what}")
     if groups_per < requested:
         warn(f"{reason}: using {groups_per}-fold instead of {requested}-fold cross-validation")
         return groups_per
