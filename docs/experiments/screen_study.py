@@ -8,6 +8,12 @@ to the non-deep baseline and to the random-init twin, and which read-out mode au
     mrsfm simulate --study --n 60 --profile press_ge,press_philips,press_siemens --out runs/study/press
     mrsfm simulate --study --n 60 --profile megapress_ge,megapress_philips,megapress_siemens --out runs/study/mega
     python docs/experiments/screen_study.py runs/study >> docs/experiments/screen_study.jsonl
+
+The held-out check of the chosen default (`study.mode=auto` only, 10 seeds), once, after the choice:
+
+    mrsfm simulate --study --n 60 --profile press_ge,press_philips,press_siemens --seed 1 --out runs/study/test_press
+    mrsfm simulate --study --n 60 --profile megapress_ge,megapress_philips,megapress_siemens --seed 1 --out runs/study/test_mega
+    python docs/experiments/screen_study.py runs/study test "[0,1,2,3,4,5,6,7,8,9]" >> docs/experiments/test_study.jsonl
 """
 
 from __future__ import annotations
@@ -33,13 +39,15 @@ GRID = [  # (study, target, modes)
     ("press", "mI/tCr", ("auto", "latent", "linear")),
     ("mega", "GABA/tCr", ("auto", "latent", "linear")),
 ]
+TEST_GRID = [(f"test_{study}", target, ("auto",)) for study, target, _ in GRID]
 
 
 def main() -> None:
     root = Path(sys.argv[1])
-    seeds = sys.argv[2] if len(sys.argv) > 2 else "[0,1,2,3,4]"
+    grid = TEST_GRID if len(sys.argv) > 2 and sys.argv[2] == "test" else GRID
+    seeds = sys.argv[3] if len(sys.argv) > 3 else "[0,1,2,3,4]"
     quiet = get_logger("evaluation").warning
-    for study, target, modes in GRID:
+    for study, target, modes in grid:
         for mode in modes:
             cfg = load_config([f"study.mode={mode}", f"study.seeds={seeds}"])
             out = root / f"screen_{study}_{target.replace('/', '_')}_{mode}"
@@ -47,7 +55,7 @@ def main() -> None:
             key = HEADLINE_METRIC[r["task"]]
             per = {a: np.array([s[key] for s in v["per_seed"]]) for a, v in r["arms"].items()}
             for arm, v in r["arms"].items():
-                line = {"screen": 12, "study": study, "target": target, "mode": mode, "arm": arm, "metric": key,
+                line = {"screen": 12 if grid is GRID else "test", "study": study, "target": target, "mode": mode, "arm": arm, "metric": key,
                         **mean_ci95(per[arm].tolist()), "per_seed": per[arm].round(4).tolist()}
                 if arm != "baseline":
                     line["minus_baseline"] = mean_ci95((per[arm] - per["baseline"]).tolist())
