@@ -11,9 +11,21 @@ from helpers import INVIVO
 from mrsfm_model.config import load_config
 from mrsfm_model.data.canonical import CanonicalGrid
 from mrsfm_model.data.spectrogram import SpectrogramTransform
-from mrsfm_model.evaluation.finetune import classification_metrics, mean_ci95, regression_metrics, run_benchmark
+from mrsfm_model.evaluation.finetune import (
+    RANDOM_INIT,
+    FinetuneConfig,
+    PooledFeatures,
+    _fit_probe,
+    _fold_probe_into_head,
+    _model,
+    classification_metrics,
+    mean_ci95,
+    regression_metrics,
+    run_benchmark,
+)
 from mrsfm_model.evaluation.tasks import BENCH_SEED_BASE, build_benchmark, shortcut_accuracy
 from mrsfm_model.model.export import load_encoder
+from mrsfm_model.model.mae import configured_mae
 from mrsfm_model.training.pretrain import run_pretrain
 
 
@@ -124,3 +136,21 @@ def test_encoder_that_does_not_fit_the_data_config_is_refused(tmp_path):
     enc = export_encoder(SpectroMAE(mae_config("micro", img_size=(64, 64))), tmp_path / "e.safetensors")
     with pytest.raises(ValueError, match="expects"):
         run_benchmark(load_config([]), enc, tmp_path / "ft", torch.device("cpu"))
+
+
+def test_lp_ft_starts_the_full_fine_tune_from_the_linear_probe():
+    """head_init=probe: the probe (BatchNorm + Linear on the pooled features) folded into the ViT's
+    head gives the probe's own outputs, so LP-FT's first step starts where the probe ended."""
+    cfg = load_config(["model=micro", "finetune.head_init=probe"])
+    torch.manual_seed(0)
+    vit = _model(RANDOM_INIT, configured_mae(cfg.model, cfg.data), 3, "flat")
+    x = torch.randn(24, *vit.patch_embed.img_size).unsqueeze(1).expand(-1, vit.patch_embed.proj.in_channels, -1, -1)
+    x = x + 0.1 * torch.randn_like(x)
+    y = torch.arange(24) % 3
+    probe = _fit_probe(vit, x, y, "classification", 3, FinetuneConfig.from_config(cfg.finetune), torch.device("cpu"))
+    with torch.no_grad():
+        expected = probe(PooledFeatures(vit)(x))
+        _fold_probe_into_head(vit, probe)
+        got = vit.eval()(x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert expected.std() > 0.1  # the probe learnt something to carry over
