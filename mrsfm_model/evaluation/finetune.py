@@ -152,14 +152,8 @@ def fit_readout(net: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str, n_o
     when the caller has them already): one module mapping images to logits or values."""
     if feats is None:
         feats = network_outputs(net, x, device).numpy()
-    return nn.Sequential(net, _linear_on(feats, y, task, n_out, l2).to(device)).eval()
-
-
-def _linear_on(feats: np.ndarray, y: torch.Tensor, task: str, n_out: int, l2: float) -> nn.Sequential:
-    """The regularised linear model (BatchNorm + Linear) on features, for class indices or
-    (standardised) values."""
     target = y.numpy() if task == "classification" else y.numpy().reshape(len(y), -1)
-    return fit_linear(feats, target, task, n_out, l2)
+    return nn.Sequential(net, fit_linear(feats, target, task, n_out, l2).to(device)).eval()
 
 
 def train_model(
@@ -185,8 +179,7 @@ def _fit_probe(vit: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str, n_ou
                device: torch.device) -> nn.Sequential:
     """The linear probe: the same regularised logistic / ridge regression as the non-deep baselines
     (mrsfm_model.evaluation.linear, L2 `probe_l2`) on the frozen ViT's pooled features, as BatchNorm + Linear."""
-    feats = network_outputs(PooledFeatures(vit), x, device).numpy()
-    return _linear_on(feats, y, task, n_out, cfg.probe_l2).to(device)
+    return fit_readout(PooledFeatures(vit), x, y, task, n_out, cfg.probe_l2, device)[1]
 
 
 @torch.no_grad()
