@@ -447,8 +447,10 @@ def test_real_colluders_and_a_nan_site_are_dropped_and_the_run_completes(tmp_pat
     assert res["status"] == "finished:completed", (res, (logs / "flwr_run.log").read_text()[-3000:])
     rows = RunDir(run_dir).read_metrics()
     assert [r["round"] for r in rows] == [1, 2]
-    # NaN: dropped every round, with its reason, and never in a checkpoint
+    # NaN: dropped every round, with its reason, and never in a checkpoint; the honest three always aggregated
     for r in rows:
+        sites = {s["site"] for s in r["sites"]}
+        assert {"unicamp", "hcfmrp", "site4"} <= sites and "site6" not in sites and r["num_sites"] == len(sites), r
         [nan] = [d for d in r["dropped"] if d["site"] == "site6"]
         assert nan["error"].startswith("rejected: non-finite values in ") and "(12 NaN)" in nan["error"], nan
     for k in (1, 2):
@@ -456,9 +458,10 @@ def test_real_colluders_and_a_nan_site_are_dropped_and_the_run_completes(tmp_pat
         assert weights and all(t.isfinite().all() for t in weights.values())
     transcript = (logs / "flwr_run.log").read_text(errors="replace")
     assert "site site6 (node " in transcript and "sent an update that was rejected: non-finite" in transcript
-    # Round 1 is not asserted for the flips: from a random model the non-IID sites' updates can agree too
-    # little for the median to expose them (a 5-site run accepted both, bounded by the clip); from round 2 on both are rejected
-    # (cosine about -0.9 with the others' median; each round is judged afresh, so round 2 stands for the rest).
+    # Round 1 is not asserted for the flips: from a random model the non-IID sites' updates can agree
+    # too little for the median to expose them (a 5-site run accepted both, bounded by the clip). From
+    # round 2 on both are rejected (cosine about -0.9 with the others' median; each round is judged
+    # afresh, so round 2 stands for the rest).
     for r in rows[1:]:
         assert sorted(s["site"] for s in r["sites"]) == ["hcfmrp", "site4", "unicamp"], r
         flips = [d for d in r["dropped"] if d["site"] != "site6"]
