@@ -1,113 +1,94 @@
-"""MAE pretraining step throughput: the project's Trainer vs a reference-style step.
+"""The real pretraining step's throughput: `mrsfm pretrain` (data, MAE, latent head, AdamW) timed
+from its own metrics.jsonl, before and after the CPU work, fp32 and bf16.
 
-Prints one JSON line per (configuration, variant):
-  config  vit_b16_224: ViT-B/16 MAE at 224x224, 3 channels (the classic MAE setting)
-          spectrogram:  the default spectrogram configuration (configs/: 3x64x32, the configured patches)
-  variant reference: fp16 autocast + GradScaler, eager, unfused attention, foreach AdamW
-                     (how facebookresearch/mae runs)
-          project:   the project's Trainer: bf16 autocast, fused SDPA attention, fused AdamW
-          project_compiled: the same with torch.compile
-Fields: samples_per_s, tflops (model FLOPs per step counted by torch's FlopCounterMode / step
-time), peak_mem_gb, speedup_vs_reference (same config, same run), and a `matmul_peak` line with
-the measured dense bf16 matmul TFLOP/s, with `fraction_of_matmul_peak` per line.
-On a machine without a GPU it runs a micro model on the CPU so the script itself stays tested.
-Usage: python bench/pretrain_throughput.py [--batch 256] [--steps 20] [--size base]
+Prints one JSON line per (size, variant):
+  variant before: the settings the step had before it was made cheaper (fp32, timm's fused
+                  attention, the latent pass on every simulated spectrum, batches made on the
+                  training thread); the STFT over the kept frames only applies to every variant
+          fp32:   the configured step in fp32 (the latent pass on `model.latent_fraction` of the
+                  simulated rows, batches prefetched on a background thread, attention auto)
+          bf16:   the same under bf16 autocast; run only where the device has bf16 in hardware
+                  (AMX / AVX512-BF16 CPU, GPU) or with --bf16 (on other CPUs bf16 is emulated and
+                  ~10-26x slower: the line then says so)
+          default: `amp: auto` (whichever of the two the device gets)
+Fields: steps_per_s (steps after the first logging window / their seconds), speedup_vs_before
+(same size, same run), loss_curve (mean loss per 50-step window: the variants should agree within
+noise), device, native_bf16. A `matmul` line gives the device's dense fp32 and bf16 GFLOP/s.
+Usage: python bench/pretrain_throughput.py [--sizes micro,tiny] [--steps 200] [--batch 64] [--bf16]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
+from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from mrsfm_model.config import load_config
-from mrsfm_model.model.mae import SpectroMAE, mae_config, mae_loss
-from mrsfm_model.training.trainer import OptimConfig, Trainer
+from mrsfm_model.config import load_config, resolve_device
+from mrsfm_model.training.pretrain import run_pretrain
+from mrsfm_model.training.trainer import native_bf16
+
+VARIANTS = {
+    "before": ["train.amp=none", "train.attention=fused", "model.latent_fraction=1.0", "data.prefetch=0"],
+    "fp32": ["train.amp=none"],
+    "bf16": ["train.amp=bf16"],
+    "default": [],
+}
 
 
-def matmul_peak(device: torch.device, n: int = 8192, reps: int = 20) -> float:
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
+def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int = 1024, seconds: float = 1.0) -> float:
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b
+    calls, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
         a @ b
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    torch.cuda.synchronize()
-    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
-
-
-def _set_fused_attn(model: torch.nn.Module, fused: bool) -> None:
-    for m in model.modules():
-        if hasattr(m, "fused_attn"):
-            m.fused_attn = fused
-
-
-def measure(cfg_kwargs: dict, variant: str, batch: int, steps: int, device: torch.device) -> dict:
-    torch.manual_seed(0)
-    model = SpectroMAE(mae_config(**cfg_kwargs))
-    cuda = device.type == "cuda"
-    if variant == "reference":
-        _set_fused_attn(model, False)
-        opt_cfg = OptimConfig.from_config(amp="fp16" if cuda else "none", compile=False, warmup_steps=5)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
-    else:
-        opt_cfg = OptimConfig.from_config(amp="bf16" if cuda else "none", compile=variant.endswith("compiled"), warmup_steps=5)
-        optimizer = None
-    trainer = Trainer(model, mae_loss, opt_cfg, steps + 10, batch, device, progress=False,
-                      optimizer=optimizer)
-    x = torch.randn(batch, model.cfg.in_chans, *model.cfg.img_size, device=device)
-    for _ in range(3 if not opt_cfg.compile else 5):  # warm-up (and compilation)
-        trainer.train_step(x)
-    with FlopCounterMode(display=False) as counter:
-        trainer.train_step(x)
-    flops = counter.get_total_flops()
-    if cuda:
+        calls += 1
+    if device.type == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        trainer.train_step(x)
-    if cuda:
-        torch.cuda.synchronize()
-    dt = (time.perf_counter() - t0) / steps
-    return {"samples_per_s": round(batch / dt, 1), "tflops": round(flops / dt / 1e12, 2),
-            "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-            "step_ms": round(dt * 1000, 1)}
+    return 2 * n**3 * calls / (time.perf_counter() - t0) / 1e9
+
+
+def run(size: str, variant: str, steps: int, batch: int, device: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        over = [f"model={size}", f"data.batch_size={batch}", f"train.steps={steps}", "train.log_every=10",
+                f"train.checkpoint_every={steps}", "train.tensorboard=false", f"run_dir={tmp}", f"device={device}",
+                "seed=0", *VARIANTS[variant]]
+        run_pretrain(load_config(over), log=lambda msg: None)
+        rows = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+    first, last = rows[0], rows[-1]  # `seconds` counts from the start of the fit call
+    rate = (last["step"] - first["step"]) / (last["seconds"] - first["seconds"])
+    curve = [round(sum(r["loss"] for r in rows[i:i + 5]) / len(rows[i:i + 5]), 4) for i in range(0, len(rows), 5)]
+    return {"steps_per_s": round(rate, 3), "final_loss": round(last["loss"], 4), "loss_curve": curve}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--size", default="base")
-    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--sizes", default="micro,tiny")
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--bf16", action="store_true", help="also time bf16 where it is emulated")
     args = ap.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    size, batch, steps = (args.size, args.batch, args.steps) if device.type == "cuda" else ("micro", 8, 2)
-    cfg = load_config([])
-    data = cfg.data
-    configs = {
-        "vit_b16_224": dict(size=size, img_size=(224, 224), patch_size=(16, 16), in_chans=3),
-        "spectrogram": dict(size=size, img_size=(data.spectrogram.height, data.spectrogram.width),
-                            patch_size=tuple(cfg.model.patch_size), in_chans=len(data.channels)),
-    }
-    peak = matmul_peak(device) if device.type == "cuda" else None
-    print(json.dumps({"name": "matmul_peak", "bf16_tflops": peak and round(peak, 1),
-                      "device": torch.cuda.get_device_name() if peak else "cpu"}), flush=True)
-    variants = ["reference", "project"] + ([] if args.no_compile or device.type != "cuda" else ["project_compiled"])
-    for name, kw in configs.items():
-        ref = None
-        for variant in variants:
-            rec = measure(kw, variant, batch, steps, device)
-            ref = ref or rec["samples_per_s"]
-            rec.update(name=name, variant=variant, size=size, batch=batch,
-                       speedup_vs_reference=round(rec["samples_per_s"] / ref, 2),
-                       fraction_of_matmul_peak=round(rec["tflops"] / peak, 3) if peak else None)
+    device = resolve_device(args.device)
+    native = native_bf16(device)
+    print(json.dumps({"name": "matmul", "device": str(device), "native_bf16": native,
+                      "fp32_gflops": round(matmul_gflops(device, torch.float32), 1),
+                      "bf16_gflops": round(matmul_gflops(device, torch.bfloat16), 1)}), flush=True)
+    for size in args.sizes.split(","):
+        before = None
+        for variant in VARIANTS:
+            rec = {"name": "pretrain_step", "size": size, "variant": variant, "batch": args.batch,
+                   "steps": args.steps, "device": str(device), "native_bf16": native}
+            if variant == "bf16" and not (native or args.bf16):
+                print(json.dumps({**rec, "skipped": "bf16 is emulated on this device (--bf16 times it anyway)"}))
+                continue
+            rec.update(run(size, variant, args.steps, args.batch, args.device))
+            before = before or rec["steps_per_s"]
+            rec["speedup_vs_before"] = round(rec["steps_per_s"] / before, 2)
             print(json.dumps(rec), flush=True)
 
 

@@ -172,7 +172,7 @@ def local_round(conf: Mapping, node: Mapping[str, str],
                                  int(conf["total-steps"]))
         loss = metrics.pop("loss")
     else:
-        last = trainer.fit(s.stream(trainer.step), local_steps, log_every=local_steps, desc=f"{site} round {rnd}")
+        last = trainer.fit(s.stream(trainer.step, local_steps), local_steps, log_every=local_steps, desc=f"{site} round {rnd}")
         loss, metrics = float(last.get("mae_loss", last["loss"])), {}
         if s.ledger is not None:
             s.ledger.record_unprotected(run_key)

@@ -113,3 +113,17 @@ def test_cpu_chunking_matches_the_reference():
     ours = tr(torch.from_numpy(fid)).numpy()
     ref = np.stack([reference_spectrogram(x, tr.cfg, GRID) for x in fid])
     assert np.abs(ours - ref).max() < 1e-5
+
+
+@pytest.mark.parametrize("width", [32, 205, 206, 300])
+def test_stft_over_kept_frames_equals_the_full_stft(width):
+    """The transform reads only the samples its `width` frames use; the pixels are those of the
+    STFT over every frame, cut afterwards (widths past the last frame are zero-padded alike)."""
+    cfg = unit_cfg(width=width)
+    fid = torch.from_numpy(_fids(4, 3, seed=5))
+    ours = SpectrogramTransform(cfg, GRID)(fid)
+    full = SpectrogramTransform(unit_cfg(width=400), GRID)(fid)  # 400 > the 206 frames there are
+    full = full[..., :width] / full.amax(dim=(-3, -2, -1), keepdim=True)
+    ours = ours / ours.amax(dim=(-3, -2, -1), keepdim=True)
+    assert torch.equal(ours[..., : min(width, 206)] > 0, full[..., : min(width, 206)] > 0)
+    assert (ours - full).abs().max() < 1e-6

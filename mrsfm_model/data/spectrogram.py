@@ -130,6 +130,9 @@ class SpectrogramTransform:
         total = n + 2 * half
         extra = (-(total - cfg.nperseg)) % cfg.hop
         x = torch.nn.functional.pad(torch.view_as_real(x), (0, 0, half, half + extra))
+        # only the first `width` frames are kept: the samples they read are all the STFT needs
+        # (identical pixels, ~6x less work for the default 32 of 206 frames)
+        x = x[:, : (cfg.width - 1) * cfg.hop + cfg.nperseg]
         x[..., 1].neg_()  # conjugate (see __init__), in the fresh padded copy
         x = torch.view_as_complex(x)
         spec = torch.stft(

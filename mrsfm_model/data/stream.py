@@ -9,6 +9,9 @@ private data in its own sampler.
 
 from __future__ import annotations
 
+import itertools
+import queue
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -154,6 +157,7 @@ class MixedStream:
         seed: int = 0,
         device: torch.device | str = "cpu",
         denoise: bool = False,
+        prefetch: int = 0,
     ):
         if not simulators and (invivo is None or len(invivo) == 0):
             raise ValueError("no data: neither simulation profiles nor in vivo spectra")
@@ -162,6 +166,7 @@ class MixedStream:
         # denoising MAE: simulated inputs are reconstructed as their noise-free selves (the same draw
         # with snr = inf); in vivo spectra have no clean version and are their own target
         self.denoise = denoise
+        self.prefetch = prefetch
         self.invivo = invivo if invivo is not None and len(invivo) else None
         frac = invivo_fraction if self.invivo is not None else 0.0
         frac = 1.0 if not self.simulators else frac
@@ -229,11 +234,54 @@ class MixedStream:
             latents=torch.cat([b.latents for b in parts])[order],
         )
 
-    def __call__(self, start: int = 0, steps: int | None = None) -> Iterator[Batch]:
-        step = start
-        while steps is None or step < start + steps:
-            yield self.batch(step)
-            step += 1
+    def __call__(self, start: int = 0, steps: int | None = None, prefetch: int | None = None) -> Iterator[Batch]:
+        """Batches `start`, `start + 1`, ... (`steps` of them, or without end). `prefetch` > 0 makes
+        them on a background thread, that many ahead, so the model never waits for simulation and
+        STFT (the same batches: each is a function of (seed, step) alone); None: the stream's own."""
+        steps_ = itertools.count(start) if steps is None else range(start, start + steps)
+        prefetch = self.prefetch if prefetch is None else prefetch
+        if prefetch <= 0:
+            return (self.batch(step) for step in steps_)
+        return _ahead(map(self.batch, steps_), prefetch)
+
+
+def _ahead(items: Iterator, depth: int) -> Iterator:
+    """`items`, produced by a daemon thread up to `depth` ahead; an error there is raised here, at
+    the item it replaced, and closing the iterator stops the thread."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put((done, None))
+        except BaseException as exc:  # handed to the consumer
+            q.put((done, exc))
+
+    threading.Thread(target=produce, name="batch-prefetch", daemon=True).start()
+
+    def consume() -> Iterator:
+        try:
+            while True:
+                item, exc = q.get()
+                if exc is not None:
+                    raise exc
+                if item is done:
+                    return
+                yield item
+        finally:
+            stop.set()
+
+    return consume()
 
 
 def build_stream(data_cfg, seed: int = 0, device: torch.device | str = "cpu",
@@ -245,4 +293,5 @@ def build_stream(data_cfg, seed: int = 0, device: torch.device | str = "cpu",
     invivo = InVivoSet.from_folder(folder, builder, QualityConfig.from_config(data_cfg.quality)) if folder else None
     sims = [Simulator(load_profile(p), builder.grid, device=device) for p in data_cfg.sim_profiles]
     return MixedStream(sims, builder.transform, data_cfg.channels, data_cfg.batch_size, invivo,
-                       data_cfg.invivo_fraction, seed, device, denoise=bool(data_cfg.denoise))
+                       data_cfg.invivo_fraction, seed, device, denoise=bool(data_cfg.denoise),
+                       prefetch=int(data_cfg.prefetch))

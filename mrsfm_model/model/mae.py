@@ -52,6 +52,10 @@ class MAEConfig:
     # Weight of a second pretext: regress the simulator's truth (data/latents.py) from the unmasked
     # tokens of simulated spectra; 0 = plain MAE (no head is built).
     latent_weight: float
+    # Share of each batch's simulated spectra that also take the full-token pass the latent head
+    # reads (evenly spaced rows; batches are shuffled). That pass sees all tokens, four times the
+    # masked pass's at mask 0.75: 1.0 is the slowest; screen 14 measures what less costs.
+    latent_fraction: float
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -64,7 +68,7 @@ class MAEConfig:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> MAEConfig:
         """From a saved model's header or card; options added later take their behaviour before them."""
-        before = {"embed_norm": False, "loss_visible": False, "latent_weight": 0.0}
+        before = {"embed_norm": False, "loss_visible": False, "latent_weight": 0.0, "latent_fraction": 1.0}
         return from_section(cls, {**before, **raw}, "mae_config")
 
 
@@ -109,6 +113,8 @@ def _sincos(grid: tuple[int, int], dim: int) -> torch.Tensor:
 class SpectroMAE(nn.Module):
     def __init__(self, cfg: MAEConfig):
         super().__init__()
+        if not 0 < cfg.latent_fraction <= 1:
+            raise ValueError(f"config model.latent_fraction: expected a share in (0, 1], got {cfg.latent_fraction}")
         self.cfg = cfg
         n = cfg.grid_size[0] * cfg.grid_size[1]
         # encoder (names match timm's VisionTransformer, so export is a rename of two keys)
@@ -225,9 +231,13 @@ class SpectroMAE(nn.Module):
         latent, mask, ids_restore = self.forward_encoder(imgs, ratio, generator)
         pred = self.forward_decoder(latent, ids_restore)
         loss = self.forward_loss(imgs if target is None else target, pred, mask, per_sample)
-        if self.latent_head is not None and latents is not None:
-            aux = latent_loss(self.latent_head(self.encode(imgs)[:, 1:].flatten(1)), latents, per_sample)
+        if self.latent_head is not None and latents is not None and (rows := self.latent_rows(latents)).numel():
+            pred_latents = self.latent_head(self.encode(imgs[rows])[:, 1:].flatten(1))
+            aux = latent_loss(pred_latents, latents[rows], per_sample)
             self.last_latent_loss = aux.detach().mean()
+            if per_sample:  # rows left out score 0, the others stand for them (same batch mean)
+                known = int(torch.isfinite(latents).any(dim=1).sum())
+                aux = aux.new_zeros(imgs.shape[0]).index_put((rows,), aux * (known / rows.numel()))
             loss = loss + self.cfg.latent_weight * aux
         elif self.latent_head is not None:
             # no truth (private spectra, plain images); DP-SGD's clipping still needs every parameter's
@@ -236,6 +246,17 @@ class SpectroMAE(nn.Module):
             zero = 0.0 * self.latent_head(zeros).sum(dim=1)
             loss = loss + (zero if per_sample else zero.mean())
         return loss, pred, mask
+
+    def latent_rows(self, latents: torch.Tensor) -> torch.Tensor:
+        """Indices of the rows the latent head is trained on: those with any truth (simulated), a
+        `latent_fraction` share of them, evenly spaced (no random draw: a step stays a function of
+        its batch, and an unshuffled batch still spreads over every simulation profile)."""
+        known = torch.isfinite(latents).any(dim=1).nonzero().squeeze(1)
+        k = min(known.numel(), max(1, round(self.cfg.latent_fraction * known.numel())))
+        if k == known.numel() or k == 0:
+            return known
+        pick = torch.div(torch.arange(k, device=latents.device) * known.numel(), k, rounding_mode="floor")
+        return known[pick]
 
     def public_only_parameters(self) -> list[nn.Parameter]:
         """Parameters that batches without the simulator's truth (a site's private spectra) never

@@ -98,7 +98,7 @@ def run_pretrain(cfg: DictConfig, log: Log = _log.info) -> dict:
     last: dict = {}
     while trainer.step < steps:
         n = min(every, steps - trainer.step)
-        last = trainer.fit(stream(trainer.step), n, log_every=int(cfg.train.log_every), desc="pretrain")
+        last = trainer.fit(stream(trainer.step, n), n, log_every=int(cfg.train.log_every), desc="pretrain")
         trainer.save(ckpt)
         log(f"step {trainer.step}/{steps} loss {last.get('loss', float('nan')):.4f} -> {ckpt}")
     examples = {"simulated": stream.sim_batch(10**6, k=len(stream.simulators) or 1).x[0]}

@@ -1,16 +1,18 @@
 """The one training loop: central pretraining, the federated client and fine-tuning all use it.
 
 AdamW with MAE's settings (betas 0.9/0.95, weight decay 0.05 except norms, biases and
-tokens, lr = base_lr * batch / 256), linear warmup + cosine decay, bf16 autocast on GPU,
-optional torch.compile, gradient clipping, a progress bar, metrics as JSON lines, and
+tokens, lr = base_lr * batch / 256), linear warmup + cosine decay, bf16 autocast where the
+device computes bf16 natively (`native_bf16`), the attention kernel chosen per device, optional torch.compile, gradient clipping, a progress bar, metrics as JSON lines, and
 checkpoints (weights in safetensors, optimizer + schedule state beside them) for resume.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,13 +41,72 @@ class OptimConfig(ConfigSection):
     warmup_steps: int
     min_lr_ratio: float
     grad_clip: float | None
-    amp: str  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | none
+    amp: str  # auto (bf16 where native_bf16, else fp32) | bf16 | fp16 | none
+    attention: str  # auto | fused (timm's F.scaled_dot_product_attention) | math (matmul + softmax)
     compile: bool
     layer_decay: float | None  # layer-wise lr decay (fine-tuning)
 
     def check(self) -> None:
         if self.amp not in ("auto", "bf16", "fp16", "none"):
             raise ValueError(f"config train.amp: expected auto|bf16|fp16|none, got {self.amp!r}")
+        if self.attention not in ("auto", "fused", "math"):
+            raise ValueError(f"config train.attention: expected auto|fused|math, got {self.attention!r}")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Does `device` compute bf16 matmuls in hardware? CUDA GPUs from Ampere on; CPUs with AMX or
+    AVX512-BF16. Elsewhere bf16 is emulated: a tiny MAE step took 26x longer in bf16 than in fp32
+    on an AVX2-only CPU (docs/EXPERIMENTS.md, screen 14)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+        return any(getattr(torch.cpu, p, lambda: False)() for p in probes)
+    return False
+
+
+@functools.cache
+def bf16_agrees(device: torch.device) -> bool:
+    """Do `device`'s bf16 kernels give what fp32 gives on a ViT block (both attention paths, 33
+    tokens as the encoder sees)? A non-finite or far-off bf16 result was reported from an AMX CPU;
+    `amp: auto` then stays in fp32 and says so, rather than training on NaN."""
+    from timm.models.vision_transformer import Block
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 33, 192, generator=gen).to(device)
+    block = Block(192, 3, qkv_bias=True).to(device).eval()
+    ok = True
+    for fused in (True, False):
+        block.attn.fused_attn = fused
+        with torch.no_grad():
+            ref = block(x)
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                low = block(x).float()
+        ok &= bool(torch.isfinite(low).all()) and float((low - ref).abs().max()) < 0.1 * float(ref.abs().max())
+    return ok
+
+
+def resolve_precision(amp: str, attention: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, fused attention?) for the configured `amp` and `attention` on `device`.
+    auto: bf16 only where it is native and agrees with fp32 (`bf16_agrees`); the fused attention
+    kernel except for bf16 on a CPU, where it was slower than the plain matmul path (tiny MAE step
+    0.80 vs 0.47 s, AMX CPU); in fp32 on an AVX2 CPU the two were level (bench/pretrain_throughput.py)."""
+    if amp == "auto":
+        amp = "bf16" if native_bf16(device) else "none"
+        if amp == "bf16" and not bf16_agrees(device):
+            warnings.warn(f"bf16 on {device} disagrees with fp32 on a ViT block: training in fp32", stacklevel=2)
+            amp = "none"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+    if attention == "auto":
+        attention = "math" if device.type == "cpu" and dtype is not None else "fused"
+    return dtype, attention == "fused"
+
+
+def set_fused_attention(model: nn.Module, fused: bool) -> None:
+    """Point every timm attention layer of `model` at the fused kernel or at the matmul path."""
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = fused
 
 
 @dataclass(frozen=True)
@@ -115,8 +176,8 @@ class Trainer:
         self.optimizer = optimizer or torch.optim.AdamW(
             param_groups(model, cfg.weight_decay, cfg.layer_decay), lr=self.lr, betas=cfg.betas, fused=cuda
         )
-        amp = cfg.amp if cfg.amp != "auto" else ("bf16" if cuda else "none")
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+        self.amp_dtype, fused = resolve_precision(cfg.amp, cfg.attention, self.device)
+        set_fused_attention(model, fused)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         self.forward_model = torch.compile(model) if cfg.compile else model
         self.step = 0
