@@ -132,3 +132,32 @@ def test_the_exported_encoder_carries_its_head_as_the_models_own_quantifier(tmp_
 def test_calibration_is_the_least_squares_line():
     est = torch.tensor([1.0, 2.0, 3.0, 4.0]).numpy()
     assert calibrate(est, 2 * est + 1) == pytest.approx((2.0, 1.0))
+
+
+def test_gaba_is_not_asked_of_unedited_spectra_and_balanced_weights_scale_the_ratios(sim):
+    from mrsfm_model.data.latents import RATIO_SCALES, UNSEEN, loss_weights
+
+    out = sim.simulate(4, seed=5)
+    y = latent_targets(out.truth, sim.mm_names, edited=False)
+    assert torch.isnan(y[:, NAMES.index("GABA")]).all()
+    assert torch.isfinite(y[:, NAMES.index("tNAA")]).all()
+    w = loss_weights(True)
+    assert w[NAMES.index("GABA")] == pytest.approx(RATIO_SCALES["GABA"] ** -2)
+    assert all(w[NAMES.index(n)] == 0 for n in UNSEEN)
+    assert torch.equal(loss_weights(False), torch.ones(len(NAMES)))
+    # an error of one spread on GABA alone weighs what an error of 1 on a nuisance target weighs
+    target = torch.zeros(1, len(NAMES))
+    gaba, shift = target.clone(), target.clone()
+    gaba[0, NAMES.index("GABA")] = RATIO_SCALES["GABA"]
+    shift[0, NAMES.index("shift")] = 1.0
+    assert latent_loss(gaba, target, weights=w).item() == pytest.approx(latent_loss(shift, target, weights=w).item())
+
+
+def test_the_stream_leaves_gaba_out_of_its_press_rows():
+    from mrsfm_model.config import load_config
+    from mrsfm_model.data.stream import build_stream
+
+    cfg = load_config(["data.sim_profiles=[press_ge,megapress_ge]", "data.batch_size=8", "data.prefetch=0"])
+    batch = build_stream(cfg.data, seed=0).sim_batch(0)  # 4 PRESS rows, then 4 MEGA-PRESS rows
+    gaba = batch.latents[:, NAMES.index("GABA")]
+    assert torch.isnan(gaba[:4]).all() and torch.isfinite(gaba[4:]).all()

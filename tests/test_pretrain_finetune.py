@@ -147,7 +147,8 @@ def test_lp_ft_starts_the_full_fine_tune_from_the_linear_probe():
     x = torch.randn(24, *vit.patch_embed.img_size).unsqueeze(1).expand(-1, vit.patch_embed.proj.in_channels, -1, -1)
     x = x + 0.1 * torch.randn_like(x)
     y = torch.arange(24) % 3
-    probe = _fit_probe(vit, x, y, "classification", 3, FinetuneConfig.from_config(cfg.finetune), torch.device("cpu"))
+    ft = FinetuneConfig.from_config(cfg.finetune, l2=[0.01])  # fixed: random labels, CV would pick "learn nothing"
+    probe = _fit_probe(vit, x, y, "classification", 3, ft, torch.device("cpu"))
     with torch.no_grad():
         expected = probe(PooledFeatures(vit)(x))
         _fold_probe_into_head(vit, probe)

@@ -23,7 +23,7 @@ from mrsfm_model.model.mae import SpectroMAE, configured_mae  # noqa: E402
 cfg = load_config(["finetune.benchmark.seed=1", "finetune.seeds=[0,1,2,3,4]", "device=cpu"])
 panel = Panel(cfg, torch.device("cpu"), tasks=("vendor", "quant"))
 bench = panel.tasks[0].bench
-l2 = float(cfg.study.baseline_l2)
+l2 = tuple(cfg.finetune.l2)
 
 
 @torch.no_grad()

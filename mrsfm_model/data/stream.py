@@ -158,6 +158,7 @@ class MixedStream:
         device: torch.device | str = "cpu",
         denoise: bool = False,
         prefetch: int = 0,
+        gaba_unedited: bool = False,
     ):
         if not simulators and (invivo is None or len(invivo) == 0):
             raise ValueError("no data: neither simulation profiles nor in vivo spectra")
@@ -167,6 +168,7 @@ class MixedStream:
         # with snr = inf); in vivo spectra have no clean version and are their own target
         self.denoise = denoise
         self.prefetch = prefetch
+        self.gaba_unedited = gaba_unedited  # ask the latent head for GABA of unedited spectra too
         self.invivo = invivo if invivo is not None and len(invivo) else None
         frac = invivo_fraction if self.invivo is not None else 0.0
         frac = 1.0 if not self.simulators else frac
@@ -204,7 +206,7 @@ class MixedStream:
             out = sim.simulate(c, seed=seed)
             xs.append(self.transform(select_channels(out.fid, out.sub, self.channels)))
             vendors.append(torch.full((c,), vendor_index(out.vendor), dtype=torch.long, device=self.device))
-            latents.append(latent_targets(out.truth, sim.mm_names))
+            latents.append(latent_targets(out.truth, sim.mm_names, edited=len(out.sub) > 1 or self.gaba_unedited))
             if self.denoise:
                 ref = sim.simulate(c, seed=seed, fixed={"snr": float("inf")})
                 clean.append(self.transform(select_channels(ref.fid, ref.sub, self.channels)))
@@ -294,4 +296,4 @@ def build_stream(data_cfg, seed: int = 0, device: torch.device | str = "cpu",
     sims = [Simulator(load_profile(p), builder.grid, device=device) for p in data_cfg.sim_profiles]
     return MixedStream(sims, builder.transform, data_cfg.channels, data_cfg.batch_size, invivo,
                        data_cfg.invivo_fraction, seed, device, denoise=bool(data_cfg.denoise),
-                       prefetch=int(data_cfg.prefetch))
+                       prefetch=int(data_cfg.prefetch), gaba_unedited=bool(data_cfg.gaba_unedited))

@@ -30,7 +30,7 @@ from mrsfm_model.data.latents import NAMES as LATENT_NAMES
 from mrsfm_model.data.spectrum import VENDORS
 from mrsfm_model.data.stream import InputBuilder
 from mrsfm_model.errors import MRSDataError
-from mrsfm_model.evaluation.linear import fit_linear, fit_predict
+from mrsfm_model.evaluation.linear import Penalty, fit_linear, fit_predict
 from mrsfm_model.evaluation.tasks import HEAD_ESTIMATES, QUANT_TARGETS, build_benchmark, generators_seen, lcm_ratios
 from mrsfm_model.logs import Log, get_logger
 from mrsfm_model.model.export import build_vit, encoder_state, load_encoder, read_encoder_config
@@ -57,7 +57,7 @@ class FinetuneConfig(ConfigSection):
     grad_clip: float | None
     global_pool: str  # flat (tokens in ppm order) | avg (mean of patch tokens, MAE's fine-tuning) | token ([CLS])
     head_init: str  # random | probe: full fine-tune starts from the linear probe's head (LP-FT)
-    probe_l2: float  # L2 of the linear probe (the non-deep baselines' estimator, mrsfm_model.evaluation.linear)
+    l2: tuple[float, ...]  # L2 penalty grid of every linear read-out, chosen by inner CV (evaluation/linear.py)
 
     def check(self) -> None:
         if self.mode not in FROZEN_READOUTS + ("full",):
@@ -146,7 +146,7 @@ def frozen_network(encoder: str | Path | None, mae_cfg: MAEConfig, readout: str,
     return Quantifier(vit, head)
 
 
-def fit_readout(net: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str, n_out: int, l2: float,
+def fit_readout(net: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str, n_out: int, l2: Penalty,
                 device: torch.device, feats: np.ndarray | None = None) -> nn.Module:
     """A frozen network followed by the regularised linear model fitted on its outputs (`feats`,
     when the caller has them already): one module mapping images to logits or values."""
@@ -164,7 +164,7 @@ def train_model(
     torch.manual_seed(seed)
     if cfg.mode in FROZEN_READOUTS:
         return fit_readout(frozen_network(encoder, mae_cfg, cfg.mode, cfg.global_pool, n_out), x, y, task, n_out,
-                           cfg.probe_l2, device)
+                           cfg.l2, device)
     vit = _model(encoder, mae_cfg, n_out, cfg.global_pool)
     if cfg.head_init == "probe":  # LP-FT: start the full fine-tune from the linear probe's head
         _fold_probe_into_head(vit, _fit_probe(vit, x, y, task, n_out, cfg, device))
@@ -178,8 +178,8 @@ def train_model(
 def _fit_probe(vit: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str, n_out: int, cfg: FinetuneConfig,
                device: torch.device) -> nn.Sequential:
     """The linear probe: the same regularised logistic / ridge regression as the non-deep baselines
-    (mrsfm_model.evaluation.linear, L2 `probe_l2`) on the frozen ViT's pooled features, as BatchNorm + Linear."""
-    return fit_readout(PooledFeatures(vit), x, y, task, n_out, cfg.probe_l2, device)[1]
+    (mrsfm_model.evaluation.linear, L2 chosen from `l2`) on the frozen ViT's pooled features, as BatchNorm + Linear."""
+    return fit_readout(PooledFeatures(vit), x, y, task, n_out, cfg.l2, device)[1]
 
 
 @torch.no_grad()
@@ -365,7 +365,7 @@ def run_benchmark(cfg, encoder: str | Path | None, out_dir: str | Path, device: 
                     if init == "baseline":
                         feats = bench.spectra if mode == "spectrum" else bench.x.flatten(1)
                         per_seed.append(baseline_metrics(feats[idx], y[idx], feats[test], y[test], task,
-                                                  len(VENDORS), float(cfg.study.baseline_l2)))
+                                                  len(VENDORS), ft.l2))
                         continue
                     per_seed.append(fit_and_evaluate(
                         bench.x[idx], y[idx], bench.x[test], y[test],
@@ -442,7 +442,7 @@ def head_metrics(est: torch.Tensor, y: torch.Tensor, labelled: torch.Tensor | No
 
 
 def baseline_metrics(f_train: torch.Tensor, y_train: torch.Tensor, f_test: torch.Tensor, y_test: torch.Tensor, task: str,
-              n_classes: int, l2: float) -> dict[str, float]:
+              n_classes: int, l2: Penalty) -> dict[str, float]:
     """The non-deep arm (mrsfm_model.evaluation.linear, as the linear probe) scored like the deep ones; the
     regression targets are fitted together (ridge treats each column on its own)."""
 

@@ -138,7 +138,7 @@ class Panel:
     def baselines(self) -> dict[str, list[dict]]:
         """Logistic / ridge regression on the model's own pixels and on the magnitude spectra."""
         out: dict[str, list[dict]] = {"pixels": [], "spectrum": []}
-        l2 = float(self.cfg.study.baseline_l2)
+        l2 = self.ft.l2
         for task, n, samples in self._cells():
             test, b = task.bench.test, task.bench
             for name, feats in (("pixels", b.x.flatten(1)), ("spectrum", b.spectra)):

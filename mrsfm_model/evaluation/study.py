@@ -39,7 +39,7 @@ from mrsfm_model.evaluation.finetune import (
     train_model,
 )
 from mrsfm_model.evaluation.labels import Warnings, read_labels
-from mrsfm_model.evaluation.linear import fit_predict
+from mrsfm_model.evaluation.linear import Penalty, fit_predict
 from mrsfm_model.evaluation.predict import save_study_model
 from mrsfm_model.evaluation.study_data import (
     StudyConfig,
@@ -62,9 +62,9 @@ _log = get_logger("evaluation")
 # --------------------------------------------------------------------------- settings
 # --------------------------------------------------------------------------- the three arms
 def baseline_fit_predict(f_train: np.ndarray, y_train: np.ndarray, f_test: np.ndarray, task: str,
-                         n_classes: int, l2: float) -> np.ndarray:
+                         n_classes: int, l2: Penalty) -> np.ndarray:
     """Multinomial logistic regression (class probabilities) or ridge regression (values) on
-    standardised features, L2 penalty `l2` on the mean loss (mrsfm_model.evaluation.linear). The yardstick a
+    standardised features, L2 penalty `l2` (or chosen from a grid by inner CV) on the mean loss (mrsfm_model.evaluation.linear). The yardstick a
     deep model must beat."""
     return fit_predict(f_train, y_train, f_test, task, n_classes, l2)
 
@@ -109,11 +109,11 @@ def choose_readout(x: torch.Tensor, y: np.ndarray, yt: torch.Tensor, groups: np.
         torch.manual_seed(seed)
         net = frozen_network(setup.encoder, setup.mae_cfg, readout, setup.ft.global_pool, n_out)
         feats = network_outputs(net, x, setup.device).numpy()
-        score = _inner_score(feats, y, groups, task, n_out, setup.ft.probe_l2, k, seed) if k >= 2 else 0.0
+        score = _inner_score(feats, y, groups, task, n_out, setup.ft.l2, k, seed) if k >= 2 else 0.0
         if best is None or score > best[0]:
             best = (score, readout, net, feats)
     _, readout, net, feats = best
-    return fit_readout(net, x, yt, task, n_out, setup.ft.probe_l2, setup.device, feats=feats), readout
+    return fit_readout(net, x, yt, task, n_out, setup.ft.l2, setup.device, feats=feats), readout
 
 
 def _inner_folds(y: np.ndarray, groups: np.ndarray, task: str, most: int = 4) -> int:
@@ -121,7 +121,7 @@ def _inner_folds(y: np.ndarray, groups: np.ndarray, task: str, most: int = 4) ->
     return min(most, fold_limit(y, groups, task)[0])
 
 
-def _inner_score(feats: np.ndarray, y: np.ndarray, groups: np.ndarray, task: str, n_out: int, l2: float, k: int,
+def _inner_score(feats: np.ndarray, y: np.ndarray, groups: np.ndarray, task: str, n_out: int, l2: Penalty, k: int,
                  seed: int) -> float:
     """Headline metric of the linear read-out's out-of-fold predictions over the inner folds."""
     fold = cv_folds(y, groups, k, seed + 7919, task)
@@ -159,7 +159,7 @@ def evaluate_arm(arm: str, data: StudyData, folds: dict[int, np.ndarray], k: int
             tr, te = fold != f, fold == f
             if arm == "baseline":
                 oof[te] = baseline_fit_predict(data.features[tr], data.y[tr], data.features[te], data.task,
-                                               data.n_classes, scfg.baseline_l2)
+                                               data.n_classes, setup.ft.l2)
             else:
                 arm_setup = DeepSetup(arm_start(arm, setup.encoder), setup.mae_cfg, setup.ft, setup.device,
                                       setup.choose)
@@ -322,7 +322,7 @@ def _result(scfg: StudyConfig, setup: DeepSetup, data: StudyData, target: str, k
                "note": "metrics pool each seed's out-of-fold predictions; the 95% interval is over seeds, so it "
                        "reflects split and training randomness, not the sampling uncertainty of a small study"},
         "arms": arms, "warnings": warnings,
-        "training": {**asdict(setup.ft), "baseline_l2": scfg.baseline_l2, "baseline_ppm": list(scfg.baseline_ppm)},
+        "training": {**asdict(setup.ft), "baseline_ppm": list(scfg.baseline_ppm)},
     }
 
 

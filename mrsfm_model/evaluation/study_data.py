@@ -44,7 +44,6 @@ class StudyConfig(ConfigSection):
     mode: str  # auto | full | linear | latent
     steps: int
     batch_size: int
-    baseline_l2: float
     baseline_ppm: tuple[float, float]
     small_class: int
 

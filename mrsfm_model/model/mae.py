@@ -22,7 +22,7 @@ from torch import nn
 
 from mrsfm_model.config import from_section, load_config
 from mrsfm_model.data.latents import NAMES as LATENT_NAMES
-from mrsfm_model.data.latents import latent_loss
+from mrsfm_model.data.latents import latent_loss, loss_weights
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,9 @@ class MAEConfig:
     # reads (evenly spaced rows; batches are shuffled). That pass sees all tokens, four times the
     # masked pass's at mask 0.75: 1.0 is the slowest; screen 14 measures what less costs.
     latent_fraction: float
+    # Weigh the latent targets as unit-scale quantities and leave out those the magnitude image
+    # cannot carry (data/latents.py, loss_weights); false: every target weighs 1 as before.
+    latent_balanced: bool
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -68,7 +71,8 @@ class MAEConfig:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> MAEConfig:
         """From a saved model's header or card; options added later take their behaviour before them."""
-        before = {"embed_norm": False, "loss_visible": False, "latent_weight": 0.0, "latent_fraction": 1.0}
+        before = {"embed_norm": False, "loss_visible": False, "latent_weight": 0.0, "latent_fraction": 1.0,
+                  "latent_balanced": False}
         return from_section(cls, {**before, **raw}, "mae_config")
 
 
@@ -138,6 +142,7 @@ class SpectroMAE(nn.Module):
         self.decoder_pred = nn.Linear(cfg.decoder_embed_dim, cfg.patch_size[0] * cfg.patch_size[1] * cfg.in_chans)
         # linear on the flattened tokens, the read-out fine-tuning uses (finetune.global_pool=flat)
         self.latent_head = nn.Linear(n * cfg.embed_dim, len(LATENT_NAMES)) if cfg.latent_weight > 0 else None
+        self.register_buffer("latent_weights", loss_weights(cfg.latent_balanced), persistent=False)
         self.last_latent_loss: torch.Tensor | None = None
         self._init_weights()
 
@@ -233,7 +238,7 @@ class SpectroMAE(nn.Module):
         loss = self.forward_loss(imgs if target is None else target, pred, mask, per_sample)
         if self.latent_head is not None and latents is not None and (rows := self.latent_rows(latents)).numel():
             pred_latents = self.latent_head(self.encode(imgs[rows])[:, 1:].flatten(1))
-            aux = latent_loss(pred_latents, latents[rows], per_sample)
+            aux = latent_loss(pred_latents, latents[rows], per_sample, self.latent_weights)
             self.last_latent_loss = aux.detach().mean()
             if per_sample:  # rows left out score 0, the others stand for them (same batch mean)
                 known = int(torch.isfinite(latents).any(dim=1).sum())
