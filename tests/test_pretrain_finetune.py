@@ -61,9 +61,32 @@ def test_spectrum_baseline_beats_chance_on_the_vendor_task(bench):
     assert m["accuracy"] > 0.5
 
 
-def test_benchmark_seeds_are_outside_the_pretraining_stream():
-    # MixedStream draws simulation seeds in [0, 2**31); the benchmark starts far above
-    assert BENCH_SEED_BASE >= 2**31
+def test_benchmark_seeds_are_outside_the_pretraining_stream(monkeypatch):
+    """Every seed the pretraining stream hands the simulator (many steps, every profile, denoising
+    twins included) differs from every seed the benchmark's subjects and scans are drawn with, so
+    pretraining never simulates a benchmark spectrum."""
+    from mrsfm_model.data.simulate import Simulator
+    from mrsfm_model.data.stream import build_stream
+
+    seen: dict[str, set] = {"stream": set(), "bench": set()}
+    who = "stream"
+    real = Simulator.simulate
+
+    def spy(self, n, seed=None, **kw):
+        seen[who].add(int(seed))
+        return real(self, n, seed=seed, **kw)
+
+    monkeypatch.setattr(Simulator, "simulate", spy)
+    cfg = load_config(["data.batch_size=6", "data.prefetch=0", "data.denoise=true"])
+    stream = build_stream(cfg.data, seed=123)
+    for step in (0, 1, 2, 10**6, 2**40):  # far steps too: the seed is drawn from (seed, step, profile)
+        stream.batch(step)
+    who = "bench"
+    for seed in (0, 1, 2):
+        build_benchmark(CanonicalGrid.from_config(), SpectrogramTransform(), ["OFF", "ON", "DIFF"], 4, 2, 0.5, seed)
+    assert len(seen["stream"]) >= 5 * 6 and len(seen["bench"]) >= 3 * 3 * 3
+    assert max(seen["stream"]) < 2**31 <= BENCH_SEED_BASE <= min(seen["bench"])
+    assert not seen["stream"] & seen["bench"]
 
 
 def test_metrics_on_known_values():

@@ -93,8 +93,8 @@ def test_classification_grouped_cv_final_model_and_predict(cfg, study, encoder, 
         assert all(len(set(fold[groups == g])) == 1 for g in set(groups))
         assert all(set(labels[fold == f]) == {"GE", "Siemens"} for f in range(3))
     assert not np.array_equal(*map(np.array, res["cv"]["assignments"].values()))  # seeds re-split
-    assert set(res["arms"]) == {"pretrained", "random_init", "scratch", "baseline"}
-    for arm in ("pretrained", "random_init", "scratch", "baseline"):
+    assert set(res["arms"]) == {"pretrained", "random_init", "scratch", "baseline", "fit"}
+    for arm in ("pretrained", "random_init", "scratch", "baseline", "fit"):
         assert set(res["arms"][arm]["metrics"]) == {"accuracy", "balanced_accuracy", "macro_f1"}
         assert res["arms"][arm]["metrics"]["accuracy"]["n"] == 2
     assert np.sum(res["arms"]["pretrained"]["confusion"]) == 41 * 2
@@ -121,7 +121,7 @@ def test_regression_on_a_numeric_column(cfg, study, tmp_path):
     logs: list[str] = []
     res = run_study(cfg, None, root / "data", write_labels(tmp_path / "labels.csv", rows), "naa", tmp_path / "out",
                     CPU, log=logs.append)
-    assert res["task"] == "regression" and set(res["arms"]) == {"scratch", "baseline"}
+    assert res["task"] == "regression" and set(res["arms"]) == {"scratch", "baseline", "fit"}
     assert set(res["arms"]["scratch"]["metrics"]) == {"mae", "r2"}
     assert any(RDA.name in w and "no value" in w for w in res["warnings"])  # its empty naa: dropped
     assert res["data"]["spectra"] == 40 and res["encoder"]["init"].startswith("random")
@@ -272,6 +272,10 @@ def test_auto_picks_a_frozen_readout_per_fold_and_predict_rebuilds_it(cfg, tmp_p
     for arm in ("pretrained", "random_init", "scratch"):
         assert {f["mode"] for f in res["arms"][arm]["per_fold"]} <= {"linear", "latent"}
     assert res["final_mode"] in ("linear", "latent")
+    # what an MRS user does: fit each spectrum, then classify its fitted ratios, on the same folds
+    fit = res["arms"]["fit"]
+    assert fit["metrics"]["balanced_accuracy"]["n"] == 1 and "mode" not in fit["per_fold"][0]
+    assert [f["n_test"] for f in fit["per_fold"]] == [f["n_test"] for f in res["arms"]["scratch"]["per_fold"]]
     for mode in ("latent", "linear"):
         one = load_config(OVERRIDES + ["++study.seeds=[0]", f"study.mode={mode}"])
         res = run_study(one, enc, tmp_path / "data", labels, "condition", tmp_path / mode, CPU, log=lambda m: None)
@@ -299,3 +303,26 @@ def test_latent_mode_needs_a_latent_head(cfg, study, tmp_path):
     with pytest.raises(ValueError, match="latent head"):
         run_study(one, enc, root / "data", write_labels(tmp_path / "labels.csv", rows), "vendor", tmp_path / "o",
                   CPU, log=lambda m: None)
+
+
+def test_fit_features_are_the_fitted_ratios_of_each_spectrum(study, cfg):
+    """The `fit` arm's features: each spectrum fitted with its vendor's MEGA-PRESS basis set; the
+    fitted log NAA/tCr follows the simulator's truth across subjects."""
+    from mrsfm_model.data.io import load_spectrum
+    from mrsfm_model.data.latents import RATIOS
+    from mrsfm_model.data.stream import InputBuilder
+    from mrsfm_model.evaluation.lcm import fit_profile, fit_ratio_features
+
+    root, rows = study
+    builder = InputBuilder.from_data_config(cfg.data)
+    sim_rows = [r for r in rows if r["naa"]][14:26]  # 6 GE, then 6 Siemens
+    spectra = [builder.canonical(load_spectrum(root / "data" / r["file"])) for r in sim_rows]
+    assert {fit_profile(s.edited, s.provenance.vendor) for s in spectra} == {"megapress_ge", "megapress_siemens"}
+    feats = fit_ratio_features(spectra, builder.grid)
+    assert feats.shape == (12, len(RATIOS)) and np.isfinite(feats).all()
+    truth = []
+    for r in sim_rows:
+        c = json.loads((root / "data" / r["file"].replace(".nii.gz", ".json")).read_text())["concentrations_mM"]
+        truth.append(np.log((c["NAA"] + c.get("NAAG", 0)) / (c["Cr"] + c["PCr"])))
+    assert np.corrcoef(feats[:, list(RATIOS).index("tNAA")], truth)[0, 1] > 0.7
+    assert fit_profile(False, None) == "press_ge" and fit_profile(True, "Philips") == "megapress_philips"

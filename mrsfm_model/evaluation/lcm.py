@@ -183,3 +183,37 @@ class LinearCombinationFit:
                     "phase0": ((ph0 + 180) % 360 - 180).float(), "phase1": ph1.float()},
             residual=(rss / y.square().sum(1)).sqrt().float(),
         )
+
+
+def fit_profile(edited: bool, vendor: str | None) -> str:
+    """The simulation profile whose basis set fits a spectrum: MEGA-PRESS or PRESS of its vendor;
+    FID-A's vendor-neutral MEGA-PRESS set (edited) or GE's PRESS set (unedited) when the vendor is
+    not known."""
+    known = {"GE": "ge", "Philips": "philips", "Siemens": "siemens"}
+    if vendor in known:
+        return f"{'megapress' if edited else 'press'}_{known[vendor]}"
+    return "megapress_fida" if edited else "press_ge"
+
+
+def fit_ratio_features(spectra: list, grid: CanonicalGrid) -> np.ndarray:
+    """What an MRS user computes today, per spectrum: a linear-combination fit with the basis set of
+    its sequence and vendor (`fit_profile`), reported as log(group amplitude / tCr) for every
+    metabolite group of data/latents.RATIOS (groups a basis lacks are 0). Input: canonical
+    Spectrum objects; output (N, len(RATIOS)), the features of the study's `fit` arm."""
+    from mrsfm_model.data.latents import RATIOS, TCR
+
+    out = np.zeros((len(spectra), len(RATIOS)))
+    by_profile: dict[str, list[int]] = {}
+    for i, s in enumerate(spectra):
+        by_profile.setdefault(fit_profile(s.edited, s.provenance.vendor), []).append(i)
+    for profile, rows in by_profile.items():
+        lcm = LinearCombinationFit.from_profile(profile, grid)
+        sub = Simulator(profile, grid, device="cpu").sub
+        fids = np.stack([np.stack([spectra[i].row(name) for name in sub]) for i in rows])
+        amp = lcm.fit(torch.from_numpy(fids)).amplitudes
+        tcr = sum(amp[m] for m in TCR if m in amp).clamp_min(1e-6)
+        for j, members in enumerate(RATIOS.values()):
+            present = [m for m in members if m in amp]
+            if present:
+                out[rows, j] = torch.log((sum(amp[m] for m in present) / tcr).clamp_min(1e-3)).numpy()
+    return out

@@ -26,6 +26,7 @@ from mrsfm_model.evaluation.labels import (
     resolve_task,
     unlisted_files,
 )
+from mrsfm_model.evaluation.lcm import fit_ratio_features
 from mrsfm_model.evaluation.tasks import spectrum_features
 from mrsfm_model.logs import Log, get_logger
 from mrsfm_model.model.mae import MAEConfig
@@ -45,6 +46,7 @@ class StudyConfig(ConfigSection):
     steps: int
     batch_size: int
     baseline_ppm: tuple[float, float]
+    fit_arm: bool  # also score logistic / ridge regression on each spectrum's fitted metabolite ratios
     small_class: int
 
     def check(self) -> None:
@@ -85,6 +87,7 @@ class StudyData:
     y: np.ndarray  # (N,) int class index or float target
     x: torch.Tensor  # (N, C, H, W) spectrograms
     features: np.ndarray  # (N, F) baseline features
+    fit_features: np.ndarray | None  # (N, groups) log ratios to tCr from a linear-combination fit (the `fit` arm)
     grouped: bool
     vendors: list[str]
     formats: list[str]
@@ -112,9 +115,9 @@ def _suffix(name: str) -> str:
 
 
 def _load_rows(rows: list[LabelRow], builder: InputBuilder, ppm: Sequence[float], labels_csv: Path,
-               warn: Log) -> tuple[list[LabelRow], list, list[np.ndarray], list[str]]:
+               warn: Log) -> tuple[list[LabelRow], list, list[np.ndarray], list[str], list]:
 
-    kept, images, feats, vendors = [], [], [], []
+    kept, images, feats, vendors, canonical = [], [], [], [], []
     for r in rows:
         try:
             spec = load_spectrum(r.path)
@@ -126,7 +129,8 @@ def _load_rows(rows: list[LabelRow], builder: InputBuilder, ppm: Sequence[float]
         images.append(prep.image)
         feats.append(spectral_features(prep.fids, builder, ppm))
         vendors.append(spec.provenance.vendor or "unknown")
-    return kept, images, feats, vendors
+        canonical.append(prep.canonical)
+    return kept, images, feats, vendors, canonical
 
 
 def _encode(rows: list[LabelRow], task: str) -> tuple[list[str], np.ndarray]:
@@ -181,15 +185,18 @@ def load_study(cfg, data_dir: Path, labels_csv: Path, target: str, task: str | N
     if task == "regression":
         rows = numeric_rows(rows, target, labels_csv, warn)
     builder = InputBuilder.from_data_config(cfg.data)
-    rows, images, feats, vendors = _load_rows(rows, builder, scfg.baseline_ppm, labels_csv, warn)
+    rows, images, feats, vendors, canonical = _load_rows(rows, builder, scfg.baseline_ppm, labels_csv, warn)
     _check_usable(rows, len(table.listed), task, target, labels_csv)
+    fit = None
+    if scfg.fit_arm:  # a linear-combination fit of every spectrum (~0.1 s each)
+        fit = fit_ratio_features(canonical, builder.grid)
     labels, y = _encode(rows, task)
     for c, n in sorted(Counter(r.value for r in rows).items()) if task == "classification" else []:
         if n < scfg.small_class:
             warn(f"class {c!r} has only {n} spectra (< {scfg.small_class}): its figures rest on very few examples")
     return StudyData(
         files=[r.file for r in rows], groups=np.array([r.unit for r in rows], dtype=object), task=task,
-        labels=labels, y=y, x=torch.stack(images), features=np.stack(feats), grouped=table.grouped, vendors=vendors,
+        labels=labels, y=y, x=torch.stack(images), features=np.stack(feats), fit_features=fit, grouped=table.grouped, vendors=vendors,
         formats=[_suffix(r.file) for r in rows], warnings=warn.items,
     )
 
