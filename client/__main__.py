@@ -55,7 +55,28 @@ def load_site(site: str, overrides: list[str]):
         load_config(list(cfg.site.get("overrides") or []) + train_words)  # fail here, not in round 1
     except ValueError as exc:
         raise SiteError(str(exc)) from None
+    if str(cfg.site.name) != site:  # e.g. a copied unicamp.yaml: the server would record this hospital as unicamp
+        raise SiteError(f"configs/site/{site}.yaml says name: {cfg.site.name}; a site's file must carry its own name "
+                        f"(after copying another site's file, change name, vendor and runtime_port)")
     return cfg, train_words
+
+
+def check_device(device: str) -> str:
+    """What the site will train on, in words; a GPU asked for but not visible is an error, not a
+    silent CPU run (torch is imported only then: the launcher stays quick otherwise)."""
+    if device.startswith("cuda"):
+        import torch
+
+        index = int(device.partition(":")[2] or 0)
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            raise SiteError(f"site.device is {device} but no such GPU is visible to this process "
+                            f"({torch.cuda.device_count()} visible); check the driver (nvidia-smi) and the "
+                            f"container's GPU access, or set site.device=cpu")
+        return f"GPU {device}"
+    if device == "auto":
+        gpu = Path("/proc/driver/nvidia/gpus").is_dir() and any(Path("/proc/driver/nvidia/gpus").iterdir())
+        return "auto: a GPU is visible" if gpu else "auto: no GPU visible, training on the CPU"
+    return device
 
 
 def check_superlink(address: str, insecure: bool, timeout_s: float = 5.0) -> None:
@@ -297,7 +318,13 @@ def main(argv: list[str] | None = None) -> int:
         cmd += ["--isolation", "process", "--superexec-auth-secret-file", str(secret)] if warm else []
         if not args.dry_run:  # --dry-run checks that the files are there and readable, not what they hold
             check_tls_files(cfg)
-        check_runtime_port(int(cfg.site.runtime_port))
+        device = check_device(str(cfg.site.device))
+        try:
+            check_runtime_port(int(cfg.site.runtime_port))
+        except SiteError as exc:
+            if not args.dry_run:
+                raise
+            print(f"{PROG}: note: {exc} (the dry run does not need the port)", file=sys.stderr)
         check_superlink(str(cfg.site.superlink), bool(cfg.site.insecure))
         if args.dry_run:
             print(shlex.join(cmd))
@@ -320,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     mode = ("site worker on (warm model between rounds; only this installation's client code runs)" if warm else
             "site worker off (site.worker=false): every message starts a fresh process running the app bundle's code")
     print(f"{PROG}: site {cfg.site.name} -> SuperLink {cfg.site.superlink}, data "
-          f"{data_dir or '(simulation only)'}; {mode}; idle poll every {poll_s:g} s", file=sys.stderr, flush=True)
+          f"{data_dir or '(simulation only)'}; device {device}; {mode}; idle poll every {poll_s:g} s", file=sys.stderr, flush=True)
     return Supervisor([sys.executable, "-m", "client.supernode", *cmd[1:]], worker, env).run()
 
 

@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = subs.add_parser("quantify", help="metabolite ratios to tCr, linewidths and SNR from the pretrained model's "
-                                         "own head (no labels; simulation-trained, see README)")
+                                         "own head (no labels; simulation-trained, see docs/results.md)")
     p.add_argument("inputs", nargs="+", type=Path)
     p.add_argument("--encoder", type=Path, help="encoder.safetensors with a latent head (default: the shipped one)")
     p.add_argument("--out", type=Path, help="estimates CSV (default: CSV on stdout)")

@@ -123,7 +123,7 @@ class PrivateSite:
         with warnings.catch_warnings():
             # Opacus' advice is its secure_mode (torchcsprng, which no package index offers for this
             # torch); the generators here stand in: seeded from OS entropy, never stored (their
-            # streams are Mersenne/Philox, not a CSPRNG's: see README, Differential privacy)
+            # streams are Mersenne/Philox, not a CSPRNG's: see docs/privacy.md)
             warnings.filterwarnings("ignore", message="Secure RNG turned off")
             self.engine = PrivacyEngine(accountant=cfg.accountant)
             if state:
