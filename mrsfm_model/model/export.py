@@ -160,9 +160,8 @@ def init_mae(model: SpectroMAE, init: str | Path) -> Path:
     theirs = json.loads(meta["mae_config"]) if "mae_config" in meta else None
     if theirs is not None:
         theirs = {k: tuple(v) if isinstance(v, list) else v for k, v in theirs.items()}
-        pretext_only = ("mask_ratio", "norm_pix_loss", "loss_visible", "latent_weight")  # the pretext, not the weights
-        differ = [f"{k}: file {theirs.get(k)}, this run {v}" for k, v in model.cfg.to_dict().items()
-                  if k not in pretext_only and theirs.get(k, v) != v]
+        differ = [f"{k}: file {theirs.get(k)}, this run {v}" for k, v in model.cfg.architecture().items()
+                  if theirs.get(k, v) != v]
         if differ:
             raise MRSDataError(path, "init weights are another model than this run's: " + "; ".join(differ))
     try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from timm.layers import LayerNorm, PatchEmbed
@@ -60,6 +60,11 @@ class MAEConfig:
     # cannot carry (data/latents.py, loss_weights); false: every target weighs 1 as before.
     latent_balanced: bool
 
+    # How the MAE is trained, not what its weights are: a model may continue from, or be compared
+    # with, weights made with other values of these (model/export.py init_mae).
+    PRETEXT: ClassVar[tuple[str, ...]] = ("mask_ratio", "norm_pix_loss", "loss_visible", "latent_weight",
+                                          "latent_fraction", "latent_balanced")
+
     @property
     def grid_size(self) -> tuple[int, int]:
         (h, w), (ph, pw) = self.img_size, self.patch_size
@@ -67,6 +72,10 @@ class MAEConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def architecture(self) -> dict:
+        """The settings that make the weights (everything but `PRETEXT`)."""
+        return {k: v for k, v in self.to_dict().items() if k not in self.PRETEXT}
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> MAEConfig:
