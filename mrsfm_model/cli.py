@@ -116,15 +116,17 @@ def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
 def cmd_finetune(args: argparse.Namespace, overrides: list[str]) -> int:
     from mrsfm_model.config import load_config, resolve_device
     from mrsfm_model.evaluation.finetune import run_benchmark
-    from mrsfm_model.model.export import shipped
+    from mrsfm_model.model.export import resolve_encoder, shipped
 
     cfg = load_config(overrides)
     if args.encoder is None:  # the packaged pretrained encoder
         args.encoder = shipped()
     elif str(args.encoder).lower() == "none":  # no pretrained arm: scratch and baselines only
         args.encoder = None
-    elif not args.encoder.is_file():
-        raise MRSDataError(args.encoder, "encoder file not found")
+    else:
+        args.encoder = resolve_encoder(args.encoder)
+        if not args.encoder.is_file():
+            raise MRSDataError(args.encoder, "encoder file not found")
     if args.data or args.labels or args.target:
         missing = [f"--{n}" for n in ("data", "labels", "target") if getattr(args, n) is None]
         if missing:
@@ -167,10 +169,10 @@ def cmd_predict(args: argparse.Namespace, overrides: list[str]) -> int:
 def cmd_quantify(args: argparse.Namespace, overrides: list[str]) -> int:
     from mrsfm_model.config import load_config, resolve_device
     from mrsfm_model.evaluation.predict import quantify_files
-    from mrsfm_model.model.export import shipped
+    from mrsfm_model.model.export import resolve_encoder, shipped
 
     cfg = load_config(overrides)
-    encoder = args.encoder or shipped()
+    encoder = resolve_encoder(args.encoder) if args.encoder else shipped()
     rows, errors = quantify_files(encoder, args.inputs, args.out, resolve_device(cfg.device))
     return _report_rows("quantify", rows, errors, args.out, f"estimates for {len(rows)} spectra")
 
@@ -209,8 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = subs.add_parser("finetune", help="few-label fine-tuning benchmark: pretrained encoder vs random init")
     p.add_argument("--encoder", type=Path,
-                   help="encoder.safetensors from pretrain/export (default: the shipped pretrained encoder; "
-                        "'none': scratch and baselines only)")
+                   help="encoder.safetensors from pretrain/export, or a shipped model's name (micro, tiny) "
+                        "(default: the shipped micro encoder; 'none': scratch and baselines only)")
     p.add_argument("--out", type=Path, help="result folder (default: RUN_DIR/finetune, or RUN_DIR/study)")
     p.add_argument("--data", type=Path, help="study folder of spectra in any readable format (with --labels, --target)")
     p.add_argument("--labels", type=Path,
@@ -229,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = subs.add_parser("quantify", help="metabolite ratios to tCr, linewidths and SNR from the pretrained model's "
                                          "own head (no labels; simulation-trained, see docs/results.md)")
     p.add_argument("inputs", nargs="+", type=Path)
-    p.add_argument("--encoder", type=Path, help="encoder.safetensors with a latent head (default: the shipped one)")
+    p.add_argument("--encoder", type=Path, help="encoder.safetensors with a latent head, or a shipped model's name "
+                                                 "(micro, tiny) (default: the shipped micro encoder)")
     p.add_argument("--out", type=Path, help="estimates CSV (default: CSV on stdout)")
     p.set_defaults(func=cmd_quantify)
 

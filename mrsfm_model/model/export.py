@@ -128,13 +128,29 @@ def load_encoder(path: str | Path, num_classes: int = 0, global_pool: str = "avg
     return vit
 
 
-def shipped(kind: str = "encoder") -> Path:
-    """Path of the shipped encoder (`kind="encoder"`) or whole MAE (`"mae"`); a clear error if absent."""
-    path = SHIPPED_DIR / (f"{SHIPPED_NAME}.safetensors" if kind == "encoder" else f"{SHIPPED_NAME}.mae.safetensors")
+def shipped(kind: str = "encoder", name: str = SHIPPED_NAME) -> Path:
+    """Path of a shipped encoder (`kind="encoder"`) or whole MAE (`"mae"`), the default one unless
+    `name` says which (`shipped_names()`); a clear error if absent."""
+    path = SHIPPED_DIR / (f"{name}.safetensors" if kind == "encoder" else f"{name}.mae.safetensors")
     if not path.is_file():
         raise MRSDataError(path, "the shipped pretrained model is missing from this installation "
-                                 "(reinstall mrsfm, or name a file with --encoder / init=PATH)")
+                                 f"(shipped: {', '.join(shipped_names()) or 'none'}; reinstall mrsfm, or name a "
+                                 "file with --encoder / init=PATH)")
     return path
+
+
+def shipped_names() -> list[str]:
+    """The encoders the package ships (mrsfm_model/resources/encoders/NAME.safetensors)."""
+    return sorted(p.stem for p in SHIPPED_DIR.glob("*.safetensors") if not p.name.endswith(".mae.safetensors"))
+
+
+def resolve_encoder(value: str | Path) -> Path:
+    """An --encoder argument: a shipped model's name (`mrsfm_tiny`, or just `tiny`) or a file path."""
+    text = str(value)
+    for name in (text, f"mrsfm_{text}"):
+        if name in shipped_names() and not Path(text).is_file():
+            return shipped(name=name)
+    return Path(value)
 
 
 def save_mae(model: SpectroMAE, path: str | Path) -> Path:
@@ -143,12 +159,25 @@ def save_mae(model: SpectroMAE, path: str | Path) -> Path:
     return save_weights(model, Path(path), {"mae_config": model.cfg.to_dict(), "format": "mrsfm-mae-v1"})
 
 
+def _shipped_mae_for(model: SpectroMAE) -> Path:
+    """The shipped whole MAE of this model's architecture (the default one first)."""
+    names = [SHIPPED_NAME] + [n for n in shipped_names() if n != SHIPPED_NAME]
+    for name in names:
+        path = SHIPPED_DIR / f"{name}.mae.safetensors"
+        if path.is_file():
+            with safe_open(str(path), framework="pt") as f:
+                raw = json.loads((f.metadata() or {}).get("mae_config", "{}"))
+            if raw and MAEConfig.from_dict(raw).architecture() == model.cfg.architecture():
+                return path
+    return shipped("mae")  # none fits: the default one, whose load names the differing settings
+
+
 def init_mae(model: SpectroMAE, init: str | Path) -> Path:
     """Load MAE weights to start (or continue) pretraining from: a file, or "shipped". The file must
     hold this very architecture; anything else is one clear error naming the file and both configs."""
     from safetensors.torch import load_file
 
-    path = shipped("mae") if str(init) == "shipped" else Path(init)
+    path = _shipped_mae_for(model) if str(init) == "shipped" else Path(init)
     if not path.is_file():
         raise MRSDataError(path, "init weights not found")
     try:
