@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from mrsfm_model.data.canonical import CanonicalGrid
+from mrsfm_model.data.latents import RATIOS, TCR
 from mrsfm_model.data.simulate import Simulator
 from mrsfm_model.data.spectrum import PPM_REFERENCE
 
@@ -200,8 +201,6 @@ def fit_ratio_features(spectra: list, grid: CanonicalGrid) -> np.ndarray:
     its sequence and vendor (`fit_profile`), reported as log(group amplitude / tCr) for every
     metabolite group of data/latents.RATIOS (groups a basis lacks are 0). Input: canonical
     Spectrum objects; output (N, len(RATIOS)), the features of the study's `fit` arm."""
-    from mrsfm_model.data.latents import RATIOS, TCR
-
     out = np.zeros((len(spectra), len(RATIOS)))
     by_profile: dict[str, list[int]] = {}
     for i, s in enumerate(spectra):
