@@ -36,6 +36,26 @@ class SiteError(Exception):
     """A problem the site operator can fix, said in one line."""
 
 
+def release() -> str:
+    """This installation's identity, for the lab and the site to compare: the package version and,
+    in a git checkout, its commit (a modified tree is marked)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ident = f"mrsfm {version('mrsfm')}"
+    except PackageNotFoundError:
+        ident = "mrsfm (not installed)"
+    here = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                                text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = dirty = ""
+    return f"{ident}, commit {commit}{' (modified)' if dirty else ''}" if commit else f"{ident} (no git commit)"
+
+
 def known_sites() -> list[str]:
     from mrsfm_model.config import config_names
 
@@ -300,6 +320,7 @@ class Supervisor:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description="Join the federation as one site (flower-supernode "
                                      "and its site worker).")
+    parser.add_argument("--version", action="version", version=release())
     parser.add_argument("--site", required=True, help="name of configs/site/<name>.yaml")
     parser.add_argument("--dry-run", action="store_true", help="check and print the commands only")
     parser.add_argument("overrides", nargs="*", help="site.key=value (site settings) or other Hydra overrides")
@@ -346,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     mode = ("site worker on (warm model between rounds; only this installation's client code runs)" if warm else
             "site worker off (site.worker=false): every message starts a fresh process running the app bundle's code")
+    print(f"{PROG}: {release()}", file=sys.stderr, flush=True)
     print(f"{PROG}: site {cfg.site.name} -> SuperLink {cfg.site.superlink}, data "
           f"{data_dir or '(simulation only)'}; device {device}; {mode}; idle poll every {poll_s:g} s", file=sys.stderr, flush=True)
     return Supervisor([sys.executable, "-m", "client.supernode", *cmd[1:]], worker, env).run()

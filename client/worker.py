@@ -108,6 +108,7 @@ class SiteWorker:
         from flwr.supercore.runtime import RuntimeHttpClient
 
         self.address, self.trusted, self.poll_s = runtime_address, set(trusted), poll_s
+        self.bundles_logged: set[int] = set()  # runs whose bundle hash this worker has logged
         self.handler = handler or installed_app  # the installed ClientApp, never the bundle's
         interceptors = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
         if secret:  # only the holder of the site's secret may take its tasks
@@ -179,7 +180,10 @@ class SiteWorker:
             beat = HeartbeatSender(_heartbeat(client))
             beat.start()
             message, context, fab = _pull_task_input(client)
-            check_bundle(fab.content, self.trusted)
+            digest = check_bundle(fab.content, self.trusted)
+            if context.run_id not in self.bundles_logged:  # once per run: the lab compares it with `flwr ls`
+                self.bundles_logged.add(context.run_id)
+                _log.info(f"[mrsfm] run {context.run_id}: serving app bundle sha256 {digest}")
             t.append(time.perf_counter())
             reply = self.handler(message=message, context=context)
             t.append(time.perf_counter())

@@ -73,3 +73,10 @@ def test_a_gpu_asked_for_but_not_visible_is_one_line_not_a_cpu_run():
         check_device("cuda:0")
     assert check_device("cpu") == "cpu"
     assert "no GPU visible, training on the CPU" in check_device("auto")
+
+
+def test_the_release_identity_is_printed_for_the_lab_to_compare(configs):
+    res = _launch(configs, "--version")
+    assert res.returncode == 0
+    line = res.stdout.strip()
+    assert line.startswith("mrsfm 0.1.0") and ("commit " in line or "no git commit" in line)
