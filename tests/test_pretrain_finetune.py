@@ -18,11 +18,9 @@ from mrsfm_model.evaluation.finetune import (
     _fit_probe,
     _fold_probe_into_head,
     _model,
-    classification_metrics,
-    mean_ci95,
-    regression_metrics,
     run_benchmark,
 )
+from mrsfm_model.evaluation.stats import classification_metrics, mean_ci95, regression_metrics
 from mrsfm_model.evaluation.tasks import BENCH_SEED_BASE, build_benchmark, shortcut_accuracy
 from mrsfm_model.model.export import load_encoder
 from mrsfm_model.model.mae import configured_mae

@@ -31,6 +31,7 @@ from mrsfm_model.data.spectrum import VENDORS
 from mrsfm_model.data.stream import InputBuilder
 from mrsfm_model.errors import MRSDataError
 from mrsfm_model.evaluation.linear import Penalty, fit_linear, fit_predict
+from mrsfm_model.evaluation.stats import classification_metrics, mean_ci95, regression_metrics
 from mrsfm_model.evaluation.tasks import HEAD_ESTIMATES, QUANT_TARGETS, build_benchmark, generators_seen, lcm_ratios
 from mrsfm_model.logs import Log, get_logger
 from mrsfm_model.model.export import build_vit, encoder_state, load_encoder, read_encoder_config
@@ -206,38 +207,6 @@ class PooledFeatures(nn.Module):
 def network_outputs(model: nn.Module, x: torch.Tensor, device: torch.device, bs: int = 64) -> torch.Tensor:
     model.eval().to(device)
     return torch.cat([model(x[i:i + bs].to(device)).float().cpu() for i in range(0, len(x), bs)])
-
-
-def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> dict[str, float]:
-    recalls, f1s = [], []
-    for c in range(n_classes):
-        tp = np.sum((y_pred == c) & (y_true == c))
-        fn = np.sum((y_pred != c) & (y_true == c))
-        fp = np.sum((y_pred == c) & (y_true != c))
-        if tp + fn:
-            recalls.append(tp / (tp + fn))
-        f1s.append(2 * tp / max(1, 2 * tp + fp + fn))
-    return {"accuracy": float(np.mean(y_true == y_pred)), "balanced_accuracy": float(np.mean(recalls)),
-            "macro_f1": float(np.mean(f1s))}
-
-
-def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray, names: Sequence[str]) -> dict[str, float]:
-    out = {}
-    for j, name in enumerate(names):
-        err = y_pred[:, j] - y_true[:, j]
-        ss_tot = np.sum((y_true[:, j] - y_true[:, j].mean()) ** 2)
-        out[f"mae_{name}"] = float(np.mean(np.abs(err)))
-        out[f"r2_{name}"] = float(1 - np.sum(err**2) / max(ss_tot, 1e-12))
-    return out
-
-
-def mean_ci95(values: Sequence[float]) -> dict[str, float]:
-    """Mean and the half-width of a Student-t 95% interval over seeds."""
-    from scipy import stats
-
-    v = np.asarray(values, dtype=float)
-    half = float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
-    return {"mean": float(v.mean()), "ci95": half, "n": int(len(v))}
 
 
 def fit_and_evaluate(

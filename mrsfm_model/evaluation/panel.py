@@ -32,8 +32,8 @@ from mrsfm_model.evaluation.finetune import (
     fit_and_evaluate,
     head_estimates,
     head_metrics,
-    mean_ci95,
 )
+from mrsfm_model.evaluation.stats import mean_ci95
 from mrsfm_model.evaluation.tasks import QUANT_TARGETS, Benchmark, build_benchmark
 from mrsfm_model.logs import Log, get_logger
 

@@ -32,17 +32,15 @@ from mrsfm_model.evaluation.finetune import (
     FinetuneConfig,
     architecture,
     arm_start,
-    classification_metrics,
     fit_readout,
     frozen_network,
-    mean_ci95,
     network_outputs,
-    regression_metrics,
     train_model,
 )
 from mrsfm_model.evaluation.labels import Warnings, read_labels
 from mrsfm_model.evaluation.linear import Penalty, fit_predict
 from mrsfm_model.evaluation.predict import save_study_model
+from mrsfm_model.evaluation.stats import classification_metrics, mean_ci95, regression_metrics
 from mrsfm_model.evaluation.study_data import (
     StudyConfig,
     StudyData,
