@@ -78,7 +78,9 @@ def test_latent_head_adds_a_weighted_second_loss_that_trains_and_stays_out_of_th
     g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
     base, _, _ = model(x, generator=g())
     both, _, _ = model(x, generator=g(), latents=y)
-    aux = latent_loss(model.latent_head(model.encode(x)[:, 1:].flatten(1)), y)
+    rows = model.latent_rows(y)  # the configured share of the rows, with the configured weights
+    assert rows.numel() == max(1, round(model.cfg.latent_fraction * 4))
+    aux = latent_loss(model.latent_head(model.encode(x[rows])[:, 1:].flatten(1)), y[rows], weights=model.latent_weights)
     assert torch.allclose(both, base + 2.0 * aux, atol=1e-5)
     unknown, _, _ = model(x, generator=g(), latents=torch.full_like(y, math.nan))
     assert torch.allclose(unknown, base)  # in vivo rows add nothing

@@ -56,7 +56,7 @@ def test_latent_pass_reads_the_configured_share_of_simulated_rows_spread_over_pr
 
 def test_full_latent_share_scores_what_the_full_pass_scored():
     """latent_fraction 1: the head's loss is the old full-batch loss (in vivo rows weigh nothing)."""
-    cfg, stream = _setup("micro", batch=8)
+    cfg, stream = _setup("micro", batch=8, latent_fraction=1.0, latent_balanced=False)
     torch.manual_seed(0)
     model = build_mae(cfg.model, cfg.data)
     batch = stream.batch(2)
