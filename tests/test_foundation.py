@@ -121,3 +121,23 @@ def _basis_of(profile: str):
     from mrsfm_model.data.simulate import load_profile
 
     return load_profile(profile).basis_path().resolve()
+
+
+def test_every_shipped_encoder_reproduces_its_cards_input_settings():
+    """What the card says the encoder was pretrained on is what this release feeds it (grid,
+    spectrogram, channels), and `--encoder NAME` finds each shipped model."""
+    from mrsfm_model.data.stream import InputBuilder
+    from mrsfm_model.evaluation.finetune import input_differences
+    from mrsfm_model.model.export import resolve_encoder, shipped_names
+
+    builder = InputBuilder.from_data_config(load_config([]).data)
+    assert "mrsfm_micro" in shipped_names()
+    for name in shipped_names():
+        path = shipped(name=name)
+        assert resolve_encoder(name.removeprefix("mrsfm_")) == path == resolve_encoder(name)
+        assert input_differences(path, builder) == []
+        card = json.loads(path.with_suffix(".json").read_text())
+        assert card["spectrogram"] == {k: getattr(builder.spec_cfg, k) for k in card["spectrogram"]}
+        assert path.stat().st_size + shipped("mae", name=name).stat().st_size <= 25e6
+        vit = load_encoder(path, num_classes=3)
+        assert all(p.dtype == torch.float32 for p in vit.parameters())  # bf16-stored weights load as fp32
