@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from mrsfm_model.evaluation.linear import choose_l2, fit_linear, fit_predict, inner_folds
+from mrsfm_model.evaluation.linear import choose_l2, fit_linear, fit_predict, inner_folds, penalty_cv
 
 GRID = [1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0, 1000.0]
 
@@ -84,3 +84,27 @@ def test_inner_folds_are_stratified_and_fit_the_smallest_class():
     assert len(np.unique(fold)) == 3  # the smallest class has 3 rows
     for k in np.unique(fold):
         assert set(y[fold == k]) == {0, 1, 2}
+
+
+def test_grouped_inner_folds_keep_each_subject_in_one_fold():
+    subjects = np.repeat(np.arange(12), 3)  # 12 subjects, 3 scans each
+    y = (subjects % 3).astype(int)
+    fold = inner_folds(y, "classification", groups=subjects)
+    assert len(np.unique(fold)) == 4  # each class has 4 subjects
+    for s in range(12):
+        assert len(set(fold[subjects == s])) == 1
+    for k in np.unique(fold):
+        assert set(y[fold == k]) == {0, 1, 2}
+
+
+def test_penalty_cv_scores_feature_sets_on_the_same_rows():
+    """The score that picks a study's read-out: informative features score above noise."""
+    rng = np.random.default_rng(0)
+    y = np.arange(60) % 3
+    informative = rng.standard_normal((60, 40)) + 2.0 * np.eye(3)[y] @ rng.standard_normal((3, 40))
+    noise = rng.standard_normal((60, 40))
+    l2_a, good = penalty_cv(informative, y, "classification", 3, GRID)
+    l2_b, bad = penalty_cv(noise, y, "classification", 3, GRID)
+    assert l2_a in GRID and l2_b in GRID
+    assert good > 0.9 and bad < 0.6
+    assert penalty_cv(noise, y, "classification", 3, [1.0])[0] == 1.0

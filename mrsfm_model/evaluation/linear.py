@@ -114,10 +114,18 @@ def _solve(a: np.ndarray, y: np.ndarray, task: str, n_out: int, l2: float) -> tu
     return w @ v.T, bias
 
 
-def inner_folds(y: np.ndarray, task: str, most: int = 10, seed: int = 0) -> np.ndarray:
+def inner_folds(y: np.ndarray, task: str, most: int = 10, seed: int = 0,
+                groups: np.ndarray | None = None) -> np.ndarray:
     """Fold index per row: stratified by class (classification), at most `most` folds and no more
-    than the smallest class has rows; plain seeded folds for regression."""
+    than the smallest class has rows; plain seeded folds for regression. With `groups` (a study's
+    subjects) whole groups go to one fold, each stratified by its most common class: scans of one
+    subject in both the fitting and the held-out rows would reward memorising the subject."""
     rng = np.random.default_rng(seed)
+    if groups is not None:
+        _, inv = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+        strata = (np.array([np.bincount(np.asarray(y)[inv == g].astype(int)).argmax() for g in range(inv.max() + 1)])
+                  if task == "classification" else np.zeros(inv.max() + 1, dtype=np.int64))
+        return inner_folds(strata, task if task == "classification" else "regression", most, seed)[inv]
     fold = np.empty(len(y), dtype=np.int64)
     if task == "classification":
         classes, counts = np.unique(y, return_counts=True)
@@ -130,23 +138,33 @@ def inner_folds(y: np.ndarray, task: str, most: int = 10, seed: int = 0) -> np.n
     return fold
 
 
-def choose_l2(f: np.ndarray, y: np.ndarray, task: str, n_out: int, grid: Sequence[float], repeats: int = 3) -> float:
-    """The penalty of `grid` with the best inner-CV score on these rows alone: held-out accuracy
-    for classification (ties to the weaker penalty: scored by log-loss, the near-uniform prediction
-    of the strongest penalty won at 25 labels, where every weaker one classified better), squared
-    error of the standardised targets for regression (ties to the stronger penalty). The folds are
-    drawn `repeats` times (a 25-label sample has ~3 rows per fold: one split is a coin toss)."""
+def choose_l2(f: np.ndarray, y: np.ndarray, task: str, n_out: int, grid: Sequence[float], repeats: int = 3,
+              groups: np.ndarray | None = None) -> float:
+    """The penalty of `grid` with the best inner-CV score on these rows alone (`penalty_cv`)."""
+    return penalty_cv(f, y, task, n_out, grid, repeats, groups)[0]
+
+
+def penalty_cv(f: np.ndarray, y: np.ndarray, task: str, n_out: int, grid: Sequence[float], repeats: int = 3,
+               groups: np.ndarray | None = None) -> tuple[float, float]:
+    """(penalty, its inner-CV score) over `grid`: held-out accuracy for classification (ties to the
+    weaker penalty: scored by log-loss, the near-uniform prediction of the strongest penalty won at
+    25 labels, where every weaker one classified better), minus the mean squared error of the
+    standardised targets for regression (ties to the stronger penalty). The folds are drawn
+    `repeats` times (a 25-label sample has ~3 rows per fold: one split is a coin toss), grouped by
+    `groups` when given. The score lets a caller compare feature sets (a study's read-outs) with
+    the same folds, without a second, nested CV. A single penalty is returned unscored (nan)."""
     grid = sorted(float(g) for g in grid)
     if len(grid) == 1:
-        return grid[0]
+        return grid[0], float("nan")
     a = np.asarray(f, dtype=np.float64)
     y = np.asarray(y)
-    correct, loss = np.zeros(len(grid)), np.zeros(len(grid))
-    splits = [(fold != i, fold == i) for r in range(repeats) for fold in [inner_folds(y, task, seed=r)]
+    correct, loss, rows = np.zeros(len(grid)), np.zeros(len(grid)), 0
+    splits = [(fold != i, fold == i) for r in range(repeats) for fold in [inner_folds(y, task, seed=r, groups=groups)]
               for i in np.unique(fold)]
     for tr, va in splits:
         if task == "classification" and len(np.unique(y[tr])) < len(np.unique(y)):
             continue
+        rows += int(va.sum())
         a_tr, mu, sd = _standardise(a[tr])
         z, v = _basis(a_tr)
         z_va = ((a[va] - mu) / sd) @ v
@@ -162,21 +180,22 @@ def choose_l2(f: np.ndarray, y: np.ndarray, task: str, n_out: int, grid: Sequenc
                 err = (out.reshape(int(va.sum()), -1) - y[va].reshape(int(va.sum()), -1)) / scale
                 loss[j] += float((err**2).sum())
     if task == "classification":  # ties in accuracy: the weaker penalty (the strongest ones only shrink)
-        order = sorted(range(len(grid)), key=lambda j: (-correct[j], grid[j]))
-    else:
-        order = sorted(range(len(grid)), key=lambda j: (round(loss[j], 9), -grid[j]))
-    return grid[order[0]]
+        best = min(range(len(grid)), key=lambda j: (-correct[j], grid[j]))
+        return grid[best], correct[best] / max(rows, 1)
+    best = min(range(len(grid)), key=lambda j: (round(loss[j], 9), -grid[j]))
+    return grid[best], -loss[best] / max(rows * int(np.prod(y.shape[1:])), 1)
 
 
 def as_grid(l2: Penalty) -> tuple[float, ...]:
     return (float(l2),) if isinstance(l2, (int, float)) else tuple(float(v) for v in l2)
 
 
-def fit_linear(f: np.ndarray, y: np.ndarray, task: str, n_out: int, l2: Penalty) -> nn.Sequential:
+def fit_linear(f: np.ndarray, y: np.ndarray, task: str, n_out: int, l2: Penalty,
+               groups: np.ndarray | None = None) -> nn.Sequential:
     """f (n, d); y (n,) class indices, or (n,) / (n, k) values -> BatchNorm + Linear in eval mode.
-    `l2`: one penalty, or a grid chosen among by `choose_l2` on these rows (recorded on the module
-    as `.l2`)."""
-    chosen = choose_l2(f, y, task, n_out, as_grid(l2))
+    `l2`: one penalty, or a grid chosen among by `choose_l2` on these rows, folds grouped by
+    `groups` when given (recorded on the module as `.l2`)."""
+    chosen = choose_l2(f, y, task, n_out, as_grid(l2), groups=groups)
     a, mu, sd = _standardise(np.asarray(f, dtype=np.float64))
     weight, bias = _solve(a, np.asarray(y, dtype=np.float64) if task == "regression" else np.asarray(y), task,
                           n_out, chosen)
@@ -193,9 +212,9 @@ def fit_linear(f: np.ndarray, y: np.ndarray, task: str, n_out: int, l2: Penalty)
 
 
 def fit_predict(f_train: np.ndarray, y_train: np.ndarray, f_test: np.ndarray, task: str, n_classes: int,
-                l2: Penalty) -> np.ndarray:
+                l2: Penalty, groups: np.ndarray | None = None) -> np.ndarray:
     """Class probabilities (classification) or values of the test rows."""
-    model = fit_linear(f_train, y_train, task, n_classes, l2)
+    model = fit_linear(f_train, y_train, task, n_classes, l2, groups)
     with torch.no_grad():
         out = model(torch.as_tensor(np.asarray(f_test), dtype=torch.float32))
     if task == "regression":
