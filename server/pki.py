@@ -6,6 +6,8 @@
     python -m server.pki site unicamp [hcfmrp ...] --out pki      # pki/sites/unicamp.key, .pub
     python -m server.pki register --out pki --connection mrsfm [unicamp ...]
                                                                   # flwr supernode register, per site
+    sudo python -m server.pki install --out pki --dest /etc/mrsfm/pki --owner mrsfm   # (or --owner 10001)
+                                                                  # the SuperLink's three files, for its service user
 
 - The CA signs the SuperLink's TLS certificate; sites verify the SuperLink with `ca.crt`
   (`site.root_certificates`). `ca.key` never leaves the lab.
@@ -17,6 +19,11 @@
   `flwr supernode register sites/NAME.pub CONNECTION` (OpenSSH public key). The private key belongs
   to the site: made there, or made at the lab and sent over a secure channel.
 
+- `install` copies what the SuperLink reads (ca.crt, superlink.crt, superlink.key; never ca.key) to
+  the folder its service reads (`/etc/mrsfm/pki`), the key mode 0400 and owned by the service's user:
+  `mrsfm` for the systemd unit, uid 10001 for the container image. It checks first that the key
+  belongs to the certificate and that the CA signed it.
+
 Private keys are written with mode 0600. Nothing is overwritten without `--force`, and every file
 is checked before any is written, so a refused command leaves the folder as it was. Errors are one
 line on stderr, naming the file, and a non-zero exit code.
@@ -26,9 +33,11 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import grp
 import ipaddress
 import json
 import os
+import pwd
 import re
 import shutil
 import subprocess
@@ -38,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -48,6 +58,7 @@ PROG = "python -m server.pki"
 CURVE = ec.SECP384R1  # P-384: TLS keys and site keys alike (Flower asks for a NIST curve, P-384 suggested)
 LOOPBACK_HOSTS, LOOPBACK_IPS = ("localhost",), ("127.0.0.1", "::1")
 CA_DAYS, SUPERLINK_DAYS = 3650, 825
+INSTALL_DEST = "/etc/mrsfm/pki"  # where the kit's SuperLink (compose file, systemd unit) reads its files
 _LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 _SITE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -317,10 +328,78 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())[:400]
 
 
+# -- installing the SuperLink's files for its service --------------------------------------------------
+def parse_owner(owner: str) -> tuple[int, int, str]:
+    """USER, UID, USER:GROUP or UID:GID -> (uid, gid, words). A user's group defaults to its primary
+    group; a bare UID without a user on this machine (the image's 10001) to the same number."""
+    user, _, group = owner.partition(":")
+    try:
+        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except KeyError:
+        if not user.isdigit():
+            raise PKIError(f"--owner {owner!r}: no user {user!r} on this machine (make it first, e.g. useradd "
+                           "--system mrsfm, or give a numeric UID such as 10001 for the container image)") from None
+        entry = None
+    uid = int(user) if user.isdigit() else entry.pw_uid
+    if not group:
+        gid = entry.pw_gid if entry is not None else uid
+    elif group.isdigit():
+        gid = int(group)
+    else:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise PKIError(f"--owner {owner!r}: no group {group!r} on this machine") from None
+    return uid, gid, f"{uid}:{gid}"
+
+
+def _public_der(key) -> bytes:
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def install_superlink(out: str | Path, dest: str | Path, owner: str, force: bool = False) -> list[Path]:
+    """Copy out/{ca.crt, superlink.crt, superlink.key} to dest/ for the SuperLink's service user:
+    the certificates 0644, the key 0400, all three owned by `owner` (USER[:GROUP] or UID[:GID]);
+    dest/ itself 0755. Never ca.key. Checks first: the files are there, the key belongs to the
+    certificate, the CA signed it; and that nothing is overwritten without force."""
+    lay, dest = Layout(Path(out)), Path(dest)
+    uid, gid, _ = parse_owner(owner)
+    for p in (lay.ca_crt, lay.superlink_crt, lay.superlink_key):
+        if not p.is_file():
+            raise PKIError(f"{p} not found; make it first ({PROG} ca / superlink --out {lay.out})")
+    try:
+        ca = x509.load_pem_x509_certificate(lay.ca_crt.read_bytes())
+        cert = x509.load_pem_x509_certificate(lay.superlink_crt.read_bytes())
+    except ValueError as exc:
+        raise PKIError(f"{lay.out}: ca.crt or superlink.crt is not a PEM certificate ({exc})") from None
+    try:
+        key = serialization.load_pem_private_key(lay.superlink_key.read_bytes(), password=None)
+    except (ValueError, TypeError) as exc:
+        raise PKIError(f"{lay.superlink_key}: not an unencrypted PEM private key ({exc})") from None
+    if _public_der(key.public_key()) != _public_der(cert.public_key()):
+        raise PKIError(f"{lay.superlink_key} does not belong to {lay.superlink_crt}")
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature) as exc:  # InvalidSignature has no message
+        raise PKIError(f"{lay.superlink_crt} was not signed by {lay.ca_crt} ({type(exc).__name__})") from None
+    plan = [(lay.ca_crt, dest / "ca.crt", 0o644), (lay.superlink_crt, dest / "superlink.crt", 0o644),
+            (lay.superlink_key, dest / "superlink.key", 0o400)]
+    _refuse_existing([d for _, d, _ in plan], force)
+    if (os.geteuid() != 0 and (uid, gid) != (os.geteuid(), os.getegid())
+            and not (uid == os.geteuid() and gid in os.getgroups())):
+        raise PKIError(f"giving the files to {owner} ({uid}:{gid}) needs root: run this command with sudo")
+    dest.mkdir(parents=True, exist_ok=True)
+    dest.chmod(0o755)
+    for src, dst, mode in plan:
+        write_atomic(dst, src.read_bytes(), mode)
+        os.chown(dst, uid, gid)
+    return [d for _, d, _ in plan]
+
+
 # -- command line ------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description="Certificates and SuperNode keys of the federation.")
-    sub = parser.add_subparsers(dest="cmd", required=True, metavar="{ca,superlink,site,register}")
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="{ca,superlink,site,register,install}")
 
     def common(p: argparse.ArgumentParser, force: bool = True) -> None:
         p.add_argument("--out", default="pki", help="the PKI folder (default: pki)")
@@ -347,6 +426,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connection", required=True, help="the SuperLink connection in $FLWR_HOME/config.toml")
     p.add_argument("names", nargs="*", metavar="NAME", help="sites to register (default: every OUT/sites/*.pub)")
 
+    p = sub.add_parser("install", help="copy the SuperLink's ca.crt, superlink.crt and superlink.key (0400) to DEST "
+                       "for its service user (needs sudo)")
+    common(p)
+    p.add_argument("--dest", default=INSTALL_DEST, help=f"the folder the SuperLink reads (default: {INSTALL_DEST})")
+    p.add_argument("--owner", required=True, help="the SuperLink's user: mrsfm (systemd unit) or 10001 (container "
+                   "image); USER[:GROUP] or UID[:GID]")
+
     args = parser.parse_args(argv)
     try:
         if args.cmd == "ca":
@@ -362,6 +448,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "site":
             for key, pub in make_sites(args.out, args.names, force=args.force):
                 print(f"site {key.stem}: {key} (0600, the site's auth_private_key), {pub} (register at the lab)")
+        elif args.cmd == "install":
+            done = install_superlink(args.out, args.dest, args.owner, force=args.force)
+            print(f"installed for {args.owner} ({parse_owner(args.owner)[2]}): "
+                  + ", ".join(f"{p} ({p.stat().st_mode & 0o777:o})" for p in done))
         else:
             res = register(args.out, args.connection, args.names)
             for site, node in res.registered.items():

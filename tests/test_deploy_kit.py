@@ -21,6 +21,8 @@ import pytest
 import yaml
 from helpers import INVIVO, REPO
 
+from server import pki
+
 DEPLOY = REPO / "deploy"
 SITE_ENV = {"MRSFM_SITE": "unicamp", "MRSFM_SUPERLINK": "lab.example.org:8000", "MRSFM_DATA": "/data/mrs"}
 TLS_FLAGS = ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile")
@@ -128,6 +130,10 @@ def test_superlink_compose_serves_tls_with_supernode_auth_on_its_published_port(
         src, mode = by_target[path]
         assert mode == "ro" and Path(src).name == name and Path(src).parent.name == "pki", (flag, src)
     assert not any(Path(src).name == "ca.key" for src, _, _ in mounts(svc)), "the CA's key must stay off the SuperLink"
+    # where `server.pki install` puts them (for uid 10001, the image's user), and where the unit reads them
+    unit_flags = flag_values(exec_start(unit("mrsfm-superlink.service")))
+    for flag in PKI_FILES:
+        assert str(Path(by_target[flags[flag]][0]).parent) == pki.INSTALL_DEST == str(Path(unit_flags[flag]).parent)
     assert flags["--host"] == "0.0.0.0"
     assert svc["ports"] == [f"{flags['--port']}:{flags['--port']}"]
     assert svc["restart"] in ("always", "unless-stopped")
@@ -303,7 +309,7 @@ def test_onboarding_guide_names_real_files_commands_and_the_kits_words():
     text = (DEPLOY / "ONBOARDING.md").read_text()
     for path in set(re.findall(r"deploy/[\w./@-]+\w", text)):
         assert (REPO / path).exists(), path
-    assert set(re.findall(r"server\.pki (\w+)", text)) <= {"ca", "superlink", "site", "register"}
+    assert set(re.findall(r"server\.pki (\w+)", text)) <= {"ca", "superlink", "site", "register", "install"}
     assert "flwr supernode unregister" in text and "flwr supernode register" in text
     port = flag_values(compose("compose.superlink.yaml")["services"]["superlink"]["command"])["--port"]
     assert f":{port}" in text and "inbound" in text.lower()

@@ -20,6 +20,7 @@ import json
 import socket
 import ssl
 import stat
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -143,6 +144,68 @@ def test_pki_never_overwrites_without_force_and_says_which_file(tmp_path):
     assert (out / "sites" / "unicamp.key").read_bytes() != before["sites/unicamp.key"]
     assert _mode(out / "sites" / "unicamp.key") == 0o600
 
+
+
+def _read_as(uid: int, path: Path) -> bool:
+    """Whether a process running as `uid` (as the SuperLink's service or container does) reads `path`
+    (a forked child that drops to uid; no exec, so the interpreter's own folder need not be open to it)."""
+    import os
+
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            os.setgid(uid)
+            os.setuid(uid)
+            with open(path, "rb") as f:
+                f.read()
+            code = 0
+        finally:
+            os._exit(code)
+    return os.waitpid(pid, 0)[1] == 0
+
+
+def test_pki_install_gives_the_superlink_files_to_its_service_user(tmp_path):
+    """`server.pki install` is the step between `server.pki superlink` (files 0600 for the lab's user)
+    and a SuperLink whose service runs as another user (mrsfm, or the image's uid 10001)."""
+    import os
+
+    out, dest = tmp_path / "pki", tmp_path / "etc" / "mrsfm" / "pki"
+    assert pki.main(["ca", "--out", str(out)]) == 0
+    assert pki.main(["superlink", "--out", str(out), "--host", "lab.example.org"]) == 0
+    owner = "10001" if os.geteuid() == 0 else str(os.geteuid())  # the image's user where we may chown
+    res = run_module("server.pki", "install", "--out", str(out), "--dest", str(dest), "--owner", owner)
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in dest.iterdir()) == ["ca.crt", "superlink.crt", "superlink.key"]  # never ca.key
+    for name, mode in (("ca.crt", 0o644), ("superlink.crt", 0o644), ("superlink.key", 0o400)):
+        assert _mode(dest / name) == mode and (dest / name).stat().st_uid == int(owner), name
+        assert (dest / name).read_bytes() == (out / name).read_bytes()
+    assert _mode(dest) == 0o755
+    if os.geteuid() == 0:  # the container's user reads the key where the service finds it; another user does not
+        with tempfile.TemporaryDirectory() as etc:  # under /tmp: every folder above it open to all, as /etc is
+            Path(etc).chmod(0o755)
+            assert pki.main(["install", "--out", str(out), "--dest", f"{etc}/pki", "--owner", owner]) == 0
+            assert _read_as(10001, Path(etc) / "pki" / "superlink.key")
+            assert not _read_as(10002, Path(etc) / "pki" / "superlink.key")
+            assert _read_as(10002, Path(etc) / "pki" / "superlink.crt")
+
+    # refused in one line, nothing written: again without --force, a key of another certificate, no such user
+    before = _snapshot(dest)
+    res = run_module("server.pki", "install", "--out", str(out), "--dest", str(dest), "--owner", owner)
+    assert res.returncode == 2 and "--force" in res.stderr and res.stderr.count("\n") == 1
+    other = tmp_path / "other"
+    assert pki.main(["ca", "--out", str(other)]) == 0
+    assert pki.main(["superlink", "--out", str(other), "--host", "lab.example.org"]) == 0
+    (out / "superlink.key").write_bytes((other / "superlink.key").read_bytes())
+    res = run_module("server.pki", "install", "--out", str(out), "--dest", str(dest), "--owner", owner, "--force")
+    assert res.returncode == 2 and "does not belong to" in res.stderr
+    res = run_module("server.pki", "install", "--out", str(other), "--dest", str(dest), "--owner", "no-such-user",
+                     "--force")
+    assert res.returncode == 2 and "no user 'no-such-user'" in res.stderr
+    (other / "ca.crt").write_bytes((out / "ca.crt").read_bytes())  # a certificate the CA did not sign
+    res = run_module("server.pki", "install", "--out", str(other), "--dest", str(dest), "--owner", owner, "--force")
+    assert res.returncode == 2 and "was not signed by" in res.stderr
+    assert _snapshot(dest) == before
 
 # -- the site launcher --------------------------------------------------------------------------------
 @pytest.mark.slow  # real processes (the site launcher)
