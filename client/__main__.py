@@ -2,9 +2,9 @@
 
 Reads configs/site/<site>.yaml through Hydra (`site.*` words on the command line override it;
 any other `key=value` words are extra training overrides for this site), checks what would
-otherwise fail later and far from the cause (unknown site, SuperLink not reachable, data folder
-without usable spectra, missing or unreadable certificate or key, a key flower-supernode cannot
-parse), then runs `flower-supernode` (through client/supernode.py, which sets its idle waits to
+otherwise fail later and far from the cause (unknown site, a site's config folder that is not this
+release's, SuperLink not reachable, data folder missing, unreadable by this user or without usable
+spectra, missing or unreadable certificate or key, a key flower-supernode cannot parse), then runs `flower-supernode` (through client/supernode.py, which sets its idle waits to
 `site.poll_s`) and the site worker (client/worker.py) under one supervisor.
 Errors are one line on stderr and a non-zero exit code.
 """
@@ -12,7 +12,10 @@ Errors are one line on stderr and a non-zero exit code.
 from __future__ import annotations
 
 import argparse
+import filecmp
+import grp
 import os
+import pwd
 import re
 import secrets
 import shlex
@@ -62,6 +65,40 @@ def known_sites() -> list[str]:
     return config_names("site")
 
 
+def release_configs() -> Path | None:
+    """The configs/ this installation carries (a wheel's mrsfm_model/configs, or a checkout's)."""
+    import mrsfm_model
+
+    here = Path(mrsfm_model.__file__).resolve().parent
+    return next((p for p in (here / "configs", here.parent / "configs") if (p / "config.yaml").is_file()), None)
+
+
+def check_config_dir() -> Path | None:
+    """MRSFM_CONFIG_DIR, a site's own copy of configs/ outside the installation (mounted into the
+    container, /etc/mrsfm/configs for the systemd unit), so that adding or changing a site file needs
+    no new image: it must hold config.yaml, and everything but site/ must be this release's (else
+    this site would compose another training config than the lab and the other sites)."""
+    env = os.environ.get("MRSFM_CONFIG_DIR")
+    if not env:
+        return None
+    folder = Path(env)
+    if not (folder / "config.yaml").is_file():
+        raise SiteError(f"MRSFM_CONFIG_DIR={env} holds no config.yaml; copy this release's configs/ folder there "
+                        f"(e.g. sudo cp -r configs {env}) and add this site's site/<site>.yaml to it")
+    shipped = release_configs()
+    if shipped is None or shipped.resolve() == folder.resolve():
+        return folder
+    shared = sorted(p.relative_to(shipped) for p in shipped.rglob("*.yaml") if p.relative_to(shipped).parts[0] != "site")
+    differ = [str(rel) for rel in shared if not (folder / rel).is_file()
+              or not filecmp.cmp(shipped / rel, folder / rel, shallow=False)]
+    if differ:
+        raise SiteError(f"MRSFM_CONFIG_DIR={env} is not this release's configs: {', '.join(differ[:3])}"
+                        f"{f' and {len(differ) - 3} more' if len(differ) > 3 else ''} differ from the installed "
+                        f"ones ({shipped}); copy them from the release again (a site's own settings belong in "
+                        "site/<site>.yaml only)")
+    return folder
+
+
 def load_site(site: str, overrides: list[str]):
     """The composed config with the site's settings under `cfg.site`."""
     from mrsfm_model.config import load_config
@@ -72,12 +109,15 @@ def load_site(site: str, overrides: list[str]):
     train_words = [o for o in overrides if o not in site_words]
     try:
         cfg = load_config([f"+site={site}", *site_words])
-        load_config(list(cfg.site.get("overrides") or []) + train_words)  # fail here, not in round 1
+        own = load_config(list(cfg.site.get("overrides") or []) + train_words)  # fail here, not in round 1
     except ValueError as exc:
         raise SiteError(str(exc)) from None
     if str(cfg.site.name) != site:  # e.g. a copied unicamp.yaml: the server would record this hospital as unicamp
         raise SiteError(f"configs/site/{site}.yaml says name: {cfg.site.name}; a site's file must carry its own name "
                         f"(after copying another site's file, change name, vendor and runtime_port)")
+    if own.privacy.enabled and simulation_only(cfg):  # DP protects in vivo spectra; the app would fail every round
+        raise SiteError(f"privacy.enabled is true but this site has no in vivo spectra ({simulation_only(cfg)}); "
+                        "differential privacy protects a site's own spectra: turn it on when they are read")
     return cfg, train_words
 
 
@@ -147,23 +187,83 @@ def check_runtime_port(port: int) -> None:
                             "(site.runtime_port=...)") from None
 
 
+def _who() -> str:
+    """This process's user, as `ls -l` and the fix would name it: name and uid, group and gid."""
+    uid, gid = os.geteuid(), os.getegid()
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = str(uid)
+    try:
+        group = grp.getgrgid(gid).gr_name
+    except KeyError:
+        group = str(gid)
+    return f"user {user} (uid {uid}, group {group} gid {gid})"
+
+
+def _owner_mode(path: Path) -> str:
+    st = path.stat()
+    return f"owner uid {st.st_uid} gid {st.st_gid}, mode {st.st_mode & 0o7777:04o}"
+
+
+def check_data_access(folder: Path) -> list[Path]:
+    """The data folder exists and this user may list it: else one line naming the folder, its
+    owner and mode, and who asks. Returns the files and folders inside it that this user cannot
+    read (what the loader would otherwise count as broken spectra, without saying why)."""
+    fix = (f"give this service's user read access (the container's user is uid 10001), e.g. sudo chgrp -R "
+           f"{os.getegid()} {folder} && sudo chmod -R g+rX {folder}")
+    if not folder.exists():
+        raise SiteError(f"site.data_dir {folder} does not exist; put the spectra there (or mount them there), or, "
+                        "until they are ready, set simulation_only: true in this site's file")
+    if not folder.is_dir():
+        raise SiteError(f"site.data_dir {folder} is not a folder")
+    if not os.access(folder, os.R_OK | os.X_OK):
+        raise SiteError(f"site.data_dir {folder} cannot be read by {_who()}: {_owner_mode(folder)}; {fix}")
+    denied = []
+    for top, dirs, files in os.walk(folder):
+        for name in dirs:
+            if not os.access(Path(top, name), os.R_OK | os.X_OK):
+                denied.append(Path(top, name))
+        denied += [Path(top, name) for name in files if not os.access(Path(top, name), os.R_OK)]
+    return denied
+
+
 def check_data_dir(data_dir: str | None) -> str:
-    """'' for simulation only, else the folder, which must hold at least one usable spectrum."""
+    """'' for simulation only, else the folder, which this user must be able to read and which must
+    hold at least one usable spectrum."""
     if not data_dir:
         return ""
     from mrsfm_model.data.io import load_folder
     from mrsfm_model.errors import MRSDataError
 
     folder = Path(data_dir).expanduser().resolve()
+    denied = check_data_access(folder)
     try:
         spectra, errors = load_folder(folder)
     except MRSDataError as exc:
         raise SiteError(str(exc)) from None
+    if denied:
+        what = (f"{len(denied)} file(s) or folder(s) in site.data_dir {folder} cannot be read by {_who()}, e.g. "
+                f"{denied[0]} ({_owner_mode(denied[0])}); give this service's user read access, e.g. sudo chgrp -R "
+                f"{os.getegid()} {folder} && sudo chmod -R g+rX {folder}")
+        if not spectra:
+            raise SiteError(what)
+        print(f"{PROG}: warning: {what}; they are left out", file=sys.stderr, flush=True)
     if not spectra:
         why = f" ({len(errors)} file(s) unreadable, e.g. {errors[0]})" if errors else ""
-        raise SiteError(f"{folder}: no usable spectra in the data folder{why}; set site.data_dir=null to train "
-                        "on simulated data only")
+        raise SiteError(f"{folder}: no usable spectra in the data folder{why}; until the data are ready, set "
+                        "simulation_only: true in this site's file (it then trains on simulated spectra only)")
     return str(folder)
+
+
+def simulation_only(cfg) -> str:
+    """Why this site trains on simulated spectra only ('' when it reads its data folder)."""
+    flag = cfg.site.get("simulation_only", False)
+    if not isinstance(flag, bool):
+        raise SiteError(f"site.simulation_only must be true or false, got {flag!r}")
+    if flag:
+        return f"site.simulation_only is true: {cfg.site.data_dir or 'the data folder'} is not read"
+    return "" if cfg.site.data_dir else "site.data_dir is null"
 
 
 def _word(word: str) -> str:
@@ -326,11 +426,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="site.key=value (site settings) or other Hydra overrides")
     args = parser.parse_args(argv)
     try:
+        check_config_dir()
         cfg, train_words = load_site(args.site, args.overrides)  # local problems first, then the network
         poll_s = float(cfg.site.poll_s)
         if not 0.05 <= poll_s <= 60:
             raise SiteError(f"site.poll_s must be between 0.05 and 60 seconds, got {cfg.site.poll_s}")
-        data_dir = check_data_dir(cfg.site.data_dir)
+        sim_only = simulation_only(cfg)
+        data_dir = "" if sim_only else check_data_dir(cfg.site.data_dir)
         cmd = supernode_command(cfg, train_words, data_dir)
         state_dir = Path(str(cfg.site.state_dir)).expanduser()
         secret = state_dir / "worker.secret"
@@ -347,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             print(f"{PROG}: note: {exc} (the dry run does not need the port)", file=sys.stderr)
         check_superlink(str(cfg.site.superlink), bool(cfg.site.insecure))
+        if sim_only:  # loud, at every start: the lab's metrics say it too (simulation_only per site)
+            print(f"{PROG}: WARNING: simulation only: no in vivo spectra ({sim_only}); this site trains on "
+                  "simulated spectra alone", file=sys.stderr, flush=True)
         if args.dry_run:
             print(shlex.join(cmd))
             if worker:

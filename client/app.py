@@ -186,7 +186,8 @@ def local_round(conf: Mapping, node: Mapping[str, str],
     _log.info(f"[mrsfm] {site} round {rnd}: {local_steps} steps in {seconds:.1f} s, loss {loss:.4f}, "
               f"{s.n_invivo} in vivo spectra from {s.data_dir or '(none: simulation only)'} on {s.device}{dp_note}")
     return model.state_dict(), {"num-examples": local_steps * s.stream.batch_size, "loss": loss,
-                                "local-seconds": seconds, "setup-seconds": setup, "build-seconds": built, **metrics}
+                                "local-seconds": seconds, "setup-seconds": setup, "build-seconds": built,
+                                "simulation-only": float(not s.n_invivo), **metrics}
 
 
 def _private_round(trainer, stream, dp, ledger, run_key: str, site: str, local_steps: int,

@@ -171,7 +171,9 @@ def _rounds(grid: Grid, s: RunSettings, cfg, model, rd: RunDir, done: int) -> No
                           if "reported-examples" in r.metrics else {}),
                        "local_seconds": round(float(r.metrics.get("local-seconds", 0.0)), 3),
                        "setup_seconds": round(float(r.metrics.get("setup-seconds", 0.0)), 3),
-                       "bytes_up": r.bytes_up, "bytes_down": r.bytes_down, **_privacy(r.metrics)} for r in ok],
+                       "bytes_up": r.bytes_up, "bytes_down": r.bytes_down, **_privacy(r.metrics),
+                       **({"simulation_only": bool(r.metrics["simulation-only"])}  # no in vivo spectra at that site
+                          if "simulation-only" in r.metrics else {})} for r in ok],
             "dropped": [{"site": r.site, "node_id": r.node_id, "error": r.error} for r in replies if not r.ok],
             "round_seconds": round(now - clock[0], 3), "server_seconds": dict(wgrid.last_seconds),
             "wire_dtype": s.wire_dtype, "strategy": s.strategy,
@@ -189,7 +191,8 @@ def _rounds(grid: Grid, s: RunSettings, cfg, model, rd: RunDir, done: int) -> No
         rd.save_sites(wgrid.sites)
         per_site = ", ".join(f"{r.site} {float(r.metrics['loss']):.4f} ({r.bytes_up / 1e6:.2f} MB up"
                              + (f", epsilon {float(r.metrics['epsilon']):.2f}" if "epsilon" in r.metrics else "")
-                             + (", privacy budget spent" if r.metrics.get("budget-spent") else "") + ")" for r in ok)
+                             + (", privacy budget spent" if r.metrics.get("budget-spent") else "")
+                             + (", simulation only" if r.metrics.get("simulation-only") else "") + ")" for r in ok)
         say(f"round {rnd}/{s.num_rounds} done in {record['round_seconds']:.1f} s: loss {loss:.4f} [{per_site}]"
             + (f"; dropped: {', '.join(d['site'] for d in record['dropped'])}" if record["dropped"] else "")
             + f" -> {rd.checkpoint(rnd)}")

@@ -9,6 +9,7 @@ paths moved into a temporary folder, a plain TCP listener standing in for the Su
 from __future__ import annotations
 
 import configparser
+import os
 import re
 import shlex
 import shutil
@@ -182,6 +183,8 @@ def test_site_compose_reads_data_read_only_reserves_a_gpu_and_publishes_nothing(
     for key in ("site.root_certificates", "site.auth_private_key"):
         assert by_target[words[key]][1] == "ro", f"{key} {words[key]} is not mounted read-only"
     assert words["site.auth_private_key"] == "/etc/mrsfm/unicamp.key"
+    # the site's settings (site/<site>.yaml, privacy in its overrides) from the host: no image per site
+    assert by_target[svc["environment"]["MRSFM_CONFIG_DIR"]] == ("/etc/mrsfm/configs", "ro")
     state_src, state_mode = by_target[words["site.state_dir"]]
     assert state_mode == "rw" and not state_src.startswith((".", "/"))  # a named volume
     assert "ports" not in svc and svc.get("network_mode") != "host", "a site opens no port"
@@ -214,7 +217,11 @@ def test_site_unit_matches_the_compose_service():
     assert {k: v for k, v in words.items() if k != "site.state_dir"} == \
            {k: v for k, v in compose_words.items() if k != "site.state_dir"}
     assert words["site.state_dir"] == f"/var/lib/{svc['StateDirectory']}".replace("%i", "unicamp")
-    assert words["site.data_dir"] in svc["ReadOnlyPaths"].split()
+    # read-only, and '-': a missing folder is the launcher's one line (or simulation only), not a namespace failure
+    assert f'-{words["site.data_dir"]}' in svc["ReadOnlyPaths"].split()
+    # the site's settings come from the host's config folder, the one the compose file mounts
+    compose_svc = compose("compose.site.yaml", SITE_ENV)["services"]["supernode"]
+    assert environment(cp, "unicamp")["MRSFM_CONFIG_DIR"] == compose_svc["environment"]["MRSFM_CONFIG_DIR"] == "/etc/mrsfm/configs"
     assert svc["EnvironmentFile"].replace("%i", "unicamp") == "/etc/mrsfm/unicamp.env"
     env = environment(cp, "unicamp")
     assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
@@ -258,8 +265,12 @@ def test_the_kits_site_words_make_a_tls_supernode_command(tmp_path, fake_superli
             Path(local[key]).parent.mkdir(parents=True, exist_ok=True)
             Path(local[key]).write_text("dummy\n")
         site = cmd[cmd.index("--site") + 1]
+        configs = root / "etc" / "mrsfm" / "configs"  # the kit's MRSFM_CONFIG_DIR, moved under root like the rest
+        shutil.copytree(REPO / "configs", configs)
+        env = {**os.environ, "MRSFM_CONFIG_DIR": str(configs)}
         procs[name] = (local, subprocess.Popen([sys.executable, "-m", "client", "--site", site, "--dry-run", *words],
-                                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+                                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                               env=env))
     from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
 
     for name, (local, proc) in procs.items():
@@ -293,7 +304,12 @@ def test_dockerfile_installs_the_package_the_way_the_commands_expect():
     # what the wheel is built from: the packages setuptools includes, the readme pyproject names, configs/
     assert {"pyproject.toml", "README.md", "mrsfm_model", "server", "client", "configs"} <= copied
     run = " && ".join(ln for ln in lines if ln.startswith("RUN"))
-    assert re.search(r"pip wheel --no-deps -w (\S+) \.\s+&& pip install \1/mrsfm-\*\.whl\s+&& rm -rf", run), run
+    # the locked dependencies, hash-checked, then the wheel without resolving anything more
+    lock = next(w for ln in lines if ln.startswith("COPY") and "requirements.lock" in ln for w in ln.split()[1:-1])
+    assert lock == "deploy/requirements.lock"
+    assert re.search(r"pip install --require-hashes -r (\S*)requirements\.lock\s+&& pip wheel --no-deps -w (\S+) \.\s+"
+                     r"&& pip install --no-deps \2/mrsfm-\*\.whl\s+&& rm -rf", run), run
+    assert "--index-url" not in run and "--extra-index-url" not in run  # nothing from outside the lock
     assert "pip install -e" not in run  # the image runs the installed wheel, not a checkout
     assert "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1" in text
     user = [ln.split()[1] for ln in lines if ln.startswith("USER")]

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
-from helpers import REPO, ScriptedGrid, live_members, phase, run_module, wait_for
+from helpers import REPO, ScriptedGrid, live_members, phase, run_module, text_of, wait_for
 
 from mrsfm_model.model.wire import (
     LAYOUT,
@@ -264,7 +264,8 @@ def federation(tmp_path_factory):
     fed = LocalFederation(out, SITES, log=lambda m: None)
     try:
         with fed:
-            fed.start_supernodes(prepare_site_data(out / "sites"))
+            # einstein joins before its data are ready: simulation only (site.data_dir null)
+            fed.start_supernodes({k: v for k, v in prepare_site_data(out / "sites").items() if k != "einstein"})
             t0 = time.monotonic()
             phases[1] = fed.run({**RUN, "num-rounds": 2, "run-dir": str(run_dir), "min-sites": 3}, timeout_s=240)
             phases["t1"] = time.monotonic() - t0
@@ -312,6 +313,10 @@ def test_three_sites_two_rounds_checkpoint_and_metrics_every_round(federation):
         for s in r["sites"]:
             assert s["num_examples"] == 3 * 4 and s["loss"] > 0 and s["local_seconds"] > 0
             assert s["bytes_up"] == s["bytes_down"] > 0
+            assert s["simulation_only"] is (s["site"] == "einstein"), s  # the lab sees who has no in vivo data
+    log = text_of(federation["out"] / "logs" / "supernode_einstein.log")
+    assert "WARNING: simulation only: no in vivo spectra (site.data_dir is null)" in log
+    assert "simulation only" not in text_of(federation["out"] / "logs" / "supernode_unicamp.log")
     assert (rd.path / "encoder.safetensors").is_file() and (rd.path / "training_curve.png").is_file()
 
 
