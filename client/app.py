@@ -157,6 +157,7 @@ def local_round(conf: Mapping, node: Mapping[str, str],
     model.to(s.device)
     if float(conf.get("local-sleep-s", 0.0)) > 0:  # benchmarks: transport cost without training
         setup = time.perf_counter() - t0
+        _log.info(f"[mrsfm] {site} round {rnd}: local sleep {float(conf['local-sleep-s']):g} s instead of training")
         time.sleep(float(conf["local-sleep-s"]))
         return model.state_dict(), {"num-examples": local_steps * int(s.cfg.data.batch_size), "loss": 0.0,
                                     "local-seconds": float(conf["local-sleep-s"]), "setup-seconds": setup,

@@ -171,6 +171,8 @@ def _rounds(grid: Grid, s: RunSettings, cfg, model, rd: RunDir, done: int) -> No
                           if "reported-examples" in r.metrics else {}),
                        "local_seconds": round(float(r.metrics.get("local-seconds", 0.0)), 3),
                        "setup_seconds": round(float(r.metrics.get("setup-seconds", 0.0)), 3),
+                       # 0 when the site worker reused its model, data and optimizer from the round before
+                       "build_seconds": round(float(r.metrics.get("build-seconds", 0.0)), 3),
                        "bytes_up": r.bytes_up, "bytes_down": r.bytes_down, **_privacy(r.metrics),
                        **({"simulation_only": bool(r.metrics["simulation-only"])}  # no in vivo spectra at that site
                           if "simulation-only" in r.metrics else {})} for r in ok],

@@ -19,7 +19,6 @@ import os
 import re
 import signal
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -69,7 +68,9 @@ def warm_federation(tmp_path_factory):
             runner.start()
             wait_for(lambda: log.read_text(errors="replace").count("Receiving: train message") >= before + 2, 90,
                      "round 2 to reach hcfmrp")
-            time.sleep(1.0)  # inside its 4 s of local work
+            # the moment: the worker has begun its 4 s of local work (its log line), not a guessed delay
+            wait_for(lambda: "[mrsfm] hcfmrp round 2: local sleep" in log.read_text(errors="replace"), 90,
+                     "hcfmrp's worker to start round 2")
             res["killed"] = _worker_pids(log)[-1]
             os.kill(res["killed"], signal.SIGKILL)
             runner.join(200)
@@ -97,9 +98,7 @@ def warm_federation(tmp_path_factory):
                                        "--secret-file", str(secret), "--state-dir", folder, timeout_s=60)
             res["E_workers"] = _worker_pids(logs / "supernode_unicamp.log")
             os.kill(launcher, signal.SIGINT)
-            t0 = time.monotonic()
-            fed.procs["supernode_unicamp"].wait(timeout=30)
-            res["E_seconds"] = time.monotonic() - t0
+            fed.procs["supernode_unicamp"].wait(timeout=60)  # raises (phase E fails) if it does not stop
             res["E_code"] = fed.procs.pop("supernode_unicamp").returncode
     except Exception as exc:
         res["error"] = f"{type(exc).__name__}: {exc} (logs in {logs})"
@@ -116,9 +115,10 @@ def test_warm_workers_and_fresh_processes_give_the_same_global_weights(warm_fede
     for k in wa:  # FedAvg sums the replies in arrival order: equal up to float rounding
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
     rows = {x: RunDir(out / x).read_metrics() for x in "AB"}
-    warm_setup = [s["setup_seconds"] for s in rows["A"][1]["sites"]]
-    cold_setup = [s["setup_seconds"] for s in rows["B"][1]["sites"]]
-    assert max(warm_setup) < 0.5 < min(cold_setup), (warm_setup, cold_setup)  # round 2: nothing rebuilt
+    # round 2: the warm workers rebuilt nothing (no clock compared: exactly no build), fresh processes did
+    warm_build = [s["build_seconds"] for s in rows["A"][1]["sites"]]
+    cold_build = [s["build_seconds"] for s in rows["B"][1]["sites"]]
+    assert warm_build == [0.0] * 3 and all(b > 0 for b in cold_build), (warm_build, cold_build)
 
 
 def test_stopped_sites_leave_the_superlink_and_no_round_waits_for_them(warm_federation):
@@ -160,7 +160,7 @@ def test_a_worker_with_a_wrong_secret_or_a_second_worker_exits_with_one_line(war
 def test_ctrl_c_stops_the_launcher_with_its_supernode_and_worker(warm_federation):
     kids = phase(warm_federation, "E_children")
     assert len(kids) == 2, kids  # flower-supernode and the worker
-    assert warm_federation["E_seconds"] < 20 and warm_federation["E_code"] == 0
+    assert warm_federation["E_code"] == 0
     assert not [p for p in kids if alive(p)]
 
 
