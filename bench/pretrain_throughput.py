@@ -14,7 +14,12 @@ Prints one JSON line per (size, variant):
 Fields: steps_per_s (steps after the first logging window / their seconds), speedup_vs_before
 (same size, same run), loss_curve (mean loss per 50-step window: the variants should agree within
 noise), device, native_bf16. A `matmul` line gives the device's dense fp32 and bf16 GFLOP/s.
+With --same-objective every variant trains the old objective (latent targets unbalanced, GABA asked
+of unedited PRESS), so the loss curves measure only what the cheaper step changed (the latent pass
+on a fraction of the rows, prefetching, attention path); a `loss_agreement` line then gives the
+largest relative difference between `before`'s and `fp32`'s 50-step windows.
 Usage: python bench/pretrain_throughput.py [--sizes micro,tiny] [--steps 200] [--batch 64] [--bf16]
+       [--variants before,fp32] [--same-objective]
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ VARIANTS = {
     "bf16": ["train.amp=bf16"],
     "default": [],
 }
+OLD_OBJECTIVE = ["model.latent_balanced=false", "data.gaba_unedited=true"]
 
 
 def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int = 1024, seconds: float = 1.0) -> float:
@@ -52,11 +58,11 @@ def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int = 1024, secon
     return 2 * n**3 * calls / (time.perf_counter() - t0) / 1e9
 
 
-def run(size: str, variant: str, steps: int, batch: int, device: str) -> dict:
+def run(size: str, variant: str, steps: int, batch: int, device: str, extra: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         over = [f"model={size}", f"data.batch_size={batch}", f"train.steps={steps}", "train.log_every=10",
                 f"train.checkpoint_every={steps}", "train.tensorboard=false", f"run_dir={tmp}", f"device={device}",
-                "seed=0", *VARIANTS[variant]]
+                "seed=0", *VARIANTS[variant], *extra]
         run_pretrain(load_config(over), log=lambda msg: None)
         rows = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
     first, last = rows[0], rows[-1]  # `seconds` counts from the start of the fit call
@@ -72,6 +78,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--bf16", action="store_true", help="also time bf16 where it is emulated")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="which of " + ",".join(VARIANTS))
+    ap.add_argument("--same-objective", action="store_true", help="every variant trains the old objective")
     args = ap.parse_args()
     device = resolve_device(args.device)
     native = native_bf16(device)
@@ -79,17 +87,26 @@ def main() -> None:
                       "fp32_gflops": round(matmul_gflops(device, torch.float32), 1),
                       "bf16_gflops": round(matmul_gflops(device, torch.bfloat16), 1)}), flush=True)
     for size in args.sizes.split(","):
-        before = None
-        for variant in VARIANTS:
+        before, curves = None, {}
+        for variant in args.variants.split(","):
             rec = {"name": "pretrain_step", "size": size, "variant": variant, "batch": args.batch,
                    "steps": args.steps, "device": str(device), "native_bf16": native}
             if variant == "bf16" and not (native or args.bf16):
                 print(json.dumps({**rec, "skipped": "bf16 is emulated on this device (--bf16 times it anyway)"}))
                 continue
-            rec.update(run(size, variant, args.steps, args.batch, args.device))
+            rec.update(run(size, variant, args.steps, args.batch, args.device,
+                           OLD_OBJECTIVE if args.same_objective else []))
+            rec["objective"] = "old" if args.same_objective else "configured"
+            curves[variant] = rec["loss_curve"]
             before = before or rec["steps_per_s"]
             rec["speedup_vs_before"] = round(rec["steps_per_s"] / before, 2)
             print(json.dumps(rec), flush=True)
+        if "before" in curves and "fp32" in curves:
+            rel = [abs(a - b) / abs(a) for a, b in zip(curves["before"], curves["fp32"])]
+            print(json.dumps({"name": "loss_agreement", "size": size, "steps": args.steps,
+                              "objective": "old" if args.same_objective else "configured",
+                              "max_rel_diff": round(max(rel), 4), "max_rel_diff_after_first_window":
+                              round(max(rel[1:], default=0.0), 4), "windows": len(rel)}), flush=True)
 
 
 if __name__ == "__main__":
