@@ -169,10 +169,10 @@ def cmd_predict(args: argparse.Namespace, overrides: list[str]) -> int:
 def cmd_quantify(args: argparse.Namespace, overrides: list[str]) -> int:
     from mrsfm_model.config import load_config, resolve_device
     from mrsfm_model.evaluation.predict import quantify_files
-    from mrsfm_model.model.export import resolve_encoder, shipped
+    from mrsfm_model.model.export import QUANTIFIER_NAME, resolve_encoder, shipped
 
     cfg = load_config(overrides)
-    encoder = resolve_encoder(args.encoder) if args.encoder else shipped()
+    encoder = resolve_encoder(args.encoder) if args.encoder else shipped(name=QUANTIFIER_NAME)
     rows, errors = quantify_files(encoder, args.inputs, args.out, resolve_device(cfg.device))
     return _report_rows("quantify", rows, errors, args.out, f"estimates for {len(rows)} spectra")
 
@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "own head (no labels; simulation-trained, see docs/results.md)")
     p.add_argument("inputs", nargs="+", type=Path)
     p.add_argument("--encoder", type=Path, help="encoder.safetensors with a latent head, or a shipped model's name "
-                                                 "(micro, tiny) (default: the shipped micro encoder)")
+                                                 "(micro, tiny) (default: the shipped tiny encoder, the better quantifier)")
     p.add_argument("--out", type=Path, help="estimates CSV (default: CSV on stdout)")
     p.set_defaults(func=cmd_quantify)
 

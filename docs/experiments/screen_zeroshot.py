@@ -1,4 +1,4 @@
-"""Screen 9: does the latent head quantify without labels? On the VALIDATION benchmark (seed 1):
+"""Screen 9: does the latent head quantify without labels? On the VALIDATION benchmark (seed 1; BENCH_SEED=2: test):
 exp(head's log GABA/tCr and log tNAA/tCr) scored as predictions of the benchmark's GABA/tCr and
 NAA/tCr with no labels (`zero_shot`), and after a 1-feature linear calibration on n labels
 (`calibrated`, 5 paired seeds), beside the 23-feature ridge on the head and on the tokens.
@@ -23,7 +23,7 @@ from mrsfm_model.evaluation.panel import Panel  # noqa: E402
 from mrsfm_model.model.export import init_mae  # noqa: E402
 from mrsfm_model.model.mae import SpectroMAE, configured_mae  # noqa: E402
 
-cfg = load_config(["finetune.benchmark.seed=1", "finetune.seeds=[0,1,2,3,4]", "device=cpu"])
+cfg = load_config([f"finetune.benchmark.seed={os.environ.get('BENCH_SEED', '1')}", "finetune.seeds=[0,1,2,3,4]", "device=cpu"])
 panel = Panel(cfg, torch.device("cpu"), tasks=("quant",))
 task = panel.tasks[0]
 bench, y = task.bench, task.y.numpy()
