@@ -40,6 +40,7 @@ from mrsfm_model.training.monitor import Scalars
 from mrsfm_model.training.pretrain import plot_curve, plot_reconstructions
 
 from .rundir import RunDir
+from .secure import check_run
 from .strategy import STRATEGIES, make_strategy
 from .transport import SitesMissingError, WireGrid
 
@@ -110,6 +111,8 @@ def main(grid: Grid, context: Context) -> None:
 def run_federation(grid: Grid, s: RunSettings) -> dict:
     """Rounds `last completed + 1 .. num-rounds` of federated MAE pretraining over `grid`."""
     cfg = load_config([f"+fl={s.strategy}", *shlex.split(s.overrides)])
+    # refused before anything is written: a threshold that cannot protect the run's rounds
+    check_run(cfg.fl, s.strategy, s.min_sites, len(s.expected_sites()))
     rd = RunDir(s.run_dir)
     rd.rounds.mkdir(parents=True, exist_ok=True)
     (rd.path / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
