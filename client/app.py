@@ -20,6 +20,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.secure import is_secure_round, secure_mod, secure_reply
 from mrsfm_model import logs
 from mrsfm_model.training.ledger import PrivacyLedger, data_fingerprint
 
@@ -39,13 +40,17 @@ def query(msg: Message, context: Context) -> Message:
                    reply_to=msg)
 
 
-@app.train()
+@app.train(mods=[secure_mod])
 def train(msg: Message, context: Context) -> Message:
+    """A plain round (weights in, weights out), or the training stage of Flower's SecAgg+ protocol
+    (fl.secure_aggregation=true: client/secure.py checks and clips the update before it is masked)."""
     from mrsfm_model.model.wire import nbytes, pack_state, unpack_state
 
-    conf = dict(msg.content["config"])
     node = {k: str(v) for k, v in context.node_config.items()}
     node.setdefault("site", f"node-{context.node_id}")
+    if is_secure_round(msg.content):
+        return secure_reply(msg, context, node, local_round, _log.warning)
+    conf = dict(msg.content["config"])
     state, metrics = local_round(conf, node, lambda template: unpack_state(msg.content["arrays"], template))
     arrays = pack_state(state, str(conf["wire-dtype"]))
     metrics["bytes-sent"] = nbytes(arrays)

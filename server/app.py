@@ -40,7 +40,7 @@ from mrsfm_model.training.monitor import Scalars
 from mrsfm_model.training.pretrain import plot_curve, plot_reconstructions
 
 from .rundir import RunDir
-from .secure import check_run
+from .secure import SecAggSettings, SecureOutcome, check_run, run_secure_rounds
 from .strategy import STRATEGIES, make_strategy
 from .transport import SitesMissingError, WireGrid
 
@@ -112,7 +112,7 @@ def run_federation(grid: Grid, s: RunSettings) -> dict:
     """Rounds `last completed + 1 .. num-rounds` of federated MAE pretraining over `grid`."""
     cfg = load_config([f"+fl={s.strategy}", *shlex.split(s.overrides)])
     # refused before anything is written: a threshold that cannot protect the run's rounds
-    check_run(cfg.fl, s.strategy, s.min_sites, len(s.expected_sites()))
+    secure = check_run(cfg.fl, s.strategy, s.min_sites, len(s.expected_sites()))
     rd = RunDir(s.run_dir)
     rd.rounds.mkdir(parents=True, exist_ok=True)
     (rd.path / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
@@ -132,12 +132,18 @@ def run_federation(grid: Grid, s: RunSettings) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     say(f"{s.strategy}, rounds {done + 1}..{s.num_rounds} x {s.local_steps} local steps, {n_params / 1e6:.2f}M "
         f"parameters, {s.wire_dtype} on the wire, at least {s.min_sites} site(s), run dir {rd.path}")
+    if secure is not None:
+        shares, threshold = secure.resolve(max(s.min_sites, len(s.expected_sites())))
+        say(f"secure aggregation (SecAgg+): the coordinator sees only the sum of the sites' updates; "
+            f"{shares} shares per site, {threshold} rebuild a secret, updates clipped at the sites to norm "
+            f"{secure.update_norm_bound:g}, encoded in steps of {secure.step:.2g}")
     if done < s.num_rounds:
-        _rounds(grid, s, cfg, model, rd, done)
+        _rounds(grid, s, cfg, model, rd, done, secure)
     return _finish(s, cfg, model, rd)
 
 
-def _rounds(grid: Grid, s: RunSettings, cfg, model, rd: RunDir, done: int) -> None:
+def _rounds(grid: Grid, s: RunSettings, cfg, model, rd: RunDir, done: int, secure: SecAggSettings | None = None
+            ) -> None:
     wgrid = WireGrid(grid, model.state_dict(), s.wire_dtype, s.min_sites, s.wait_timeout_s,
                      s.expected_sites(), rd.load_sites(), logger=say, validation=cfg.validation,
                      examples_per_update=s.local_steps * int(cfg.data.batch_size))
@@ -151,18 +157,28 @@ def _rounds(grid: Grid, s: RunSettings, cfg, model, rd: RunDir, done: int) -> No
     clock = [time.monotonic()]
     scalars = Scalars(rd.path, bool(cfg.train.tensorboard), resume_step=done + 1)
 
-    def on_round_end(local_round: int, arrays) -> MetricRecord | None:
-        """Flower calls this after every round: checkpoint + metrics line (round 0: the start)."""
+    def on_round_end(local_round: int, arrays, outcome: SecureOutcome | None = None) -> MetricRecord | None:
+        """Flower calls this after every round: checkpoint + metrics line (round 0: the start).
+        Secure aggregation: `outcome` is all the round may record (server/secure.py)."""
         if local_round == 0:
             clock[0] = time.monotonic()
             return None
         rnd = done + local_round
+        if outcome is not None:
+            if not outcome.ok:  # logged by the round; nothing to commit, the next round goes on
+                clock[0] = time.monotonic()
+                return None
+            record = _secure_record(rnd, s, outcome, round(time.monotonic() - clock[0], 3))
+            clock[0] = time.monotonic()
+            return commit(rnd, record, arrays, ", ".join(
+                f"{x['site']} ({x['bytes_up'] / 1e6:.2f} MB up"
+                + (f", epsilon {x['epsilon']:.2f}" if "epsilon" in x else "") + ")" for x in record["sites"])
+                + "; securely aggregated, no per-site loss")
         replies = wgrid.last_train
         ok = [r for r in replies if r.ok]
         if not ok:
             raise RuntimeError(f"round {rnd}: no site update to aggregate ("
                                + "; ".join(f"{r.site}: {r.error}" for r in replies) + ")")
-        model.load_state_dict(to_state(arrays))
         weights = [float(r.metrics["num-examples"]) for r in ok]
         loss = sum(float(r.metrics["loss"]) * w for r, w in zip(ok, weights)) / sum(weights)
         now = time.monotonic()
@@ -185,27 +201,38 @@ def _rounds(grid: Grid, s: RunSettings, cfg, model, rd: RunDir, done: int) -> No
             "time": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         clock[0] = now
+        per_site = ", ".join(f"{r.site} {float(r.metrics['loss']):.4f} ({r.bytes_up / 1e6:.2f} MB up"
+                             + (f", epsilon {float(r.metrics['epsilon']):.2f}" if "epsilon" in r.metrics else "")
+                             + (", privacy budget spent" if r.metrics.get("budget-spent") else "")
+                             + (", simulation only" if r.metrics.get("simulation-only") else "") + ")" for r in ok)
+        return commit(rnd, record, arrays, per_site)
+
+    def commit(rnd: int, record: dict, arrays, per_site: str) -> MetricRecord:
+        """Server state, metrics line, then the checkpoint (the commit point) and the round's log line."""
+        loss = record["loss"]
+        model.load_state_dict(to_state(arrays))
         strategy.save_state(rd.server_state(rnd))
         rd.append_metrics(record)
         save_weights(model, rd.checkpoint(rnd), {"round": rnd, "strategy": s.strategy})  # commit point
-        scalars.add({"loss": loss, "num_sites": len(ok), "round_seconds": record["round_seconds"],
+        scalars.add({"loss": loss, "num_sites": record["num_sites"], "round_seconds": record["round_seconds"],
                      **{f"server_{k}_seconds": v for k, v in record["server_seconds"].items()}}, rnd, "round")
         for site in record["sites"]:
             scalars.add({k: site[k] for k in ("loss", "epsilon", "bytes_up", "bytes_down", "local_seconds")
                          if k in site}, rnd, f"site/{site['site']}")
         rd.save_sites(wgrid.sites)
-        per_site = ", ".join(f"{r.site} {float(r.metrics['loss']):.4f} ({r.bytes_up / 1e6:.2f} MB up"
-                             + (f", epsilon {float(r.metrics['epsilon']):.2f}" if "epsilon" in r.metrics else "")
-                             + (", privacy budget spent" if r.metrics.get("budget-spent") else "")
-                             + (", simulation only" if r.metrics.get("simulation-only") else "") + ")" for r in ok)
         say(f"round {rnd}/{s.num_rounds} done in {record['round_seconds']:.1f} s: loss {loss:.4f} [{per_site}]"
             + (f"; dropped: {', '.join(d['site'] for d in record['dropped'])}" if record["dropped"] else "")
             + f" -> {rd.checkpoint(rnd)}")
         return MetricRecord({"loss": loss})
 
     try:
-        strategy.start(wgrid, as_fp32_record(model.state_dict()), num_rounds=s.num_rounds - done,
-                       timeout=s.round_timeout_s, train_config=train_config, evaluate_fn=on_round_end)
+        if secure is not None:
+            run_secure_rounds(wgrid, strategy, secure, s.strategy, as_fp32_record(model.state_dict()),
+                              s.num_rounds - done, s.round_timeout_s, train_config,
+                              s.local_steps * int(cfg.data.batch_size), on_round_end)
+        else:
+            strategy.start(wgrid, as_fp32_record(model.state_dict()), num_rounds=s.num_rounds - done,
+                           timeout=s.round_timeout_s, train_config=train_config, evaluate_fn=on_round_end)
     finally:
         scalars.close()
 
@@ -234,6 +261,25 @@ def _finish(s: RunSettings, cfg, model, rd: RunDir) -> dict:
                                       "no differential privacy (plain SGD on its private data, if any)"))
     say(f"encoder -> {rd.path / 'encoder.safetensors'}")
     return card
+
+
+def _secure_record(rnd: int, s: RunSettings, out: SecureOutcome, seconds: float) -> dict:
+    """A securely aggregated round's metrics line: the aggregate loss, which sites took part with
+    their counts, timings and DP accounting (never a site's loss or weights), and who dropped."""
+    return {
+        "round": rnd, "step": rnd * s.local_steps, "loss": out.loss, "num_sites": len(out.sites),
+        "sites": [{"site": x["site"], "node_id": x["node_id"], "num_examples": x["num_examples"],
+                   "local_seconds": round(float(x["metrics"].get("local-seconds", 0.0)), 3),
+                   "setup_seconds": round(float(x["metrics"].get("setup-seconds", 0.0)), 3),
+                   "build_seconds": round(float(x["metrics"].get("build-seconds", 0.0)), 3),
+                   "bytes_up": x["bytes_up"], "bytes_down": x["bytes_down"], **_privacy(x["metrics"]),
+                   **({"simulation_only": bool(x["metrics"]["simulation-only"])}
+                      if "simulation-only" in x["metrics"] else {})} for x in out.sites],
+        "dropped": out.dropped, "round_seconds": seconds, "server_seconds": {"secagg": round(out.seconds, 3)},
+        "secure_aggregation": {"shares": out.shares, "threshold": out.threshold,
+                               "aggregate_norm": round(float(out.aggregate_norm or 0.0), 6)},
+        "wire_dtype": "secagg", "strategy": s.strategy, "time": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
 
 
 def _claim(value) -> float | str:

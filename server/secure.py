@@ -24,8 +24,21 @@ larger one means a site did not clip: the round is not applied).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from logging import WARNING
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.logger import log
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import Strategy
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+
+from client.secure import SITE_METRICS, decode_loss, float_keys
 
 SECURE_STRATEGIES = ("fedavg", "fedprox", "fedadam")  # averaging: the sum of the updates is all they need
 
@@ -147,3 +160,194 @@ def check_run(fl_cfg, strategy: str, min_sites: int, expected_sites: int) -> Sec
     if s is not None and (why := s.refusal(strategy, range(min_sites, max(min_sites, expected_sites) + 1))):
         raise ValueError(why)
     return s
+
+
+# -- the round -------------------------------------------------------------------------------------
+
+
+@dataclass
+class SecureOutcome:
+    """One secure round, as far as the coordinator may know it."""
+
+    ok: bool
+    loss: float | None = None
+    sites: list[dict] = field(default_factory=list)  # took part: node, counts, timings, DP accounting
+    dropped: list[dict] = field(default_factory=list)
+    error: str = ""
+    shares: int = 0
+    threshold: int = 0
+    aggregate_norm: float | None = None
+    seconds: float = 0.0
+
+
+class _Proxy:
+    """What SecAggPlusWorkflow needs of a legacy ClientProxy: the node id."""
+
+    def __init__(self, node_id: int):
+        self.node_id = node_id
+        self.cid = str(node_id)
+
+
+class _Collector(Strategy):
+    """The legacy Strategy hooks of SecAggPlusWorkflow: this round's FitIns out, the unmasked
+    aggregate and the participants' plain-text counts in. Nothing else of the legacy API is used."""
+
+    def __init__(self, nodes: list[int], fit_ins: FitIns):
+        self.nodes, self.fit_ins = nodes, fit_ins
+        self.aggregate: list[np.ndarray] | None = None
+        self.results: dict[int, tuple[int, dict]] = {}  # node -> (num_examples, metrics) as sent in the clear
+        self.failures = 0
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        return [(_Proxy(n), self.fit_ins) for n in self.nodes]
+
+    def aggregate_fit(self, server_round, results, failures):
+        self.failures = len(failures)
+        for proxy, res in results:
+            self.results[proxy.node_id] = (int(res.num_examples), dict(res.metrics))
+        if results:  # the workflow sets every result's parameters to the unmasked aggregate
+            self.aggregate = parameters_to_ndarrays(results[0][1].parameters)
+        return None, {}
+
+    def initialize_parameters(self, client_manager):
+        return None
+
+    def configure_evaluate(self, server_round, parameters, client_manager):
+        return []
+
+    def aggregate_evaluate(self, server_round, results, failures):
+        return None, {}
+
+    def evaluate(self, server_round, parameters):
+        return None
+
+
+def _content_bytes(content: RecordDict) -> int:
+    """Array data plus bytes and strings of config records: what a protocol message carries."""
+    n = sum(len(a.data) for rec in content.array_records.values() for a in rec.values())
+    for rec in content.config_records.values():
+        for v in rec.values():
+            for x in v if isinstance(v, list) else [v]:
+                n += len(x) if isinstance(x, (bytes, str)) else 8
+    return n
+
+
+class _ProtocolGrid:
+    """The Grid SecAggPlusWorkflow talks through: the WireGrid's fast polling exchange, bytes per
+    node, site names from the training stage's replies, and why a node's reply was an error."""
+
+    def __init__(self, wgrid):
+        self.wgrid = wgrid
+        self.down: dict[int, int] = {}
+        self.up: dict[int, int] = {}
+        self.errors: dict[int, str] = {}
+        self.stage = 0
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        messages = list(messages)
+        for m in messages:
+            self.down[m.metadata.dst_node_id] = self.down.get(m.metadata.dst_node_id, 0) + _content_bytes(m.content)
+        replies = self.wgrid._exchange(messages, timeout)
+        to_node = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        answered = set()
+        for r in replies:
+            node = to_node.get(r.metadata.reply_to_message_id, r.metadata.src_node_id)
+            answered.add(node)
+            if r.has_error():
+                self.errors[node] = f"stage {self.stage}: {r.error.reason}"
+                continue
+            self.up[node] = self.up.get(node, 0) + _content_bytes(r.content)
+            if "site" in r.content.config_records:
+                self.wgrid.name_site(node, r.content)
+        for m in messages:
+            if m.metadata.dst_node_id not in answered:
+                self.errors.setdefault(m.metadata.dst_node_id, f"stage {self.stage}: no reply within {timeout} s")
+        self.stage += 1
+        return [r for r in replies if not r.has_error()]
+
+
+def secure_round(wgrid, strategy, settings: SecAggSettings, strategy_name: str, local_round: int,
+                 arrays: ArrayRecord, train_config: ConfigRecord, timeout: float | None,
+                 examples_per_update: int) -> tuple[ArrayRecord, SecureOutcome]:
+    """One round through SecAgg+ (module docstring): (the new global weights, what the coordinator
+    learnt). A round that cannot complete returns the weights unchanged and `ok` False."""
+    t0 = time.monotonic()
+    msgs = list(strategy.configure_train(local_round, arrays, train_config, wgrid))
+    nodes = [m.metadata.dst_node_id for m in msgs]
+    if why := settings.refusal(strategy_name, [len(nodes)]):
+        raise ValueError(why)
+    shares, threshold = settings.resolve(len(nodes))
+    rnd = local_round + int(getattr(strategy, "round_offset", 0))
+    keys = list(arrays.keys())
+    global_ = {k: arrays[k].numpy() for k in keys}
+    floats = float_keys(keys, global_)
+    config = {k: v for k, v in msgs[0].content["config"].items() if not isinstance(v, list)}
+    fit_ins = FitIns(ndarrays_to_parameters([global_[k] for k in keys]),
+                     {**config, "secure-keys": ",".join(keys), "update-norm-bound": float(settings.update_norm_bound),
+                      "max-examples": int(examples_per_update)})
+    collector = _Collector(nodes, fit_ins)
+    context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
+                            strategy=collector)
+    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: rnd})
+    context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
+    pgrid = _ProtocolGrid(wgrid)
+    settings.workflow(examples_per_update, timeout)(pgrid, context)
+
+    def site(node: int) -> str:
+        return wgrid.sites.get(node, f"node {node}")
+
+    took_part = sorted(collector.results)
+    finished = collector.aggregate is not None
+    out = SecureOutcome(ok=False, shares=shares, threshold=threshold,
+                        dropped=[{"site": site(n), "node_id": n,
+                                  "error": pgrid.errors.get(n, "left the secure aggregation protocol")}
+                                 for n in nodes if n in pgrid.errors or (finished and n not in collector.results)])
+    out.sites = [{"site": site(n), "node_id": n, "num_examples": min(collector.results[n][0], examples_per_update),
+                  "bytes_up": pgrid.up.get(n, 0), "bytes_down": pgrid.down.get(n, 0),
+                  "metrics": {k: v for k, v in collector.results[n][1].items() if k in SITE_METRICS}}
+                 for n in took_part]
+    agg = collector.aggregate
+    if agg is None or len(agg) != len(floats) + 1:
+        out.error = (f"secure aggregation did not complete ({len(nodes) - len(out.dropped)} of {len(nodes)} sites "
+                     f"finished the protocol; each site needs {threshold} of its {shares} share holders)"
+                     if agg is None else f"the aggregate has {len(agg)} arrays, expected {len(floats) + 1}")
+        out.seconds = time.monotonic() - t0
+        return arrays, out
+    deltas = dict(zip(floats, agg[:-1]))
+    norm = math.hypot(*(float(np.linalg.norm(d)) for d in deltas.values()))
+    n_coords = sum(d.size for d in deltas.values())
+    # a weighted mean of updates clipped to the bound is within it; plus the encoding's rounding
+    slack = settings.step * math.sqrt(n_coords) * 4 + 1e-6 * settings.update_norm_bound
+    out.aggregate_norm = norm
+    if not all(np.isfinite(d).all() for d in agg) or not norm <= settings.update_norm_bound + slack:
+        out.error = (f"the securely aggregated update has norm {norm:.4g}, above the agreed bound "
+                     f"{settings.update_norm_bound:g} (fl.secagg.update_norm_bound): a site did not clip its update; "
+                     "the round is not applied")
+        out.seconds = time.monotonic() - t0
+        return arrays, out
+    out.ok, out.loss = True, decode_loss(float(agg[-1][0]), settings.update_norm_bound)
+    new = ArrayRecord({k: Array((global_[k].astype(np.float32) + deltas[k].astype(np.float32)).astype(np.float32))
+                       if k in deltas else arrays[k] for k in keys})
+    total = sum(s["num_examples"] for s in out.sites)
+    reply = Message(RecordDict({"arrays": new, "metrics": MetricRecord({"num-examples": total, "loss": out.loss})}),
+                    reply_to=msgs[0])
+    agg_arrays, _ = strategy.aggregate_train(local_round, [reply])  # FedAdam: its server step
+    out.seconds = time.monotonic() - t0
+    return (agg_arrays if agg_arrays is not None else new), out
+
+
+def run_secure_rounds(wgrid, strategy, settings: SecAggSettings, strategy_name: str, arrays: ArrayRecord,
+                      num_rounds: int, timeout: float | None, train_config: ConfigRecord, examples_per_update: int,
+                      on_round_end: Callable[[int, ArrayRecord, SecureOutcome | None], None]) -> ArrayRecord:
+    """Flower's Strategy.start loop with each round through `secure_round`; a round that fails is
+    logged in one line and the run goes on to the next with the weights unchanged."""
+    on_round_end(0, arrays, None)
+    for local_round in range(1, num_rounds + 1):
+        arrays, outcome = secure_round(wgrid, strategy, settings, strategy_name, local_round, arrays, train_config,
+                                       timeout, examples_per_update)
+        if not outcome.ok:
+            rnd = local_round + int(getattr(strategy, "round_offset", 0))
+            log(WARNING, f"[mrsfm] round {rnd}: {outcome.error}; the global model is unchanged, "
+                         "the run goes on to the next round")
+        on_round_end(local_round, arrays, outcome)
+    return arrays
