@@ -14,7 +14,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-from client.secure import UpdateRefused, clipped_update, secure_mod, secure_reply
+from client.secure import LOSS_CAP, UpdateRefused, clipped_update, secure_mod, secure_reply
 from mrsfm_model.config import load_config
 from mrsfm_model.model.mae import build_mae
 from mrsfm_model.model.wire import as_fp32_record
@@ -220,6 +220,22 @@ def _plain_fedavg(global_, states, examples, nodes):
     return {k: sum(wi * states[n][k].double() for wi, n in zip(w, nodes)) / w.sum() for k in global_}
 
 
+def test_secure_fedavg_equals_plain_fedavg_within_one_encoding_step():
+    global_, states, losses, examples, sites, settings, new, out = _micro_round(3)
+    assert out.ok, out.error
+    plain = _plain_fedavg(global_, states, examples, sorted(states))
+    diff = max(float((torch.from_numpy(new[k].numpy()).double() - plain[k]).abs().max()) for k in plain)
+    # stated precision (docs/privacy.md): within 2 x bound / quantization_range of plain FedAvg (4.8e-6 here),
+    # plus float32 rounding of the sum
+    assert diff <= settings.step + 1e-6, diff
+    err = torch.cat([(torch.from_numpy(new[k].numpy()).double() - plain[k]).flatten() for k in plain])
+    print(f"secure - plain FedAvg over {err.numel()} weights: max {diff:.3g}, rms {float(err.square().mean().sqrt()):.3g}, "
+          f"mean {float(err.mean()):.2g} (step {settings.step:.3g})")
+    assert out.loss == pytest.approx(np.mean(list(losses.values())), abs=LOSS_CAP * settings.step * 2)
+    assert [x["site"] for x in out.sites] == ["site10", "site11", "site12"] and out.dropped == []
+    assert all(x["num_examples"] == 12 for x in out.sites)
+
+
 def test_the_server_receives_no_site_loss_and_no_site_weights():
     global_, states, losses, examples, sites, settings, new, out = _micro_round(3)
     assert out.ok
@@ -242,6 +258,15 @@ def test_the_server_receives_no_site_loss_and_no_site_weights():
             for x in (w, d, w.astype(np.float64), d.astype(np.float64)):
                 assert x.tobytes() not in seen_bytes, k
     assert all(set(x["metrics"]) <= {"num-examples", "local-seconds", "build-seconds"} for x in out.sites)
+
+
+def test_num_examples_are_capped_at_the_site_as_the_server_caps_them():
+    global_, states, losses, examples, sites, settings, new, out = _micro_round(3, examples={10: 10**9, 11: 12, 12: 6})
+    assert out.ok
+    assert [x["num_examples"] for x in out.sites] == [12, 12, 6]
+    plain = _plain_fedavg(global_, states, {10: 12, 11: 12, 12: 6}, sorted(states))
+    diff = max(float((torch.from_numpy(new[k].numpy()).double() - plain[k]).abs().max()) for k in plain)
+    assert diff <= 2 * settings.step + 1e-6
 
 
 def test_a_site_lost_after_sharing_its_keys_the_round_completes_from_the_others():
