@@ -37,8 +37,9 @@ FITINS_CONFIG, FITINS_PARAMETERS = "fitins.config", "fitins.parameters"  # Flowe
 SITE_METRICS = ("num-examples", "local-seconds", "setup-seconds", "build-seconds", "simulation-only",
                 "epsilon", "delta", "private-steps", "noise-multiplier", "budget-spent", "unprotected-rounds")
 # The loss travels masked as one more coordinate, scaled into the encoding's range [-bound, bound]:
-# losses in [0, LOSS_CAP] keep a step of LOSS_CAP x 2 / quantization_range (4.8e-6 by default).
-LOSS_CAP = 10.0
+# losses in [0, LOSS_CAP] keep a step of LOSS_CAP x 2 / quantization_range (4.8e-5 by default; a micro
+# model starts near 15).
+LOSS_CAP = 100.0
 
 
 class UpdateRefused(ValueError):
