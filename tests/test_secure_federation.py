@@ -20,6 +20,8 @@ from server.example_sites import SITES, prepare_site_data
 from server.local import LocalFederation
 from server.rundir import RunDir
 
+pytestmark = pytest.mark.slow  # real processes: a SuperLink, three SuperNodes and their workers
+
 RUN = {"overrides": "model=micro data.batch_size=4 fl.secure_aggregation=true", "local-steps": 2,
        "sites": ",".join(SITES), "min-sites": 3, "wire-dtype": "fp32"}
 
