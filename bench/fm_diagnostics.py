@@ -29,7 +29,8 @@ import torch
 
 from mrsfm_model.config import load_config
 from mrsfm_model.data.stream import InputBuilder, build_stream
-from mrsfm_model.evaluation.finetune import FinetuneConfig, random_init_encoder, train_model
+from mrsfm_model.evaluation.finetune import FinetuneConfig, train_model
+from mrsfm_model.evaluation.networks import random_init_encoder
 from mrsfm_model.evaluation.study import baseline_fit_predict
 from mrsfm_model.evaluation.tasks import build_benchmark
 from mrsfm_model.model.export import encoder_state, load_encoder, read_encoder_config, shipped

@@ -43,7 +43,8 @@ from omegaconf import OmegaConf
 from mrsfm_model.config import ConfigSection, config_dir, load_config, resolve_device
 from mrsfm_model.data.simulate import write_simulated
 from mrsfm_model.data.spectrum import VENDORS
-from mrsfm_model.evaluation.finetune import HEAD_MODES, RANDOM_INIT
+from mrsfm_model.evaluation.finetune import HEAD_MODES
+from mrsfm_model.evaluation.networks import RANDOM_INIT
 from mrsfm_model.evaluation.panel import Panel, task_metrics
 from mrsfm_model.evaluation.stats import mean_ci95
 from mrsfm_model.logs import Log, get_logger

@@ -8,7 +8,7 @@ import torch
 
 from mrsfm_model.config import load_config
 from mrsfm_model.errors import MRSDataError
-from mrsfm_model.evaluation.finetune import RANDOM_INIT, _model
+from mrsfm_model.evaluation.networks import RANDOM_INIT, start_network
 from mrsfm_model.model.export import build_vit, encoder_state, init_mae, load_encoder, read_encoder_config, shipped
 from mrsfm_model.model.mae import SpectroMAE, build_mae, mae_config
 
@@ -16,14 +16,14 @@ from mrsfm_model.model.mae import SpectroMAE, build_mae, mae_config
 def test_random_init_control_is_the_mae_encoder_before_pretraining():
     cfg = mae_config("micro", patch_size=(2, 32))
     torch.manual_seed(3)
-    vit = _model(RANDOM_INIT, cfg, 3, "flat")
+    vit = start_network(RANDOM_INIT, cfg, 3, "flat")
     torch.manual_seed(3)
     ref = encoder_state(SpectroMAE(cfg))
     got = vit.state_dict()
     for k, v in ref.items():
         assert torch.equal(got[k], v), k
     torch.manual_seed(3)
-    timm_init = _model(None, cfg, 3, "flat").state_dict()  # the scratch arm: timm's own initialisation
+    timm_init = start_network(None, cfg, 3, "flat").state_dict()  # the scratch arm: timm's own initialisation
     assert not torch.equal(timm_init["blocks.0.attn.qkv.weight"], ref["blocks.0.attn.qkv.weight"])
 
 
@@ -127,7 +127,7 @@ def test_every_shipped_encoder_reproduces_its_cards_input_settings():
     """What the card says the encoder was pretrained on is what this release feeds it (grid,
     spectrogram, channels), and `--encoder NAME` finds each shipped model."""
     from mrsfm_model.data.stream import InputBuilder
-    from mrsfm_model.evaluation.finetune import input_differences
+    from mrsfm_model.evaluation.networks import input_differences
     from mrsfm_model.model.export import resolve_encoder, shipped_names
 
     builder = InputBuilder.from_data_config(load_config([]).data)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mrsfm_model.config import load_config
-from mrsfm_model.evaluation.finetune import RANDOM_INIT
+from mrsfm_model.evaluation.networks import RANDOM_INIT
 from mrsfm_model.evaluation.panel import Panel
 from mrsfm_model.model.export import shipped
 

@@ -11,14 +11,13 @@ from helpers import INVIVO
 from mrsfm_model.config import load_config
 from mrsfm_model.data.canonical import CanonicalGrid
 from mrsfm_model.data.spectrogram import SpectrogramTransform
-from mrsfm_model.evaluation.finetune import (
+from mrsfm_model.evaluation.finetune import FinetuneConfig, run_benchmark
+from mrsfm_model.evaluation.networks import (
     RANDOM_INIT,
-    FinetuneConfig,
     PooledFeatures,
-    _fit_probe,
-    _fold_probe_into_head,
-    _model,
-    run_benchmark,
+    fit_probe,
+    fold_probe_into_head,
+    start_network,
 )
 from mrsfm_model.evaluation.stats import classification_metrics, mean_ci95, regression_metrics
 from mrsfm_model.evaluation.tasks import BENCH_SEED_BASE, build_benchmark, shortcut_accuracy
@@ -164,15 +163,15 @@ def test_lp_ft_starts_the_full_fine_tune_from_the_linear_probe():
     head gives the probe's own outputs, so LP-FT's first step starts where the probe ended."""
     cfg = load_config(["model=micro", "finetune.head_init=probe"])
     torch.manual_seed(0)
-    vit = _model(RANDOM_INIT, configured_mae(cfg.model, cfg.data), 3, "flat")
+    vit = start_network(RANDOM_INIT, configured_mae(cfg.model, cfg.data), 3, "flat")
     x = torch.randn(24, *vit.patch_embed.img_size).unsqueeze(1).expand(-1, vit.patch_embed.proj.in_channels, -1, -1)
     x = x + 0.1 * torch.randn_like(x)
     y = torch.arange(24) % 3
     ft = FinetuneConfig.from_config(cfg.finetune, l2=[0.01])  # fixed: random labels, CV would pick "learn nothing"
-    probe = _fit_probe(vit, x, y, "classification", 3, ft, torch.device("cpu"))
+    probe = fit_probe(vit, x, y, "classification", 3, ft.l2, torch.device("cpu"))
     with torch.no_grad():
         expected = probe(PooledFeatures(vit)(x))
-        _fold_probe_into_head(vit, probe)
+        fold_probe_into_head(vit, probe)
         got = vit.eval()(x)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert expected.std() > 0.1  # the probe learnt something to carry over

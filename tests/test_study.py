@@ -242,7 +242,7 @@ def test_baseline_learns_a_separable_problem():
 def test_scratch_architecture_is_the_configured_model():
     """From random weights the study builds exactly `model/` for the configured image (same as pretraining)."""
     from mrsfm_model.data.stream import InputBuilder
-    from mrsfm_model.evaluation.finetune import architecture
+    from mrsfm_model.evaluation.networks import architecture
     from mrsfm_model.model.mae import build_mae
 
     cfg = load_config(["model.embed_norm=true", "model.patch_size=[4,4]"])

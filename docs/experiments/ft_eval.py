@@ -11,7 +11,8 @@ import torch
 torch.set_num_threads(int(os.environ.get("THREADS", "2")))
 from mrsfm_model.config import load_config
 from mrsfm_model.data.stream import InputBuilder
-from mrsfm_model.evaluation.finetune import RANDOM_INIT, FinetuneConfig, fit_and_evaluate
+from mrsfm_model.evaluation.finetune import FinetuneConfig, fit_and_evaluate
+from mrsfm_model.evaluation.networks import RANDOM_INIT
 from mrsfm_model.evaluation.tasks import build_benchmark
 from mrsfm_model.model.export import read_encoder_config
 

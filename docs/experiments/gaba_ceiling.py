@@ -15,7 +15,8 @@ import torch
 
 from mrsfm_model.config import load_config
 from mrsfm_model.data.stream import InputBuilder
-from mrsfm_model.evaluation.finetune import head_estimates, regression_metrics
+from mrsfm_model.evaluation.finetune import head_estimates
+from mrsfm_model.evaluation.stats import regression_metrics
 from mrsfm_model.evaluation.tasks import QUANT_TARGETS, build_benchmark, lcm_ratios
 from mrsfm_model.model.export import shipped
 

@@ -11,7 +11,8 @@ import torch
 
 from mrsfm_model.config import load_config
 from mrsfm_model.data.stream import InputBuilder
-from mrsfm_model.evaluation.finetune import head_estimates, head_metrics, mean_ci95
+from mrsfm_model.evaluation.finetune import head_estimates, head_metrics
+from mrsfm_model.evaluation.stats import mean_ci95
 from mrsfm_model.evaluation.tasks import build_benchmark
 
 cfg = load_config(["device=cpu"]); ft = cfg.finetune; b = InputBuilder.from_data_config(cfg.data)

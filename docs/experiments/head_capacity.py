@@ -21,7 +21,8 @@ from torch import nn  # noqa: E402
 
 from mrsfm_model.config import load_config  # noqa: E402
 from mrsfm_model.data.stream import InputBuilder  # noqa: E402
-from mrsfm_model.evaluation.finetune import head_estimates, regression_metrics  # noqa: E402
+from mrsfm_model.evaluation.finetune import head_estimates  # noqa: E402
+from mrsfm_model.evaluation.stats import regression_metrics  # noqa: E402
 from mrsfm_model.evaluation.tasks import QUANT_TARGETS, build_benchmark  # noqa: E402
 from mrsfm_model.model.export import load_encoder, shipped  # noqa: E402
 

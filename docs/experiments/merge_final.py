@@ -7,7 +7,8 @@ encoder's weights), recompute the paired differences, and write a finetune.json 
 import json
 import sys
 
-from mrsfm_model.evaluation.finetune import mean_ci95, paired_differences
+from mrsfm_model.evaluation.finetune import paired_differences
+from mrsfm_model.evaluation.stats import mean_ci95
 
 old, out, *news = sys.argv[1:]
 res = json.load(open(old))

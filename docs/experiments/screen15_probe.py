@@ -18,8 +18,8 @@ torch.set_num_threads(int(os.environ.get("THREADS", "2")))
 from mrsfm_model.config import load_config  # noqa: E402
 from mrsfm_model.data.spectrum import VENDORS  # noqa: E402
 from mrsfm_model.data.stream import InputBuilder  # noqa: E402
-from mrsfm_model.evaluation.finetune import frozen_network, network_outputs  # noqa: E402
 from mrsfm_model.evaluation.linear import fit_predict  # noqa: E402
+from mrsfm_model.evaluation.networks import frozen_network, network_outputs  # noqa: E402
 from mrsfm_model.evaluation.stats import mean_ci95  # noqa: E402
 from mrsfm_model.evaluation.tasks import build_benchmark  # noqa: E402
 from mrsfm_model.model.export import read_encoder_config  # noqa: E402

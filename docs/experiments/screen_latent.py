@@ -15,8 +15,9 @@ import torch
 
 torch.set_num_threads(int(os.environ.get("THREADS", "2")))
 from mrsfm_model.config import load_config  # noqa: E402
-from mrsfm_model.evaluation.finetune import RANDOM_INIT, mean_ci95  # noqa: E402
+from mrsfm_model.evaluation.networks import RANDOM_INIT  # noqa: E402
 from mrsfm_model.evaluation.panel import Panel, task_metrics  # noqa: E402
+from mrsfm_model.evaluation.stats import mean_ci95  # noqa: E402
 from mrsfm_model.training.pretrain import run_pretrain  # noqa: E402
 
 args = sys.argv[1:]

@@ -15,8 +15,9 @@ import torch
 
 torch.set_num_threads(int(os.environ.get("THREADS", "2")))
 from mrsfm_model.config import load_config  # noqa: E402
-from mrsfm_model.evaluation.finetune import baseline_metrics, mean_ci95  # noqa: E402
+from mrsfm_model.evaluation.finetune import baseline_metrics  # noqa: E402
 from mrsfm_model.evaluation.panel import Panel, task_metrics  # noqa: E402
+from mrsfm_model.evaluation.stats import mean_ci95  # noqa: E402
 from mrsfm_model.model.export import init_mae  # noqa: E402
 from mrsfm_model.model.mae import SpectroMAE, configured_mae  # noqa: E402
 

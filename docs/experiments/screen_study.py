@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from mrsfm_model.config import load_config
-from mrsfm_model.evaluation.finetune import mean_ci95
+from mrsfm_model.evaluation.stats import mean_ci95
 from mrsfm_model.evaluation.study import HEADLINE_METRIC, run_study
 from mrsfm_model.logs import get_logger
 from mrsfm_model.model.export import shipped

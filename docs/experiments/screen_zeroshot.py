@@ -18,8 +18,8 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from mrsfm_model.config import load_config  # noqa: E402
 from mrsfm_model.data.latents import NAMES  # noqa: E402
-from mrsfm_model.evaluation.finetune import regression_metrics  # noqa: E402
 from mrsfm_model.evaluation.panel import Panel  # noqa: E402
+from mrsfm_model.evaluation.stats import regression_metrics  # noqa: E402
 from mrsfm_model.model.export import init_mae  # noqa: E402
 from mrsfm_model.model.mae import SpectroMAE, configured_mae  # noqa: E402
 

@@ -6,7 +6,7 @@ the in-distribution encoder's, paired by seed (same labelled samples, same fine-
 import json
 import sys
 
-from mrsfm_model.evaluation.finetune import mean_ci95
+from mrsfm_model.evaluation.stats import mean_ci95
 
 base, *news = sys.argv[1:]
 ref = {(r["mode"], r["n_labels"]): r for r in json.load(open(base))["rows"] if r["init"] == "pretrained"}

@@ -12,31 +12,41 @@ Three modes:
   its head either fresh or the linear probe's (`head_init: probe`, LP-FT).
 Classification uses cross-entropy and reports accuracy, balanced accuracy and macro-F1;
 regression standardises targets on the training set and reports MAE and R² per target.
+The networks and read-out heads themselves are built in evaluation/networks.py (shared with a
+study and with prediction); the metrics and statistics are in evaluation/stats.py.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from mrsfm_model.config import ConfigSection
-from mrsfm_model.data.latents import NAMES as LATENT_NAMES
 from mrsfm_model.data.spectrum import VENDORS
 from mrsfm_model.data.stream import InputBuilder
-from mrsfm_model.errors import MRSDataError
-from mrsfm_model.evaluation.linear import Penalty, fit_linear, fit_predict
+from mrsfm_model.evaluation.linear import Penalty, fit_predict
+from mrsfm_model.evaluation.networks import (
+    FROZEN_READOUTS,
+    RANDOM_INIT,
+    architecture,
+    arm_start,
+    fit_probe,
+    fit_readout,
+    fold_probe_into_head,
+    frozen_network,
+    network_outputs,
+    start_network,
+)
 from mrsfm_model.evaluation.stats import classification_metrics, mean_ci95, regression_metrics
 from mrsfm_model.evaluation.tasks import HEAD_ESTIMATES, QUANT_TARGETS, build_benchmark, generators_seen, lcm_ratios
 from mrsfm_model.logs import Log, get_logger
-from mrsfm_model.model.export import build_vit, encoder_state, load_encoder, read_encoder_config
-from mrsfm_model.model.mae import MAEConfig, SpectroMAE, configured_mae
-from mrsfm_model.model.quantifier import Quantifier, calibrate, has_quantifier, load_quantifier
+from mrsfm_model.model.mae import MAEConfig
+from mrsfm_model.model.quantifier import calibrate, has_quantifier, load_quantifier
 from mrsfm_model.reports.cards import read_card
 from mrsfm_model.training.trainer import OptimConfig, Trainer
 
@@ -94,69 +104,6 @@ def _loss_fn(task: str):
     return loss
 
 
-RANDOM_INIT = "random-init"  # `encoder` value of the control arm: the MAE's encoder at its initialisation
-FROZEN_READOUTS = ("linear", "latent")  # modes that fit a linear model on a frozen network's outputs
-
-
-def _model(encoder: str | Path | None, mae_cfg: MAEConfig, n_out: int, pool: str) -> nn.Module:
-    """The ViT an arm starts from: pretrained weights (a path), the MAE encoder exactly as pretraining
-    would have started it (RANDOM_INIT: the control that isolates what pretraining adds), or timm's
-    own initialisation of the same architecture (None: scratch)."""
-    if encoder == RANDOM_INIT:
-        return random_init_encoder(mae_cfg, n_out, pool)
-    if encoder:
-        return load_encoder(encoder, num_classes=n_out, global_pool=pool)
-    return build_vit(mae_cfg, num_classes=n_out, global_pool=pool)
-
-
-def random_init_encoder(mae_cfg: MAEConfig, n_out: int, pool: str) -> nn.Module:
-    """The MAE's encoder at initialisation (seeded by the caller's torch seed), as a timm ViT."""
-    return _random_init_parts(mae_cfg, n_out, pool)[0]
-
-
-def _random_init_parts(mae_cfg: MAEConfig, n_out: int, pool: str) -> tuple[nn.Module, nn.Linear | None]:
-    """(the MAE's encoder at initialisation as a timm ViT, its latent head at initialisation)."""
-    mae = SpectroMAE(mae_cfg)  # drawn first: the same weights a pretraining run seeded alike starts from
-    vit = build_vit(mae_cfg, num_classes=n_out, global_pool=pool)
-    missing, _ = vit.load_state_dict(encoder_state(mae), strict=False)
-    assert all(k.startswith("head.") for k in missing), missing
-    return vit, mae.latent_head
-
-
-def frozen_network(encoder: str | Path | None, mae_cfg: MAEConfig, readout: str, pool: str, n_out: int) -> nn.Module:
-    """The frozen network a read-out fits its linear model on (call after seeding, like `_model`).
-
-    linear: the ViT's pooled features. latent: its latent head's outputs: the pretrained head, the
-    MAE's head at initialisation (RANDOM_INIT), or for timm's scratch ViT a head initialised as the
-    MAE initialises its own, so every arm reads the same number of outputs the same way."""
-    if readout == "linear":
-        vit = _model(encoder, mae_cfg, n_out, pool)  # n_out: the same random draws as a full fine-tune's start
-        vit.reset_classifier(0)
-        return PooledFeatures(vit)
-    if encoder == RANDOM_INIT:
-        vit, head = _random_init_parts(mae_cfg, 0, "flat")
-        if head is None:
-            raise ValueError("finetune mode latent needs a model with a latent head (model.latent_weight > 0)")
-        return Quantifier(vit, head)
-    if encoder:
-        return load_quantifier(encoder)
-    vit = build_vit(mae_cfg, num_classes=0, global_pool="flat")
-    head = nn.Linear(vit.num_features, len(LATENT_NAMES))
-    nn.init.xavier_uniform_(head.weight)
-    nn.init.zeros_(head.bias)
-    return Quantifier(vit, head)
-
-
-def fit_readout(net: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str, n_out: int, l2: Penalty,
-                device: torch.device, feats: np.ndarray | None = None) -> nn.Module:
-    """A frozen network followed by the regularised linear model fitted on its outputs (`feats`,
-    when the caller has them already): one module mapping images to logits or values."""
-    if feats is None:
-        feats = network_outputs(net, x, device).numpy()
-    target = y.numpy() if task == "classification" else y.numpy().reshape(len(y), -1)
-    return nn.Sequential(net, fit_linear(feats, target, task, n_out, l2).to(device)).eval()
-
-
 def train_model(
     x: torch.Tensor, y: torch.Tensor, task: str, n_out: int, encoder: str | Path | None, mae_cfg: MAEConfig,
     cfg: FinetuneConfig, seed: int, device: torch.device,
@@ -166,47 +113,14 @@ def train_model(
     if cfg.mode in FROZEN_READOUTS:
         return fit_readout(frozen_network(encoder, mae_cfg, cfg.mode, cfg.global_pool, n_out), x, y, task, n_out,
                            cfg.l2, device)
-    vit = _model(encoder, mae_cfg, n_out, cfg.global_pool)
+    vit = start_network(encoder, mae_cfg, n_out, cfg.global_pool)
     if cfg.head_init == "probe":  # LP-FT: start the full fine-tune from the linear probe's head
-        _fold_probe_into_head(vit, _fit_probe(vit, x, y, task, n_out, cfg, device))
+        fold_probe_into_head(vit, fit_probe(vit, x, y, task, n_out, cfg.l2, device))
     opt = OptimConfig.from_config(blr=cfg.blr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
                                   layer_decay=cfg.layer_decay if encoder else None, grad_clip=cfg.grad_clip)
     Trainer(vit, _loss_fn(task), opt, cfg.steps, cfg.batch_size, device, progress=False).fit(
         iter(LabelledBatches(x, y, cfg.batch_size, seed, device)), cfg.steps, log_every=cfg.steps)
     return vit.eval()
-
-
-def _fit_probe(vit: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str, n_out: int, cfg: FinetuneConfig,
-               device: torch.device) -> nn.Sequential:
-    """The linear probe: the same regularised logistic / ridge regression as the non-deep baselines
-    (mrsfm_model.evaluation.linear, L2 chosen from `l2`) on the frozen ViT's pooled features, as BatchNorm + Linear."""
-    return fit_readout(PooledFeatures(vit), x, y, task, n_out, cfg.l2, device)[1]
-
-
-@torch.no_grad()
-def _fold_probe_into_head(vit: nn.Module, probe: nn.Sequential) -> None:
-    """vit.head := BatchNorm (running statistics) followed by the probe's Linear, as one Linear."""
-    bn, lin = probe[0], probe[1]
-    scale = (bn.running_var + bn.eps).float().rsqrt()
-    vit.head.weight.copy_(lin.weight * scale)
-    vit.head.bias.copy_(lin.bias - (lin.weight * scale) @ bn.running_mean)
-
-
-class PooledFeatures(nn.Module):
-    """Frozen ViT -> pooled pre-logit features."""
-
-    def __init__(self, vit: nn.Module):
-        super().__init__()
-        self.vit = vit
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.vit.forward_head(self.vit.forward_features(x), pre_logits=True)
-
-
-@torch.no_grad()
-def network_outputs(model: nn.Module, x: torch.Tensor, device: torch.device, bs: int = 64) -> torch.Tensor:
-    model.eval().to(device)
-    return torch.cat([model(x[i:i + bs].to(device)).float().cpu() for i in range(0, len(x), bs)])
 
 
 def fit_and_evaluate(
@@ -225,52 +139,8 @@ def fit_and_evaluate(
     return regression_metrics(y_test.numpy(), pred.numpy(), target_names)
 
 
-def architecture(cfg, encoder: Path | None, builder: InputBuilder) -> MAEConfig:
-    """The ViT config: the encoder's own, checked against the inputs; else the configured size.
-    An encoder pretrained on other inputs than the run makes (image size, channels, or any grid or
-    spectrogram setting on its card) is refused: its features would mean something else."""
-    if encoder is None:
-        return configured_mae(cfg.model, cfg.data)
-    if not encoder.is_file():
-        raise MRSDataError(encoder, "encoder file not found")
-    c, h, w = builder.image_shape
-    mae_cfg = read_encoder_config(encoder)
-    if tuple(mae_cfg.img_size) != (h, w) or mae_cfg.in_chans != c:
-        raise ValueError(f"{encoder}: encoder expects {mae_cfg.in_chans}x{tuple(mae_cfg.img_size)} images but the "
-                         f"data config makes {c}x{(h, w)}")
-    differ = input_differences(encoder, builder)
-    if differ:
-        raise ValueError(f"{encoder}: pretrained on other inputs than this run makes: {'; '.join(differ)}")
-    return mae_cfg
-
-
-def input_differences(encoder: Path, builder: InputBuilder) -> list[str]:
-    """Each data.* setting in which the encoder's pretraining (per its card) differs from this run,
-    as 'data.KEY: encoder A, this run B'."""
-
-    card = read_card(encoder) or {}
-    try:
-        theirs = InputBuilder.from_dict({"grid": card.get("grid", {}), "spectrogram": card.get("spectrogram", {}),
-                                         "channels": card.get("channels", builder.channels)})
-    except (ValueError, TypeError) as exc:
-        return [f"its card's input settings are unreadable ({exc})"]
-    out = []
-    for section, a, b in (("grid", theirs.grid, builder.grid), ("spectrogram", theirs.spec_cfg, builder.spec_cfg)):
-        if section in card:
-            da, db = asdict(a), asdict(b)
-            out += [f"data.{section}.{k}: encoder {da[k]}, this run {db[k]}" for k in da if da[k] != db[k]]
-    if "channels" in card and theirs.channels != builder.channels:
-        out.append(f"data.channels: encoder {theirs.channels}, this run {builder.channels}")
-    return out
-
-
 # -- the benchmark table -------------------------------------------------------------------------
 HEADLINE = {"vendor": "accuracy", "quant": "r2_GABA/tCr"}
-
-
-def arm_start(arm: str, encoder: str | Path | None) -> str | Path | None:
-    """What a deep arm's ViT starts from (`_model`): the encoder, its initialisation, or timm's."""
-    return {"pretrained": encoder, "random_init": RANDOM_INIT, "scratch": None}[arm]
 
 
 def run_benchmark(cfg, encoder: str | Path | None, out_dir: str | Path, device: torch.device,

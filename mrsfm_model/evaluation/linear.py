@@ -199,16 +199,21 @@ def fit_linear(f: np.ndarray, y: np.ndarray, task: str, n_out: int, l2: Penalty,
     a, mu, sd = _standardise(np.asarray(f, dtype=np.float64))
     weight, bias = _solve(a, np.asarray(y, dtype=np.float64) if task == "regression" else np.asarray(y), task,
                           n_out, chosen)
-    bn = nn.BatchNorm1d(a.shape[1], affine=False, eps=0.0)
-    bn.running_mean.copy_(torch.from_numpy(mu))
-    bn.running_var.copy_(torch.from_numpy(sd**2))
-    head = nn.Linear(a.shape[1], weight.shape[0])
+    model = linear_head(a.shape[1], weight.shape[0]).eval()
+    bn, head = model[0], model[1]
     with torch.no_grad():
+        bn.running_mean.copy_(torch.from_numpy(mu))
+        bn.running_var.copy_(torch.from_numpy(sd**2))
         head.weight.copy_(torch.from_numpy(np.ascontiguousarray(weight)))
         head.bias.copy_(torch.from_numpy(np.ascontiguousarray(bias)))
-    model = nn.Sequential(bn, head).eval()
     model.l2 = chosen
     return model
+
+
+def linear_head(n_features: int, n_out: int) -> nn.Sequential:
+    """The fitted model's layout, unfitted: BatchNorm (no affine; eps 0, so its running statistics
+    standardise exactly as the fit did) + Linear. One definition, so a saved head loads back."""
+    return nn.Sequential(nn.BatchNorm1d(n_features, affine=False, eps=0.0), nn.Linear(n_features, n_out))
 
 
 def fit_predict(f_train: np.ndarray, y_train: np.ndarray, f_test: np.ndarray, task: str, n_classes: int,

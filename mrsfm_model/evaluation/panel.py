@@ -25,14 +25,13 @@ from mrsfm_model.data.spectrum import VENDORS
 from mrsfm_model.data.stream import InputBuilder
 from mrsfm_model.evaluation.finetune import (
     HEAD_MODES,
-    RANDOM_INIT,
     FinetuneConfig,
-    architecture,
     baseline_metrics,
     fit_and_evaluate,
     head_estimates,
     head_metrics,
 )
+from mrsfm_model.evaluation.networks import RANDOM_INIT, architecture
 from mrsfm_model.evaluation.stats import mean_ci95
 from mrsfm_model.evaluation.tasks import QUANT_TARGETS, Benchmark, build_benchmark
 from mrsfm_model.logs import Log, get_logger

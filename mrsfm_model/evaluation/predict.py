@@ -18,14 +18,11 @@ import torch
 from torch import nn
 
 from mrsfm_model.data.io import load_folder, load_spectrum
-from mrsfm_model.data.latents import NAMES as LATENT_NAMES
 from mrsfm_model.data.spectrum import Spectrum
 from mrsfm_model.data.stream import InputBuilder, Prepared  # noqa: F401  (the recipe a study model file stores)
 from mrsfm_model.errors import MRSDataError
-from mrsfm_model.evaluation.finetune import PooledFeatures
-from mrsfm_model.model.export import build_vit
-from mrsfm_model.model.mae import MAEConfig
-from mrsfm_model.model.quantifier import Quantifier, load_quantifier
+from mrsfm_model.evaluation.networks import study_network
+from mrsfm_model.model.quantifier import load_quantifier
 from mrsfm_model.model.weights import save_weights
 from mrsfm_model.reports.cards import read_card
 
@@ -67,32 +64,12 @@ def read_study_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def build_study_net(meta: dict[str, Any]) -> nn.Module:
-    """The module layout `train_model` returns for this mode (full: the ViT; linear: ViT + BN + head;
-    latent: ViT + latent head + BN + head)."""
-
-    mae_cfg = MAEConfig.from_dict(meta["mae_config"])
-    n_out = len(meta["labels"]) if meta["task"] == "classification" else 1
-    pool = meta.get("global_pool", "avg")  # study models saved before the option pooled by average
-    if meta["mode"] == "linear":
-        vit = build_vit(mae_cfg, num_classes=0, global_pool=pool)
-        head = nn.Sequential(nn.BatchNorm1d(vit.num_features, affine=False, eps=0.0), nn.Linear(vit.num_features, n_out))
-        return nn.Sequential(PooledFeatures(vit), head)
-    if meta["mode"] == "latent":
-        vit = build_vit(mae_cfg, num_classes=0, global_pool="flat")
-        net = Quantifier(vit, nn.Linear(vit.num_features, len(LATENT_NAMES)))
-        head = nn.Sequential(nn.BatchNorm1d(len(LATENT_NAMES), affine=False, eps=0.0),
-                             nn.Linear(len(LATENT_NAMES), n_out))  # eps 0: as fitted (linear.fit_linear)
-        return nn.Sequential(net, head)
-    return build_vit(mae_cfg, num_classes=n_out, global_pool=pool)
-
-
 def load_study_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """(model in eval mode, metadata) from a study model file."""
     from safetensors.torch import load_file
 
     meta = read_study_meta(path)
-    model = build_study_net(meta)
+    model = study_network(meta)
     try:
         model.load_state_dict(load_file(str(path)))
     except (RuntimeError, KeyError) as exc:

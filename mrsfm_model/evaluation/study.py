@@ -28,17 +28,10 @@ import numpy as np
 import torch
 
 from mrsfm_model.data.stream import InputBuilder
-from mrsfm_model.evaluation.finetune import (
-    FinetuneConfig,
-    architecture,
-    arm_start,
-    fit_readout,
-    frozen_network,
-    network_outputs,
-    train_model,
-)
+from mrsfm_model.evaluation.finetune import FinetuneConfig, train_model
 from mrsfm_model.evaluation.labels import Warnings, read_labels
 from mrsfm_model.evaluation.linear import Penalty, as_grid, fit_predict, penalty_cv
+from mrsfm_model.evaluation.networks import architecture, arm_start, fit_readout, frozen_network, network_outputs
 from mrsfm_model.evaluation.predict import save_study_model
 from mrsfm_model.evaluation.stats import classification_metrics, mean_ci95, regression_metrics
 from mrsfm_model.evaluation.study_data import (

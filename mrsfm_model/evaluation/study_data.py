@@ -16,7 +16,7 @@ from mrsfm_model.config import ConfigSection
 from mrsfm_model.data.io import load_spectrum
 from mrsfm_model.data.stream import InputBuilder
 from mrsfm_model.errors import MRSDataError
-from mrsfm_model.evaluation.finetune import FROZEN_READOUTS, FinetuneConfig
+from mrsfm_model.evaluation.finetune import FinetuneConfig
 from mrsfm_model.evaluation.labels import (
     LabelRow,
     Warnings,
@@ -27,6 +27,7 @@ from mrsfm_model.evaluation.labels import (
     unlisted_files,
 )
 from mrsfm_model.evaluation.lcm import fit_ratio_features
+from mrsfm_model.evaluation.networks import FROZEN_READOUTS
 from mrsfm_model.evaluation.tasks import spectrum_features
 from mrsfm_model.logs import Log, get_logger
 from mrsfm_model.model.mae import MAEConfig
