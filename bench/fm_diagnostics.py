@@ -35,6 +35,7 @@ from mrsfm_model.evaluation.study import baseline_fit_predict
 from mrsfm_model.evaluation.tasks import build_benchmark
 from mrsfm_model.model.export import encoder_state, load_encoder, read_encoder_config, shipped
 from mrsfm_model.model.mae import SpectroMAE
+from mrsfm_model.model.weights import read_tensors
 
 VALIDATION_SEED = 1
 
@@ -105,15 +106,13 @@ def main() -> None:
                       "finetune_lr": ft.blr * ft.batch_size / 256}), flush=True)
 
     # 2. masked-band loss against interpolation, on fresh simulated spectra
-    from safetensors.torch import load_file
-
     mae = SpectroMAE(mcfg)
     # the whole MAE beside the encoder: NAME.mae.safetensors (shipped) or mae.safetensors (a run dir)
     found = [p for p in (Path(str(enc).replace(".safetensors", ".mae.safetensors")), Path(enc).parent / "mae.safetensors")
              if p.is_file()]
     if found:
         mae_path = found[0]
-        mae.load_state_dict(load_file(str(mae_path)))
+        mae.load_state_dict(read_tensors(mae_path))
         stream = build_stream(cfg.data, seed=123)
         x = stream.sim_batch(10**7, k=96).x
         gen = torch.Generator().manual_seed(0)

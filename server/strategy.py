@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
-from safetensors.torch import load_file, save_file
+
+from mrsfm_model.model.weights import read_tensors, write_tensors
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg")
 
@@ -86,15 +87,12 @@ class FedAdamFL(Federated, FedAdam):
             return None
         tensors = {f"m.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.m_t.items()}
         tensors.update({f"v.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.v_t.items()})
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp))
-        tmp.replace(path)
-        return path
+        return write_tensors(tensors, path)
 
     def load_state(self, path: Path) -> None:
         if not path.is_file():
             return
-        state = load_file(str(path))
+        state = read_tensors(path)
         self.m_t = {k[2:]: v.numpy() for k, v in state.items() if k.startswith("m.")}
         self.v_t = {k[2:]: v.numpy() for k, v in state.items() if k.startswith("v.")}
 

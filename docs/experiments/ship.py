@@ -14,11 +14,10 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from mrsfm_model.model.export import SHIPPED_DIR, SHIPPED_NAME, export_encoder, init_mae
 from mrsfm_model.model.mae import MAEConfig, SpectroMAE
+from mrsfm_model.model.weights import read_metadata, read_tensors, write_tensors
 
 run, command, made_by, *tables = sys.argv[1:]
 run = Path(run)
@@ -59,11 +58,10 @@ init_mae(mae, run / "mae.safetensors")
 
 def store(src: Path, dst: Path) -> None:
     """Copy a safetensors file, its floats in bfloat16 when BF16=1, its metadata unchanged."""
-    with safe_open(str(src), framework="pt") as f:
-        meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    meta, state = read_metadata(src), read_tensors(src)
     if os.environ.get("BF16") == "1":
         state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state.items()}
-    save_file(state, str(dst), metadata=meta)
+    write_tensors(state, dst, meta)
 
 
 if os.environ.get("BF16") == "1":

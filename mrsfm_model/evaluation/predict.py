@@ -23,7 +23,7 @@ from mrsfm_model.data.stream import InputBuilder, Prepared  # noqa: F401  (the r
 from mrsfm_model.errors import MRSDataError
 from mrsfm_model.evaluation.networks import study_network
 from mrsfm_model.model.quantifier import load_quantifier
-from mrsfm_model.model.weights import save_weights
+from mrsfm_model.model.weights import NotSafetensors, read_metadata, read_tensors, save_weights
 from mrsfm_model.reports.cards import read_card
 
 STUDY_FORMAT = "mrsfm-study-model-v1"
@@ -41,17 +41,14 @@ def save_study_model(model: nn.Module, path: Path, meta: dict[str, Any], card: d
 
 def read_study_meta(path: str | Path) -> dict[str, Any]:
     """The prediction metadata of a study model; refuses any other file with a clear reason."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise MRSDataError(path, "model file not found")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
-    except Exception as exc:  # safetensors raises its own error types for bad headers
+        raw = read_metadata(path)
+    except NotSafetensors as exc:
         raise MRSDataError(path, f"not a model file from `mrsfm finetune --data` (not safetensors: "
-                                 f"{type(exc).__name__})") from None
+                                 f"{type(exc.cause).__name__})") from None
     if raw.get("format") == "mrsfm-encoder-v1":
         raise MRSDataError(path, "this is a pretrained encoder, not a fine-tuned study model; "
                                  "make one with `mrsfm finetune --data DIR --labels labels.csv --target COLUMN`")
@@ -66,12 +63,10 @@ def read_study_meta(path: str | Path) -> dict[str, Any]:
 
 def load_study_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """(model in eval mode, metadata) from a study model file."""
-    from safetensors.torch import load_file
-
     meta = read_study_meta(path)
     model = study_network(meta)
     try:
-        model.load_state_dict(load_file(str(path)))
+        model.load_state_dict(read_tensors(path))
     except (RuntimeError, KeyError) as exc:
         raise MRSDataError(path, f"weights do not fit the model described in its metadata "
                                  f"({str(exc).splitlines()[0][:160]})") from None

@@ -9,8 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from timm.layers import LayerNorm
 from timm.models.vision_transformer import VisionTransformer
 
@@ -18,7 +16,7 @@ from mrsfm_model.config import RESOURCES
 from mrsfm_model.data.latents import NAMES as LATENT_NAMES
 from mrsfm_model.errors import MRSDataError
 from mrsfm_model.model.mae import MAEConfig, SpectroMAE, _sincos
-from mrsfm_model.model.weights import save_weights
+from mrsfm_model.model.weights import read_metadata, read_tensors, save_weights, write_tensors
 
 ENCODER_PREFIXES = ("patch_embed.", "cls_token.", "blocks.", "norm.")
 # The MAE's latent head (a linear map from the flat band tokens to the simulator's truth, see
@@ -57,9 +55,7 @@ def export_encoder(model: SpectroMAE, path: str | Path, card: dict[str, Any] | N
     if head is not None:
         state.update({HEAD_PREFIX + k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()})
         meta["latent_names"] = json.dumps(list(LATENT_NAMES))
-    tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    tmp.replace(path)
+    write_tensors(state, path, meta)
     card = {"architecture": "ViT encoder of a spectrogram MAE (timm VisionTransformer layout)",
             "config": model.cfg.to_dict(),
             **({"latent_head": {"outputs": list(LATENT_NAMES), "use": "mrsfm quantify"}} if head is not None else {}),
@@ -69,11 +65,7 @@ def export_encoder(model: SpectroMAE, path: str | Path, card: dict[str, Any] | N
 
 
 def read_encoder_config(path: str | Path) -> MAEConfig:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as exc:  # safetensors raises its own error types for bad headers
-        raise MRSDataError(path, f"not a safetensors file ({exc})") from None
+    meta = read_metadata(path)
     if meta.get("format") != "mrsfm-encoder-v1":
         raise MRSDataError(path, "not an mrsfm encoder (no mrsfm-encoder-v1 metadata)")
     return MAEConfig.from_dict(json.loads(meta["mae_config"]))
@@ -120,11 +112,9 @@ def build_vit(cfg: MAEConfig, num_classes: int = 0, global_pool: str = "avg") ->
 
 def load_encoder(path: str | Path, num_classes: int = 0, global_pool: str = "avg") -> VisionTransformer:
     """Encoder file -> timm VisionTransformer with a fresh head of `num_classes` outputs."""
-    from safetensors.torch import load_file
-
     cfg = read_encoder_config(path)
     vit = build_vit(cfg, num_classes, global_pool)
-    state = {k: v for k, v in load_file(str(path)).items() if not k.startswith(HEAD_PREFIX)}
+    state = {k: v for k, v in read_tensors(path).items() if not k.startswith(HEAD_PREFIX)}
     missing, unexpected = vit.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith(("head.", "fc_norm."))]
     if missing or unexpected:
@@ -169,8 +159,7 @@ def _shipped_mae_for(model: SpectroMAE) -> Path:
     for name in names:
         path = SHIPPED_DIR / f"{name}.mae.safetensors"
         if path.is_file():
-            with safe_open(str(path), framework="pt") as f:
-                raw = json.loads((f.metadata() or {}).get("mae_config", "{}"))
+            raw = json.loads(read_metadata(path).get("mae_config", "{}"))
             if raw and MAEConfig.from_dict(raw).architecture() == model.cfg.architecture():
                 return path
     return shipped("mae")  # none fits: the default one, whose load names the differing settings
@@ -179,17 +168,11 @@ def _shipped_mae_for(model: SpectroMAE) -> Path:
 def init_mae(model: SpectroMAE, init: str | Path) -> Path:
     """Load MAE weights to start (or continue) pretraining from: a file, or "shipped". The file must
     hold this very architecture; anything else is one clear error naming the file and both configs."""
-    from safetensors.torch import load_file
-
     path = _shipped_mae_for(model) if str(init) == "shipped" else Path(init)
     if not path.is_file():
         raise MRSDataError(path, "init weights not found")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        state = load_file(str(path))
-    except Exception as exc:  # safetensors' own error types
-        raise MRSDataError(path, f"not a safetensors file ({exc})") from None
+    meta = read_metadata(path)
+    state = read_tensors(path)
     theirs = json.loads(meta["mae_config"]) if "mae_config" in meta else None
     if theirs is not None:
         theirs = {k: tuple(v) if isinstance(v, list) else v for k, v in theirs.items()}

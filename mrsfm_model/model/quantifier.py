@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from mrsfm_model.data.latents import NAMES, decode
 from mrsfm_model.errors import MRSDataError
 from mrsfm_model.model.export import HEAD_PREFIX, load_encoder
+from mrsfm_model.model.weights import read_metadata, read_tensors, tensor_names
 
 
 class Quantifier(nn.Module):
@@ -45,21 +45,17 @@ class Quantifier(nn.Module):
 
 def has_quantifier(path: str | Path) -> bool:
     """True when the encoder file carries a latent head (pretrained with `model.latent_weight > 0`)."""
-    with safe_open(str(path), framework="pt") as f:
-        return any(k.startswith(HEAD_PREFIX) for k in f.keys())
+    return any(k.startswith(HEAD_PREFIX) for k in tensor_names(path))
 
 
 def load_quantifier(path: str | Path) -> Quantifier:
     """Encoder file -> Quantifier; a clear error when the file has no head or another head layout."""
-    from safetensors.torch import load_file
-
     vit = load_encoder(path, num_classes=0, global_pool="flat")
-    state = {k[len(HEAD_PREFIX):]: v for k, v in load_file(str(path)).items() if k.startswith(HEAD_PREFIX)}
+    state = {k[len(HEAD_PREFIX):]: v for k, v in read_tensors(path).items() if k.startswith(HEAD_PREFIX)}
     if not state:
         raise MRSDataError(path, "this encoder has no latent head to quantify with (it was pretrained with "
                                  "model.latent_weight=0); pretrain with the default recipe, or fine-tune on labels")
-    with safe_open(str(path), framework="pt") as f:
-        names = json.loads((f.metadata() or {}).get("latent_names", "null"))
+    names = json.loads(read_metadata(path).get("latent_names", "null"))
     if names != list(NAMES) or tuple(state["weight"].shape) != (len(NAMES), vit.num_features):
         raise MRSDataError(path, f"its latent head predicts {names} with weights {tuple(state['weight'].shape)}; this "
                                  f"release reads {len(NAMES)} outputs {list(NAMES)[:3]}...")
