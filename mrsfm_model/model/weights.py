@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mrsfm_model.errors import MRSDataError
+from mrsfm_model.files import atomic_path
 
 
 class NotSafetensors(MRSDataError):
@@ -50,11 +51,9 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 def write_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
     """Atomic safetensors write (a crash never leaves half a file); metadata stored as given."""
-    path = Path(path)
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(path)
-    return path
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return Path(path)
 
 
 def save_weights(model: nn.Module, path: str | Path, metadata: dict | None = None) -> Path:

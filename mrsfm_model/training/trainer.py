@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mrsfm_model.config import ConfigSection
+from mrsfm_model.files import atomic_path
 from mrsfm_model.model.weights import load_weights, save_weights
 from mrsfm_model.training.monitor import Scalars
 
@@ -283,9 +284,8 @@ class Trainer:
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
-        tmp = directory / "trainer.pt.tmp"
-        torch.save(state, tmp)
-        tmp.replace(directory / "trainer.pt")
+        with atomic_path(directory / "trainer.pt") as tmp:
+            torch.save(state, tmp)
         return directory
 
     def load(self, directory: str | Path) -> None:
