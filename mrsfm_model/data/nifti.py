@@ -21,12 +21,33 @@ from mrsfm_model.data.spectrum import (
     normalise_vendor,
     ppm_axis,
 )
-from mrsfm_model.data.vendor import as_number, header_value, short_reason
+from mrsfm_model.data.vendor import short_reason
 from mrsfm_model.errors import MRSDataError
 
 TRANSIENT_DIMS = ("DIM_DYN", "DIM_MEAS", "DIM_PHASE_CYCLE")  # plus DIM_USER_*: repeats, averaged
 UNSUPPORTED_DIMS = ("DIM_ISIS",)  # un-combined ISIS scans are not localised on their own
 MIN_POINTS = 16
+
+
+# --------------------------------------------------------------------------- header fields
+def header_value(img: Any, key: str) -> Any:
+    """A NIfTI-MRS header-extension field, None when absent (vendors fill different ones)."""
+    try:
+        return img.hdr_ext[key]
+    except Exception:
+        return None
+
+
+def as_number(value: Any) -> float | None:
+    """A header value as a finite float (first element of a list), else None."""
+    if isinstance(value, (list, tuple)) and value:
+        value = value[0]
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if np.isfinite(out) else None
+
 
 # --------------------------------------------------------------------------- NIfTI-MRS -> Spectrum
 def _as_block(img: Any, source: str) -> tuple[np.ndarray, list[str], float, float]:

@@ -17,9 +17,6 @@ import numpy as np
 from mrsfm_model.data.spectrum import normalise_vendor
 from mrsfm_model.errors import MRSDataError
 
-SUPPORTED_SUFFIXES: tuple[str, ...] = (
-    ".nii.gz", ".nii", ".sdat", ".rda", ".ima", ".dcm", ".dat", ".7", ".data", ".list",
-)
 MRS_SOP_CLASSES = {  # what spec2nii's DICOM readers accept as spectroscopy
     "1.3.12.2.1107.5.9.1": "Siemens CSA non-image", "1.2.840.10008.5.1.4.1.1.4.2": "MR Spectroscopy",
     "1.3.46.670589.11.0.0.12.1": "Philips private MR spectrum",
@@ -91,23 +88,6 @@ def _sibling(path: Path, suffix: str) -> Path | None:
     if exact.is_file():
         return exact
     return folder_listing(path.parent).get((file_stem(path) + suffix).lower())
-
-
-def header_value(img: Any, key: str) -> Any:
-    try:
-        return img.hdr_ext[key]
-    except Exception:
-        return None
-
-
-def as_number(value: Any) -> float | None:
-    if isinstance(value, (list, tuple)) and value:
-        value = value[0]
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return out if np.isfinite(out) else None
 
 
 # --------------------------------------------------------------------------- vendor readers
@@ -246,6 +226,7 @@ _READERS: dict[str, Callable[[Path], tuple[list, list[str]]]] = {
     ".ima": _read_dicom, ".dcm": _read_dicom, ".dat": _read_twix, ".7": _read_pfile,
     ".data": _read_data_list, ".list": _read_data_list,
 }
+SUPPORTED_SUFFIXES: tuple[str, ...] = tuple(_READERS)  # a new format is one entry of the table above
 
 
 def read_images(path: Path) -> tuple[list, list[str]]:
