@@ -10,8 +10,9 @@ keep float32 (numpy's median and mean of float32 stay float32). Updates that are
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,8 +20,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
 
 from mrsfm_model.model.weights import read_tensors, write_tensors
-
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg")
 
 
 class _Nodes:
@@ -63,22 +62,31 @@ class Federated:
         pass
 
 
+# name -> (strategy class, its settings from configs/fl/<name>.yaml): filled by `_register` beside
+# each class, so a strategy is named once
+_REGISTRY: dict[str, tuple[type[Federated], Callable[[Any], dict[str, float]]]] = {}
+
+
+def _register(name: str, settings: Callable[[Any], dict[str, float]] = lambda fl_cfg: {}):
+    def add(cls: type[Federated]) -> type[Federated]:
+        _REGISTRY[name] = (cls, settings)
+        return cls
+
+    return add
+
+
+@_register("fedavg")
 class FedAvgFL(Federated, FedAvg):
     pass
 
 
+@_register("fedprox", lambda c: {"proximal_mu": float(c.proximal_mu)})
 class FedProxFL(Federated, FedProx):
     pass
 
 
-class FedMedianFL(Federated, FedMedian):
-    pass
-
-
-class FedTrimmedAvgFL(Federated, FedTrimmedAvg):
-    pass
-
-
+@_register("fedadam", lambda c: {"eta": float(c.eta), "beta_1": float(c.beta_1), "beta_2": float(c.beta_2),
+                                 "tau": float(c.tau)})
 class FedAdamFL(Federated, FedAdam):
     """FedAdam whose moments are saved beside the round checkpoint (Flower does not save them)."""
 
@@ -97,22 +105,26 @@ class FedAdamFL(Federated, FedAdam):
         self.v_t = {k[2:]: v.numpy() for k, v in state.items() if k.startswith("v.")}
 
 
+@_register("fedmedian")
+class FedMedianFL(Federated, FedMedian):
+    pass
+
+
+@_register("fedtrimmedavg", lambda c: {"beta": float(c.beta)})
+class FedTrimmedAvgFL(Federated, FedTrimmedAvg):
+    pass
+
+
+STRATEGIES = tuple(_REGISTRY)
+
+
 def make_strategy(name: str, fl_cfg, min_sites: int) -> Federated:
     """Strategy `name` with settings from configs/fl/<name>.yaml; never a client-side evaluate round."""
-    common = dict(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=min_sites, min_available_nodes=min_sites,
-                  train_metrics_aggr_fn=_mean_numeric_metrics)
-    if name == "fedavg":
-        return FedAvgFL(**common)
-    if name == "fedprox":
-        return FedProxFL(**common, proximal_mu=float(fl_cfg.proximal_mu))
-    if name == "fedadam":
-        return FedAdamFL(**common, eta=float(fl_cfg.eta), beta_1=float(fl_cfg.beta_1), beta_2=float(fl_cfg.beta_2),
-                         tau=float(fl_cfg.tau))
-    if name == "fedmedian":
-        return FedMedianFL(**common)
-    if name == "fedtrimmedavg":
-        return FedTrimmedAvgFL(**common, beta=float(fl_cfg.beta))
-    raise ValueError(f"strategy must be one of {STRATEGIES}, got {name!r}")
+    if name not in _REGISTRY:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {name!r}")
+    cls, settings = _REGISTRY[name]
+    return cls(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=min_sites, min_available_nodes=min_sites,
+               train_metrics_aggr_fn=_mean_numeric_metrics, **settings(fl_cfg))
 
 
 def _mean_numeric_metrics(records, weight_key: str) -> MetricRecord:
