@@ -28,11 +28,11 @@ import numpy as np
 import torch
 
 from mrsfm_model.config import load_config
-from mrsfm_model.data.stream import InputBuilder, build_stream
+from mrsfm_model.data.stream import build_stream
 from mrsfm_model.evaluation.finetune import FinetuneConfig, train_model
 from mrsfm_model.evaluation.networks import random_init_encoder
 from mrsfm_model.evaluation.study import baseline_fit_predict
-from mrsfm_model.evaluation.tasks import build_benchmark
+from mrsfm_model.evaluation.tasks import benchmark_from_config
 from mrsfm_model.model.export import encoder_state, load_encoder, read_encoder_config, shipped
 from mrsfm_model.model.mae import SpectroMAE
 from mrsfm_model.model.weights import read_tensors
@@ -91,11 +91,10 @@ def main() -> None:
     card = json.loads(open(str(enc).replace(".safetensors", ".json")).read())
     mcfg = read_encoder_config(enc)
     cfg = load_config(["device=cpu", *overrides])
-    builder = InputBuilder.from_data_config(cfg.data)
     torch.manual_seed(int(card.get("recipe", {}).get("seed", 0)))
     init = SpectroMAE(mcfg)
     pretrained = load_encoder(enc).state_dict()
-    bench = build_benchmark(builder.grid, builder.transform, builder.channels, 100, 2, 0.5, seed=VALIDATION_SEED)
+    bench = benchmark_from_config(cfg, seed=VALIDATION_SEED)
 
     # 1. weight movement: pretraining vs a fine-tune of 100 labels
     ft = FinetuneConfig.from_config({**cfg.finetune, "mode": "full"})
@@ -133,8 +132,7 @@ def main() -> None:
                       "pixels": _probe(bench.x.flatten(1).numpy(), bench, args.seeds)}), flush=True)
 
     # 4. oracle: the same scans without noise
-    clean = build_benchmark(builder.grid, builder.transform, builder.channels, 100, 2, 0.5, seed=VALIDATION_SEED,
-                            noise_free=True)
+    clean = benchmark_from_config(cfg, seed=VALIDATION_SEED, noise_free=True)
     print(json.dumps({"diagnostic": "oracle", "pixels_noise_free": _probe(clean.x.flatten(1).numpy(), bench, args.seeds)}),
           flush=True)
 

@@ -113,7 +113,8 @@ def test_transfer_split_keeps_every_benchmark_generator_out_of_pretraining():
     bench_bases = {_basis_of(p) for p in VENDOR_PROFILES}
     assert not {s.profile.basis_path().resolve() for s in stream.simulators} & bench_bases
     # ...while the stream still makes the images the benchmark makes
-    bench = build_benchmark(stream.simulators[0].grid, stream.transform, stream.channels, subjects_per_vendor=2)
+    bench = build_benchmark(stream.simulators[0].grid, stream.transform, stream.channels, subjects_per_vendor=2,
+                            scans_per_subject=2, test_fraction=0.5, seed=0)
     assert stream.sim_batch(0, k=4).x.shape[1:] == bench.x.shape[1:]
 
 

@@ -28,7 +28,8 @@ from mrsfm_model.training.pretrain import run_pretrain
 
 @pytest.fixture(scope="module")
 def bench():
-    return build_benchmark(CanonicalGrid.from_config(), SpectrogramTransform(), ["OFF", "ON", "DIFF"], subjects_per_vendor=60)
+    return build_benchmark(CanonicalGrid.from_config(), SpectrogramTransform(), ["OFF", "ON", "DIFF"], subjects_per_vendor=60,
+                           scans_per_subject=2, test_fraction=0.5, seed=0)
 
 
 def test_trivial_features_cannot_tell_vendors_apart(bench):

@@ -11,17 +11,14 @@ import torch
 
 from mrsfm_model.config import load_config
 from mrsfm_model.data.spectrum import VENDORS
-from mrsfm_model.data.stream import InputBuilder
 from mrsfm_model.evaluation.finetune import FinetuneConfig, fit_and_evaluate
-from mrsfm_model.evaluation.tasks import build_benchmark
+from mrsfm_model.evaluation.tasks import benchmark_from_config
 from mrsfm_model.model.export import read_encoder_config
 
 enc, mode, sizes, out = sys.argv[1], sys.argv[2], [int(n) for n in sys.argv[3].split(",")], sys.argv[4]
 cfg = load_config(["device=cpu", "finetune.seeds=[0,1,2,3,4]"])
 ft = cfg.finetune
-b = InputBuilder.from_data_config(cfg.data)
-bench = build_benchmark(b.grid, b.transform, b.channels, ft.benchmark.subjects_per_vendor, ft.benchmark.scans_per_subject,
-                        ft.benchmark.test_fraction, ft.benchmark.seed, torch.device("cpu"))
+bench = benchmark_from_config(cfg)
 fcfg = FinetuneConfig.from_config(ft, mode=mode, steps=ft.steps)
 rows = []
 for n in sizes:

@@ -10,10 +10,9 @@ import torch
 
 torch.set_num_threads(int(os.environ.get("THREADS", "2")))
 from mrsfm_model.config import load_config
-from mrsfm_model.data.stream import InputBuilder
 from mrsfm_model.evaluation.finetune import FinetuneConfig, fit_and_evaluate
 from mrsfm_model.evaluation.networks import RANDOM_INIT
-from mrsfm_model.evaluation.tasks import build_benchmark
+from mrsfm_model.evaluation.tasks import benchmark_from_config
 from mrsfm_model.model.export import read_encoder_config
 
 name, tag = sys.argv[1], sys.argv[2]; enc = Path(name if name.endswith(".safetensors") else f"runs/experiments/{name}/encoder.safetensors"); over = sys.argv[3:]
@@ -22,8 +21,7 @@ seeds = int(os.environ.get("SEEDS", "2"))
 arms = os.environ.get("ARMS", "pretrained,random_init").split(",")
 mcfg = read_encoder_config(enc)
 cfg = load_config(["device=cpu", *over])
-b = InputBuilder.from_data_config(cfg.data)
-bench = build_benchmark(b.grid, b.transform, b.channels, 100, 2, 0.5, seed=1)
+bench = benchmark_from_config(cfg, seed=1)
 fcfg = FinetuneConfig.from_config(cfg.finetune)
 res = {"name": name, "tag": tag, "over": over}
 te = bench.test

@@ -17,7 +17,7 @@ from mrsfm_model.config import load_config
 from mrsfm_model.data.stream import InputBuilder
 from mrsfm_model.evaluation.finetune import head_estimates
 from mrsfm_model.evaluation.stats import regression_metrics
-from mrsfm_model.evaluation.tasks import QUANT_TARGETS, build_benchmark, lcm_ratios
+from mrsfm_model.evaluation.tasks import QUANT_TARGETS, benchmark_from_config, lcm_ratios
 from mrsfm_model.model.export import shipped
 
 
@@ -31,8 +31,7 @@ cfg = load_config(["device=cpu"]); ft = cfg.finetune; b = InputBuilder.from_data
 cpu = torch.device("cpu")
 for seed in [int(s) for s in sys.argv[1:]] or [1]:
     for noise_free in (False, True):
-        bench = build_benchmark(b.grid, b.transform, b.channels, ft.benchmark.subjects_per_vendor,
-                                ft.benchmark.scans_per_subject, ft.benchmark.test_fraction, seed, cpu, noise_free=noise_free)
+        bench = benchmark_from_config(cfg, seed, cpu, noise_free=noise_free)
         t = bench.test; y = bench.ratios[t].numpy()
         head = head_estimates(shipped(), bench.x, cpu)[t].numpy()
         lcm = lcm_ratios(bench, t.nonzero()[:, 0], b.grid).numpy()

@@ -9,17 +9,15 @@ import numpy as np
 import torch
 
 from mrsfm_model.config import load_config
-from mrsfm_model.data.stream import InputBuilder
 from mrsfm_model.evaluation.finetune import head_estimates
 from mrsfm_model.evaluation.stats import regression_metrics
-from mrsfm_model.evaluation.tasks import build_benchmark
+from mrsfm_model.evaluation.tasks import benchmark_from_config
 from mrsfm_model.model.export import shipped
 
 enc = sys.argv[1] if len(sys.argv) > 1 else shipped()
-cfg = load_config(["device=cpu"]); ft = cfg.finetune; b = InputBuilder.from_data_config(cfg.data)
+cfg = load_config(["device=cpu"]); ft = cfg.finetune
 for seed in (1, 2):
-    bench = build_benchmark(b.grid, b.transform, b.channels, ft.benchmark.subjects_per_vendor, ft.benchmark.scans_per_subject,
-                            ft.benchmark.test_fraction, seed, torch.device("cpu"))
+    bench = benchmark_from_config(cfg, seed)
     est = head_estimates(enc, bench.x, torch.device("cpu")).numpy(); y = bench.ratios.numpy(); t = bench.test.numpy()
     for j, name in enumerate(("GABA/tCr", "NAA/tCr")):
         e, yy = est[t, j], y[t, j]

@@ -10,14 +10,12 @@ import sys
 import torch
 
 from mrsfm_model.config import load_config
-from mrsfm_model.data.stream import InputBuilder
 from mrsfm_model.evaluation.finetune import head_estimates, head_metrics
 from mrsfm_model.evaluation.stats import mean_ci95
-from mrsfm_model.evaluation.tasks import build_benchmark
+from mrsfm_model.evaluation.tasks import benchmark_from_config
 
-cfg = load_config(["device=cpu"]); ft = cfg.finetune; b = InputBuilder.from_data_config(cfg.data)
-bench = build_benchmark(b.grid, b.transform, b.channels, ft.benchmark.subjects_per_vendor, ft.benchmark.scans_per_subject,
-                        ft.benchmark.test_fraction, ft.benchmark.seed, torch.device("cpu"))
+cfg = load_config(["device=cpu"]); ft = cfg.finetune
+bench = benchmark_from_config(cfg)
 for enc in sys.argv[1:]:
     est = head_estimates(enc, bench.x, torch.device("cpu"))
     for n in (0, 25, 100):

@@ -23,7 +23,7 @@ from mrsfm_model.config import load_config  # noqa: E402
 from mrsfm_model.data.stream import InputBuilder  # noqa: E402
 from mrsfm_model.evaluation.finetune import head_estimates  # noqa: E402
 from mrsfm_model.evaluation.stats import regression_metrics  # noqa: E402
-from mrsfm_model.evaluation.tasks import QUANT_TARGETS, build_benchmark  # noqa: E402
+from mrsfm_model.evaluation.tasks import QUANT_TARGETS, benchmark_from_config, build_benchmark  # noqa: E402
 from mrsfm_model.model.export import load_encoder, shipped  # noqa: E402
 
 TRAIN_SEED = 11  # benchmark seeds 1 (validation) and 2 (test) are the screens' and the report's
@@ -78,8 +78,7 @@ cfg = load_config(["device=cpu"]); ft = cfg.finetune; b = InputBuilder.from_data
 per_vendor = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
 encoder = sys.argv[2] if len(sys.argv) > 2 else shipped()
 train = build_benchmark(b.grid, b.transform, b.channels, per_vendor, 2, 0.2, TRAIN_SEED, cpu)
-val = build_benchmark(b.grid, b.transform, b.channels, ft.benchmark.subjects_per_vendor, ft.benchmark.scans_per_subject,
-                      ft.benchmark.test_fraction, 1, cpu)
+val = benchmark_from_config(cfg, 1, cpu)
 vit = load_encoder(encoder, num_classes=0, global_pool="flat").eval()
 
 

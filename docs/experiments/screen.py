@@ -10,9 +10,8 @@ import torch
 
 torch.set_num_threads(int(os.environ.get("THREADS", "2")))
 from mrsfm_model.config import load_config
-from mrsfm_model.data.stream import InputBuilder
 from mrsfm_model.evaluation.study import baseline_fit_predict
-from mrsfm_model.evaluation.tasks import build_benchmark
+from mrsfm_model.evaluation.tasks import benchmark_from_config
 from mrsfm_model.model.export import build_vit, load_encoder
 from mrsfm_model.training.pretrain import run_pretrain
 
@@ -24,8 +23,7 @@ t0 = time.time()
 if steps > 0:
     run_pretrain(cfg, log=lambda m: None)
 tp = time.time() - t0
-b = InputBuilder.from_data_config(cfg.data)
-bench = build_benchmark(b.grid, b.transform, b.channels, 100, 2, 0.5, seed=1)
+bench = benchmark_from_config(cfg, seed=1)
 enc = run / "encoder.safetensors"
 @torch.no_grad()
 def feats(vit):

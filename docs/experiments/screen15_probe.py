@@ -17,11 +17,10 @@ import torch
 torch.set_num_threads(int(os.environ.get("THREADS", "2")))
 from mrsfm_model.config import load_config  # noqa: E402
 from mrsfm_model.data.spectrum import VENDORS  # noqa: E402
-from mrsfm_model.data.stream import InputBuilder  # noqa: E402
 from mrsfm_model.evaluation.linear import fit_predict  # noqa: E402
 from mrsfm_model.evaluation.networks import frozen_network, network_outputs  # noqa: E402
 from mrsfm_model.evaluation.stats import mean_ci95  # noqa: E402
-from mrsfm_model.evaluation.tasks import build_benchmark  # noqa: E402
+from mrsfm_model.evaluation.tasks import benchmark_from_config  # noqa: E402
 from mrsfm_model.model.export import read_encoder_config  # noqa: E402
 
 encoders = [Path(p) for p in sys.argv[1:]]
@@ -29,8 +28,7 @@ sizes = [int(v) for v in os.environ.get("SIZES", "25,50,100").split(",")]
 seeds = range(int(os.environ.get("SEEDS", "10")))
 cfg = load_config(["device=cpu"])
 grid = tuple(cfg.finetune.l2)
-b = InputBuilder.from_data_config(cfg.data)
-bench = build_benchmark(b.grid, b.transform, b.channels, 100, 2, 0.5, seed=1)  # validation
+bench = benchmark_from_config(cfg, seed=1)  # validation
 test, y = bench.test.numpy(), bench.vendor.numpy()
 feats = {"pixels": bench.x.flatten(1).numpy(), "spectrum": bench.spectra.numpy()}
 for enc in encoders:

@@ -16,17 +16,15 @@ import torch
 from omegaconf import OmegaConf
 
 torch.set_num_threads(int(os.environ.get("THREADS", "2")))
-from mrsfm_model.data.stream import InputBuilder  # noqa: E402
 from mrsfm_model.evaluation.study import baseline_fit_predict  # noqa: E402
-from mrsfm_model.evaluation.tasks import build_benchmark  # noqa: E402
+from mrsfm_model.evaluation.tasks import benchmark_from_config  # noqa: E402
 from mrsfm_model.model.mae import MAEConfig, SpectroMAE  # noqa: E402
 from mrsfm_model.model.weights import load_weights, read_metadata  # noqa: E402
 
 run = Path(sys.argv[1])
 cfg = OmegaConf.load(run / "config.yaml")
-b = InputBuilder.from_data_config(cfg.data)
-bench = build_benchmark(b.grid, b.transform, b.channels, 100, 2, 0.5, seed=1)
-clean = build_benchmark(b.grid, b.transform, b.channels, 100, 2, 0.5, seed=1, noise_free=True)
+bench = benchmark_from_config(cfg, seed=1)
+clean = benchmark_from_config(cfg, seed=1, noise_free=True)
 mae = SpectroMAE(MAEConfig.from_dict(json.loads(read_metadata(run / "mae.safetensors")["mae_config"])))
 load_weights(mae, run / "mae.safetensors")
 mae.eval()

@@ -43,7 +43,13 @@ from mrsfm_model.evaluation.networks import (
     start_network,
 )
 from mrsfm_model.evaluation.stats import classification_metrics, mean_ci95, regression_metrics
-from mrsfm_model.evaluation.tasks import HEAD_ESTIMATES, QUANT_TARGETS, build_benchmark, generators_seen, lcm_ratios
+from mrsfm_model.evaluation.tasks import (
+    HEAD_ESTIMATES,
+    QUANT_TARGETS,
+    benchmark_from_config,
+    generators_seen,
+    lcm_ratios,
+)
 from mrsfm_model.logs import Log, get_logger
 from mrsfm_model.model.mae import MAEConfig
 from mrsfm_model.model.quantifier import calibrate, has_quantifier, load_quantifier
@@ -159,9 +165,7 @@ def run_benchmark(cfg, encoder: str | Path | None, out_dir: str | Path, device: 
     builder = InputBuilder.from_data_config(cfg.data)
     mae_cfg = architecture(cfg, Path(encoder) if encoder else None, builder)
     log(f"building the benchmark ({ft.benchmark.subjects_per_vendor} subjects per vendor, seed {ft.benchmark.seed})")
-    bench = build_benchmark(builder.grid, builder.transform, builder.channels,
-                            ft.benchmark.subjects_per_vendor, ft.benchmark.scans_per_subject,
-                            ft.benchmark.test_fraction, ft.benchmark.seed, device)
+    bench = benchmark_from_config(cfg, device=device)
     test = bench.test
     transfer = None
     if encoder:

@@ -25,6 +25,7 @@ from mrsfm_model.data.canonical import CanonicalGrid
 from mrsfm_model.data.simulate import Simulator, load_profile
 from mrsfm_model.data.spectrogram import SpectrogramTransform
 from mrsfm_model.data.spectrum import VENDORS, select_channels
+from mrsfm_model.data.stream import InputBuilder
 from mrsfm_model.evaluation.lcm import LinearCombinationFit
 
 BENCH_SEED_BASE = 2**40
@@ -79,7 +80,7 @@ def trivial_features(fid: torch.Tensor, grid: CanonicalGrid) -> torch.Tensor:
 @torch.no_grad()
 def build_benchmark(
     grid: CanonicalGrid, transform: SpectrogramTransform, channels: Sequence[str],
-    subjects_per_vendor: int = 60, scans_per_subject: int = 2, test_fraction: float = 0.5, seed: int = 0,
+    subjects_per_vendor: int, scans_per_subject: int, test_fraction: float, seed: int,
     device: torch.device | str = "cpu", profiles: Sequence[str] = VENDOR_PROFILES, noise_free: bool = False,
 ) -> Benchmark:
     """`noise_free`: the very same subjects and scans with snr = inf (an oracle's input)."""
@@ -110,6 +111,18 @@ def build_benchmark(
     return Benchmark(torch.cat(xs), torch.cat(vendors), torch.cat(subjects), torch.cat(tests), torch.cat(ratios),
                      torch.cat(trivial), torch.cat(spectra), torch.cat(fids),
                      tuple(by_vendor.get(v, "") for v in range(len(VENDORS))))
+
+
+def benchmark_from_config(cfg, seed: int | None = None, device: torch.device | str = "cpu",
+                          noise_free: bool = False) -> Benchmark:
+    """The benchmark as configured (`finetune.benchmark`, inputs from `data`), so scripts read its
+    settings instead of repeating them; `seed`: another split than the configured one (screens use
+    1, validation)."""
+    b = InputBuilder.from_data_config(cfg.data)
+    bc = cfg.finetune.benchmark
+    return build_benchmark(b.grid, b.transform, b.channels, int(bc.subjects_per_vendor), int(bc.scans_per_subject),
+                           float(bc.test_fraction), int(bc.seed if seed is None else seed), device,
+                           noise_free=noise_free)
 
 
 def generators_seen(sim_profiles: Sequence[str], profiles: Sequence[str] = VENDOR_PROFILES) -> list[str]:
