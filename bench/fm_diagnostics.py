@@ -93,7 +93,7 @@ def main() -> None:
     cfg = load_config(["device=cpu", *overrides])
     torch.manual_seed(int(card.get("recipe", {}).get("seed", 0)))
     init = SpectroMAE(mcfg)
-    pretrained = load_encoder(enc).state_dict()
+    pretrained = load_encoder(enc, global_pool="avg").state_dict()
     bench = benchmark_from_config(cfg, seed=VALIDATION_SEED)
 
     # 1. weight movement: pretraining vs a fine-tune of 100 labels
@@ -127,7 +127,7 @@ def main() -> None:
     torch.manual_seed(0)
     rnd = random_init_encoder(mcfg, 0, "flat")
     print(json.dumps({"diagnostic": "probe", "split": f"validation (benchmark seed {VALIDATION_SEED})",
-                      "pretrained": _probe(_tokens(load_encoder(enc), bench.x), bench, args.seeds),
+                      "pretrained": _probe(_tokens(load_encoder(enc, global_pool="avg"), bench.x), bench, args.seeds),
                       "random_init": _probe(_tokens(rnd, bench.x), bench, args.seeds),
                       "pixels": _probe(bench.x.flatten(1).numpy(), bench, args.seeds)}), flush=True)
 

@@ -67,7 +67,7 @@ def test_shipped_model_loads_with_its_card_and_through_timm():
 
     assert has_quantifier(path) and card["latent_head"]["outputs"][:2] == ["tNAA", "GABA"]  # its own quantifier
     assert path.stat().st_size + shipped("mae").stat().st_size < 25e6
-    ours = load_encoder(path, num_classes=3)
+    ours = load_encoder(path, num_classes=3, global_pool="avg")  # timm's default pool, as create_model
     theirs = timm.create_model("mrsfm_micro", pretrained=True, num_classes=3)
     for k, v in ours.state_dict().items():
         if not k.startswith("head."):
@@ -84,7 +84,7 @@ def test_pretraining_continues_from_the_shipped_model_and_refuses_another_archit
     model = build_mae(cfg.model, cfg.data)
     assert init_mae(model, "shipped") == shipped("mae")
     mae_state = model.state_dict()
-    enc = load_encoder(shipped())
+    enc = load_encoder(shipped(), global_pool="avg")
     assert torch.equal(enc.state_dict()["blocks.0.attn.qkv.weight"], mae_state["blocks.0.attn.qkv.weight"])
     other = build_mae(load_config(["model.patch_size=[8,8]"]).model, cfg.data)
     with pytest.raises(MRSDataError, match=r"mae\.safetensors: init weights are another model than this run's: patch_size"):
@@ -140,5 +140,5 @@ def test_every_shipped_encoder_reproduces_its_cards_input_settings():
         card = json.loads(path.with_suffix(".json").read_text())
         assert card["spectrogram"] == {k: getattr(builder.spec_cfg, k) for k in card["spectrogram"]}
         assert path.stat().st_size + shipped("mae", name=name).stat().st_size <= 25e6
-        vit = load_encoder(path, num_classes=3)
+        vit = load_encoder(path, num_classes=3, global_pool="avg")
         assert all(p.dtype == torch.float32 for p in vit.parameters())  # bf16-stored weights load as fp32

@@ -124,7 +124,7 @@ def test_the_exported_encoder_carries_its_head_as_the_models_own_quantifier(tmp_
     est = quantifier.estimate(x)
     assert {"GABA/tCr", "tNAA/tCr", "MM/tCr", "lorentzian_hz", "phase0", "snr"} <= set(est)
     assert all(v.shape == (3,) and torch.isfinite(v).all() for v in est.values())
-    assert load_encoder(path, num_classes=3)(x).shape == (3, 3)  # fine-tuning leaves the head out
+    assert load_encoder(path, num_classes=3, global_pool="avg")(x).shape == (3, 3)  # fine-tuning leaves the head out
     plain = export_encoder(_mae(0.0), tmp_path / "plain.safetensors")
     assert not has_quantifier(plain)
     with pytest.raises(MRSDataError, match=r"plain\.safetensors.*no latent head"):

@@ -117,7 +117,7 @@ def test_tiny_pretrain_resume_export_and_finetune(tmp_path):
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [2, 4, 6]
     card = json.loads((run / "encoder.json").read_text())
     assert card["trained_steps"] == 6 and card["data"]["invivo_spectra"] == 2
-    vit = load_encoder(run / "encoder.safetensors", num_classes=3)
+    vit = load_encoder(run / "encoder.safetensors", num_classes=3, global_pool="avg")
     assert vit(torch.zeros(1, 3, 64, 32)).shape == (1, 3)
 
     cfg = load_config(over + ["finetune.tasks=[vendor,quant]", "finetune.label_sizes=[6]", "finetune.seeds=[0,1]",

@@ -38,13 +38,13 @@ from mrsfm_model.model.mae import configured_mae
 torch.manual_seed(0)
 arms = {"pixels": bench.x.flatten(1).numpy()}
 if steps > 0:
-    arms["pretrained"] = feats(load_encoder(enc))
+    arms["pretrained"] = feats(load_encoder(enc, global_pool="avg"))
 torch.manual_seed(0)
 from mrsfm_model.model.export import encoder_state
 from mrsfm_model.model.mae import SpectroMAE
 
 init = SpectroMAE(configured_mae(cfg.model, cfg.data))
-vit = build_vit(init.cfg); vit.load_state_dict(encoder_state(init), strict=False)
+vit = build_vit(init.cfg, global_pool="avg"); vit.load_state_dict(encoder_state(init), strict=False)
 arms["random_init"] = feats(vit)
 res = {"name": name, "steps": steps, "pretrain_s": round(tp, 1), "over": over}
 if steps > 0:

@@ -96,8 +96,9 @@ class SpectroViT(VisionTransformer):
         self.head = torch.nn.Linear(self.num_features, num_classes) if num_classes else torch.nn.Identity()
 
 
-def build_vit(cfg: MAEConfig, num_classes: int = 0, global_pool: str = "avg") -> VisionTransformer:
-    """The timm ViT matching an MAE encoder config (fixed sin-cos position embedding)."""
+def build_vit(cfg: MAEConfig, num_classes: int = 0, *, global_pool: str) -> VisionTransformer:
+    """The timm ViT matching an MAE encoder config (fixed sin-cos position embedding). No default
+    pool: the configured one is finetune.global_pool, timm's is avg; the caller says which."""
     vit = SpectroViT(
         img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, num_classes=num_classes,
         embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
@@ -110,10 +111,11 @@ def build_vit(cfg: MAEConfig, num_classes: int = 0, global_pool: str = "avg") ->
     return vit
 
 
-def load_encoder(path: str | Path, num_classes: int = 0, global_pool: str = "avg") -> VisionTransformer:
-    """Encoder file -> timm VisionTransformer with a fresh head of `num_classes` outputs."""
+def load_encoder(path: str | Path, num_classes: int = 0, *, global_pool: str) -> VisionTransformer:
+    """Encoder file -> timm VisionTransformer with a fresh head of `num_classes` outputs, pooled by
+    `global_pool` (no default, as `build_vit`)."""
     cfg = read_encoder_config(path)
-    vit = build_vit(cfg, num_classes, global_pool)
+    vit = build_vit(cfg, num_classes, global_pool=global_pool)
     state = {k: v for k, v in read_tensors(path).items() if not k.startswith(HEAD_PREFIX)}
     missing, unexpected = vit.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith(("head.", "fc_norm."))]
