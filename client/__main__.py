@@ -67,10 +67,9 @@ def known_sites() -> list[str]:
 
 def release_configs() -> Path | None:
     """The configs/ this installation carries (a wheel's mrsfm_model/configs, or a checkout's)."""
-    import mrsfm_model
+    from mrsfm_model.config import release_config_dir
 
-    here = Path(mrsfm_model.__file__).resolve().parent
-    return next((p for p in (here / "configs", here.parent / "configs") if (p / "config.yaml").is_file()), None)
+    return release_config_dir()
 
 
 def check_config_dir() -> Path | None:

@@ -18,8 +18,8 @@ encoding's step is finer for the small values) plus its loss, both inside the ma
 the coordinator learns only the weighted mean loss. In the clear it sees only counts, timings and
 the site's DP accounting (`SITE_METRICS`), none of which is computed from the site's spectra.
 
-This module is shared with the server (server/secure.py imports the encoding), and light: numpy
-and Flower only.
+The encoding both ends share (the loss coordinate, which metrics travel in the clear) is in
+mrsfm_model/model/wire.py. Light: numpy and Flower only.
 """
 
 from __future__ import annotations
@@ -31,15 +31,11 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
+from mrsfm_model.model.wire import SITE_METRICS, encode_loss, float_keys
+
 FITINS_CONFIG, FITINS_PARAMETERS = "fitins.config", "fitins.parameters"  # Flower's legacy names (compat)
 # What a site's secure-mode reply carries in the clear: counts, timings, DP accounting (functions of
 # the privacy settings and step counts, not of the spectra). Never the loss.
-SITE_METRICS = ("num-examples", "local-seconds", "setup-seconds", "build-seconds", "simulation-only",
-                "epsilon", "delta", "private-steps", "noise-multiplier", "budget-spent", "unprotected-rounds")
-# The loss travels masked as one more coordinate, scaled into the encoding's range [-bound, bound]:
-# losses in [0, LOSS_CAP] keep a step of LOSS_CAP x 2 / quantization_range (4.8e-5 by default; a micro
-# model starts near 15).
-LOSS_CAP = 100.0
 
 
 class UpdateRefused(ValueError):
@@ -63,19 +59,6 @@ def is_secure_round(content: RecordDict) -> bool:
 def site_metrics(metrics: Mapping) -> dict[str, float]:
     """The metrics a site reports in the clear in secure mode (`SITE_METRICS`), numbers only."""
     return {k: float(v) for k, v in metrics.items() if k in SITE_METRICS and isinstance(v, (int, float, bool))}
-
-
-def encode_loss(loss: float, bound: float) -> float:
-    return min(max(float(loss), 0.0), LOSS_CAP) * bound / LOSS_CAP
-
-
-def decode_loss(value: float, bound: float) -> float:
-    return float(value) * LOSS_CAP / bound
-
-
-def float_keys(keys: Sequence[str], arrays: Mapping[str, np.ndarray]) -> list[str]:
-    """The entries that are averaged (floating point weights); integer buffers keep the global value."""
-    return [k for k in keys if np.issubdtype(arrays[k].dtype, np.floating)]
 
 
 def clipped_update(state: Mapping[str, np.ndarray], global_: Mapping[str, np.ndarray], keys: Sequence[str],

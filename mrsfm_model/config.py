@@ -20,6 +20,13 @@ T = TypeVar("T")
 RESOURCES = Path(__file__).resolve().parent / "resources"  # what the package ships: basis sets, encoders
 
 
+def release_config_dir() -> Path | None:
+    """The configs/ this installation carries (an installed wheel's mrsfm_model/configs, else the
+    checkout's beside the package), whatever MRSFM_CONFIG_DIR says; None if neither has one."""
+    here = Path(__file__).resolve().parent
+    return next((p for p in (here / "configs", here.parent / "configs") if (p / "config.yaml").is_file()), None)
+
+
 def config_dir() -> Path:
     """`configs/`: MRSFM_CONFIG_DIR (e.g. a site's own copy), else the copy an installed wheel
     carries (mrsfm_model/configs), else the checkout's, beside the package."""

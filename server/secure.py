@@ -38,7 +38,7 @@ from flwr.server.strategy import Strategy
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 
-from client.secure import SITE_METRICS, decode_loss, float_keys
+from mrsfm_model.model.wire import SITE_METRICS, decode_loss, float_keys
 
 SECURE_STRATEGIES = ("fedavg", "fedprox", "fedadam")  # averaging: the sum of the updates is all they need
 

@@ -14,10 +14,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-from client.secure import LOSS_CAP, UpdateRefused, clipped_update, secure_mod, secure_reply
+from client.secure import UpdateRefused, clipped_update, secure_mod, secure_reply
 from mrsfm_model.config import load_config
 from mrsfm_model.model.mae import build_mae
-from mrsfm_model.model.wire import as_fp32_record
+from mrsfm_model.model.wire import LOSS_CAP, as_fp32_record
 from server.secure import SecAggSettings, _Collector, check_run, secure_round
 from server.strategy import make_strategy
 

@@ -16,7 +16,7 @@ length. Packing keeps every byte: what `unpack` returns is the very record that 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -141,3 +141,28 @@ def _unpacked(record: ArrayRecord) -> list[tuple[str, np.ndarray]]:
     if offset != data.size:
         raise ValueError(f"a packed record with {data.size - offset} bytes beyond its layout")
     return out
+
+
+# --------------------------------------------------------------------------- secure aggregation's encoding
+# Shared by the site (client/secure.py) and the coordinator (server/secure.py) in secure mode.
+# The metrics a site may report in the clear: counts, timings and its DP accounting, none computed
+# from its spectra.
+SITE_METRICS = ("num-examples", "local-seconds", "setup-seconds", "build-seconds", "simulation-only",
+                "epsilon", "delta", "private-steps", "noise-multiplier", "budget-spent", "unprotected-rounds")
+# The loss travels masked as one more coordinate, scaled into the encoding's range [-bound, bound]:
+# losses in [0, LOSS_CAP] keep a step of LOSS_CAP x 2 / quantization_range (4.8e-5 by default; a micro
+# model starts near 15).
+LOSS_CAP = 100.0
+
+
+def encode_loss(loss: float, bound: float) -> float:
+    return min(max(float(loss), 0.0), LOSS_CAP) * bound / LOSS_CAP
+
+
+def decode_loss(value: float, bound: float) -> float:
+    return float(value) * LOSS_CAP / bound
+
+
+def float_keys(keys: Sequence[str], arrays: Mapping[str, np.ndarray]) -> list[str]:
+    """The entries that are averaged (floating point weights); integer buffers keep the global value."""
+    return [k for k in keys if np.issubdtype(arrays[k].dtype, np.floating)]
