@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import scipy.linalg
 import torch
 from torch import nn
 
@@ -85,7 +84,7 @@ def _newton_logistic(z: np.ndarray, y: np.ndarray, n_out: int, l2: float, start:
         s = p[:, :, None] * np.eye(n_out)[None] - p[:, :, None] * p[:, None, :]
         hess = np.block([[x.T @ (x * s[:, c, d, None]) for d in range(n_out)] for c in range(n_out)]) / n
         hess += np.diag(np.tile(reg, n_out))
-        step = _solve_pd(hess, grad.ravel()).reshape(theta.shape)
+        step = np.linalg.solve(hess, grad.ravel()).reshape(theta.shape)
         decrement = float((grad * step).sum())
         if decrement < tol:
             break
@@ -97,14 +96,6 @@ def _newton_logistic(z: np.ndarray, y: np.ndarray, n_out: int, l2: float, start:
             t *= 0.5
         theta, f, p = theta - t * step, f_new, p_new
     return theta[:, :m], theta[:, m]
-
-
-def _solve_pd(h: np.ndarray, g: np.ndarray) -> np.ndarray:
-    """h^-1 g for the (positive definite) Hessian by Cholesky; LU if rounding made it indefinite."""
-    try:
-        return scipy.linalg.solve(h, g, assume_a="pos", check_finite=False)
-    except np.linalg.LinAlgError:
-        return np.linalg.solve(h, g)
 
 
 def _solve(a: np.ndarray, y: np.ndarray, task: str, n_out: int, l2: float) -> tuple[np.ndarray, np.ndarray]:
