@@ -657,8 +657,8 @@ def qc_table(rows: Sequence[dict[str, Any]]) -> str:
              "|---|---|---:|---:|---:|---:|"]
     for r in rows:
         share = "" if r["share"] is None else f" ({100 * r['share']:.0f} %)"
-        lines.append(f"| {r['site']} | {r['artifact']} | {r['spectra']} | {r['flagged']}{share} | "
-                     f"{r['median_snr']} | {r['median_naa_fwhm_hz']} |")
+        snr, fwhm = ("-" if v is None else v for v in (r["median_snr"], r["median_naa_fwhm_hz"]))
+        lines.append(f"| {r['site']} | {r['artifact']} | {r['spectra']} | {r['flagged']}{share} | {snr} | {fwhm} |")
     return "\n".join(lines)
 
 
