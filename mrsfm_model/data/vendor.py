@@ -211,11 +211,12 @@ def _read_pfile(path: Path) -> tuple[list, list[str]]:
 def _read_data_list(path: Path) -> tuple[list, list[str]]:
     read_data_list_pair = _lib("spec2nii.Philips.philips_data_list", "read_data_list_pair")
 
+    given = path
     if file_suffix(path) == ".list":
         path = _sibling(path, ".data") or path.with_suffix(".data")
     lst, aux = _sibling(path, ".list"), _sibling(path, ".spar")
-    if not path.is_file() or lst is None:
-        raise MRSDataError(path, "Philips data/list needs both the .data and the .list file")
+    if not path.is_file() or lst is None:  # named as the user gave it (a .list alone names the .list)
+        raise MRSDataError(given, "Philips data/list needs both the .data and the .list file")
     if aux is None:
         raise MRSDataError(path, f"Philips data/list needs its SPAR header ({file_stem(path)}.SPAR) next to it")
     return call_reader(path, "not a readable Philips data/list pair", read_data_list_pair, path, lst, aux)
