@@ -19,7 +19,8 @@ the coordinator learns only the weighted mean loss. In the clear it sees only co
 the site's DP accounting (`SITE_METRICS`), none of which is computed from the site's spectra.
 
 The encoding both ends share (the loss coordinate, which metrics travel in the clear) is in
-mrsfm_model/model/wire.py. Light: numpy and Flower only.
+mrsfm_model/model/wire.py; the update checks the coordinator makes in plain rounds in
+mrsfm_model/model/updates.py.
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
+import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
+from mrsfm_model.model.updates import nonfinite_problem, update_norm
 from mrsfm_model.model.wire import SITE_METRICS, encode_loss, float_keys
 
 FITINS_CONFIG, FITINS_PARAMETERS = "fitins.config", "fitins.parameters"  # Flower's legacy names (compat)
@@ -63,20 +66,17 @@ def site_metrics(metrics: Mapping) -> dict[str, float]:
 
 def clipped_update(state: Mapping[str, np.ndarray], global_: Mapping[str, np.ndarray], keys: Sequence[str],
                    bound: float) -> tuple[list[np.ndarray], float]:
-    """(w_site - w_global per key, float32, clipped to L2 norm `bound`; the norm before clipping).
+    """(w_site - w_global per key, float32, clipped to L2 norm `bound`; the norm before clipping),
+    finiteness and norm checked as the coordinator checks them in plain rounds (model/updates.py).
     UpdateRefused for NaN/Inf in the weights: such an update must never be masked and sent."""
-    deltas = []
-    for k in keys:
-        w = np.asarray(state[k], dtype=np.float32)
-        if not np.isfinite(w).all():
-            n_nan, n_inf = int(np.isnan(w).sum()), int(np.isinf(w).sum())
-            raise UpdateRefused(f"non-finite values in {k} ({n_nan} NaN, {n_inf} Inf): this site's update is not "
-                                "sent (secure aggregation: the coordinator could not reject it)")
-        deltas.append(w - np.asarray(global_[k], dtype=np.float32))
-    # per-tensor norms in double, as server/validate.py computes them
-    norm = math.hypot(*(float(np.linalg.norm(d.astype(np.float64))) for d in deltas))
+    site = {k: torch.from_numpy(np.asarray(state[k], dtype=np.float32)) for k in keys}
+    if why := nonfinite_problem(site):
+        raise UpdateRefused(f"{why}: this site's update is not sent (secure aggregation: the coordinator "
+                            "could not reject it)")
+    norm = update_norm(site, {k: torch.from_numpy(np.asarray(global_[k], dtype=np.float32)) for k in keys})
     if not math.isfinite(norm):
         raise UpdateRefused(f"update norm {norm} is not finite: this site's update is not sent")
+    deltas = [site[k].numpy() - np.asarray(global_[k], dtype=np.float32) for k in keys]
     if norm > bound:
         scale = np.float32(bound / norm)
         deltas = [d * scale for d in deltas]
@@ -88,7 +88,6 @@ def secure_reply(msg: Message, context: Context, node: Mapping[str, str],
     """The train handler's answer in the protocol's training stage: `local_round(conf, node,
     global_weights)` as in a plain round (client/app.py), then the site's checks (module docstring),
     as the FitRes that Flower's mod masks. Raises UpdateRefused (an error reply) for a broken update."""
-    import torch
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
     from flwr.compat.common import recorddict_compat as compat
 

@@ -28,6 +28,7 @@ from flwr.app import ArrayRecord, RecordDict
 
 from mrsfm_model.config import ConfigSection
 from mrsfm_model.logs import Log, get_logger
+from mrsfm_model.model.updates import nonfinite_problem, update_norm
 from mrsfm_model.model.wire import decode, to_state
 
 _log = get_logger("server")
@@ -110,31 +111,11 @@ def reply_problem(content: RecordDict, sent_keys: Iterable[str], template: Mappi
     return next((why for key in want if (why := array_problem(content[key], template, wire_dtype, dtypes))), None)
 
 
-def nonfinite_problem(state: Mapping[str, torch.Tensor]) -> str | None:
-    """'non-finite values in KEY (12 NaN, 1 Inf)' for the first tensor with NaN or Inf, or None."""
-    bad = [k for k, t in state.items() if t.is_floating_point() and not bool(t.isfinite().all())]
-    if not bad:
-        return None
-    t = state[bad[0]]
-    counts = ", ".join(f"{n} {what}" for n, what in ((int(t.isnan().sum()), "NaN"), (int(t.isinf().sum()), "Inf"))
-                       if n)
-    more = f" and {len(bad) - 1} other tensor(s)" if len(bad) > 1 else ""
-    return f"non-finite values in {bad[0]} ({counts}){more}"
-
-
 def values_problem(states: Mapping[str, State], metrics: Mapping) -> str | None:
     """NaN/Inf in any decoded array record (`nonfinite_problem`) or in the reported loss, or None."""
     why = next((w for state in states.values() if (w := nonfinite_problem(state))), None)
     loss = float(metrics["loss"])
     return why or (None if math.isfinite(loss) else f"non-finite loss ({loss})")
-
-
-def update_norm(state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> float:
-    """||w_site - w_global|| in float32 over the floating-point tensors (int buffers are counts,
-    not weights). Per-tensor norms are combined in double, so only a tensor whose own norm
-    overflows float32 gives inf."""
-    return math.hypot(*(float(torch.linalg.vector_norm(t.float() - reference[k].float()))
-                        for k, t in state.items() if t.is_floating_point()))
 
 
 def norm_outliers(norms: Mapping[K, float], max_ratio: float) -> dict[K, str]:
