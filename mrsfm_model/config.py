@@ -1,4 +1,8 @@
-"""Hydra composition without @hydra.main, so servers, clients and the CLI share one config tree."""
+"""Hydra composition without @hydra.main, so servers, clients and the CLI share one config tree.
+
+Models and simulators never import Hydra or OmegaConf: they read configs through here
+(`load_config`, `read_composed`, `read_yaml`, `plain`) and take the typed dataclasses built with
+`from_section` / `ConfigSection`."""
 
 from __future__ import annotations
 
@@ -48,15 +52,33 @@ def config_names(group: str) -> list[str]:
 
 def load_config(overrides: Sequence[str] = (), name: str = "config") -> DictConfig:
     """Compose `configs/<name>.yaml` with Hydra overrides like `data.batch_size=8`."""
+    return _compose(config_dir(), name, overrides, f"bad config override {list(overrides)}")
+
+
+def read_composed(path: Path) -> dict:
+    """A YAML file composed by Hydra with the files its `defaults:` list names beside it (a
+    simulation profile, given by name or by a path anywhere), as plain resolved containers."""
+    return _compose(path.parent.resolve(), path.stem, (), str(path), resolved=True)
+
+
+def read_yaml(path: Path) -> dict:
+    """A YAML file that composes nothing (e.g. configs/simulation/_cohort.yaml), as plain resolved containers."""
+    return plain(OmegaConf.load(path))
+
+
+def _compose(directory: Path, name: str, overrides: Sequence[str], context: str, resolved: bool = False):
+    """The one Hydra composition: a bad file or override is one ValueError line led by `context`.
+    `resolved`: plain containers, resolved inside so a bad interpolation is reported the same way."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(directory), version_base="1.3"):
         try:
-            return compose(config_name=name, overrides=list(overrides))
+            cfg = compose(config_name=name, overrides=list(overrides))
+            return OmegaConf.to_container(cfg, resolve=True) if resolved else cfg
         except (HydraException, OmegaConfBaseException) as exc:
-            raise ValueError(f"bad config override {list(overrides)}: {exc}".splitlines()[0]) from None
+            raise ValueError(f"{context}: {exc}".splitlines()[0]) from None
 
 
 # Settings that belong to a site alone: its privacy and where its private data are. A coordinator's
@@ -94,7 +116,8 @@ def _default_config(directory: str) -> DictConfig:
     return cfg
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
+    """A DictConfig / ListConfig as resolved dicts and lists; anything else as it is."""
     return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
@@ -150,7 +173,7 @@ def from_section(cls, cfg: Mapping, section: str):
         if f.name not in cfg:
             missing.append(f.name)
             continue
-        value = _plain(cfg[f.name])
+        value = plain(cfg[f.name])
         try:
             kwargs[f.name] = _coerce(value, hints[f.name])
         except (TypeError, ValueError):
@@ -171,7 +194,7 @@ class ConfigSection:
 
     @classmethod
     def from_config(cls: type[T], cfg: Mapping | None = None, **overrides: Any) -> T:
-        merged = {**dict(_plain(default_section(cls.SECTION)) or {}), **dict(_plain(cfg) or {}), **overrides}
+        merged = {**dict(plain(default_section(cls.SECTION)) or {}), **dict(plain(cfg) or {}), **overrides}
         out = from_section(cls, merged, cls.SECTION)
         out.check()
         return out

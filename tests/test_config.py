@@ -86,6 +86,16 @@ def test_simulation_profiles_use_hydras_defaults_list(tmp_path):
     (tmp_path / "bare.yaml").write_text("basis: x\n")
     with pytest.raises(ValueError, match=r"simulation profile bare: missing keys \[.*'snr'"):
         load_profile(tmp_path / "bare.yaml")
+    # a broken file is one line naming it, whether its defaults list or an interpolation fails
+    (tmp_path / "lost.yaml").write_text("defaults:\n  - _nosuch\n  - _self_\nbasis: x\n")
+    with pytest.raises(ValueError, match=r"lost\.yaml: .*Could not load '_nosuch'") as lost:
+        load_profile(tmp_path / "lost.yaml")
+    (tmp_path / "loose.yaml").write_text("basis: ${nope}\n")
+    with pytest.raises(ValueError, match=r"loose\.yaml: Interpolation key 'nope' not found") as loose:
+        load_profile(tmp_path / "loose.yaml")
+    assert "\n" not in str(lost.value) + str(loose.value)
+    with pytest.raises(ValueError, match=r"^bad config override \['data\.nosuch=1'\]: Could not override"):
+        load_config(["data.nosuch=1"])
 
 
 def test_config_sections_are_all_tested():

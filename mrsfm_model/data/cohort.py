@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
+from mrsfm_model.config import read_yaml
 from mrsfm_model.data.canonical import CanonicalGrid
 from mrsfm_model.data.simulate import Simulator, profile_dir, write_nifti
 
@@ -25,7 +25,7 @@ __all__ = ["write_cohort", "cohort_settings"]
 
 def cohort_settings() -> dict:
     """The lesion effect, ratio columns and seed base of configs/simulation/_cohort.yaml."""
-    return OmegaConf.to_container(OmegaConf.load(profile_dir() / "_cohort.yaml"), resolve=True)
+    return read_yaml(profile_dir() / "_cohort.yaml")
 
 
 def write_cohort(profiles: Sequence[str], subjects: int, out_dir: str | Path, seed: int = 0,

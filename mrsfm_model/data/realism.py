@@ -45,9 +45,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from mrsfm_model.config import config_names, from_section, load_config
+from mrsfm_model.config import config_names, from_section, load_config, plain
 from mrsfm_model.data.canonical import CanonicalGrid, norm_factor, to_canonical
 from mrsfm_model.data.quality import Quality, QualityConfig, measure
 from mrsfm_model.data.simulate import Simulator, _nifti, available_profiles, load_profile
@@ -342,10 +341,6 @@ ARTIFACTS: dict[str, type[Artifact]] = {a.NAME: a for a in (
 
 
 # --------------------------------------------------------------------------- settings
-def _container(value: Any) -> Any:
-    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
-
-
 @dataclass(frozen=True)
 class RealismConfig:
     """A site's `realism:` block, checked: every bad value is a ValueError naming its key."""
@@ -358,7 +353,7 @@ class RealismConfig:
 
     @classmethod
     def from_mapping(cls, block: Mapping | None, section: str = SECTION) -> RealismConfig:
-        block = _container(block)
+        block = plain(block)
         if not isinstance(block, Mapping):
             raise ValueError(f"config {section}: expected a mapping of settings, got {block!r}")
         top = {"spectra", "seed", "profiles", "transients", "artifacts"}

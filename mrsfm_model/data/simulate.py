@@ -37,9 +37,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
-from mrsfm_model.config import RESOURCES, config_dir
+from mrsfm_model.config import RESOURCES, config_dir, read_composed
 from mrsfm_model.data.basis import UNIT_FWHM_HZ, Basis, load_basis
 from mrsfm_model.data.canonical import CanonicalGrid
 from mrsfm_model.data.spectrum import GAMMA_1H_MHZ_PER_T, PPM_REFERENCE, Provenance, Spectrum
@@ -129,19 +128,6 @@ def available_profiles() -> list[str]:
     return sorted(p.stem for p in profile_dir().glob("*.yaml") if not p.stem.startswith("_"))
 
 
-def _read_yaml(path: Path) -> dict:
-    """A profile YAML composed by Hydra (its `defaults:` list names the shared files beside it)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    with initialize_config_dir(config_dir=str(path.parent.resolve()), version_base="1.3"):
-        try:
-            return OmegaConf.to_container(compose(config_name=path.stem), resolve=True)
-        except (HydraException, OmegaConfBaseException) as exc:
-            raise ValueError(f"{path}: {exc}".splitlines()[0]) from None
-
-
 def load_profile(name_or_path: str | Path) -> SimProfile:
     """A profile by name (`configs/simulation/<name>.yaml`) or by YAML path."""
     p = Path(name_or_path)
@@ -149,7 +135,7 @@ def load_profile(name_or_path: str | Path) -> SimProfile:
     if not path.is_file():
         raise FileNotFoundError(f"simulation profile {name_or_path!r} not found; "
                                 f"available: {', '.join(available_profiles())}")
-    d = _read_yaml(path)
+    d = read_composed(path)
     d.setdefault("name", path.stem)
     return SimProfile.from_dict(d)
 
