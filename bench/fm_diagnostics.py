@@ -116,7 +116,7 @@ def main() -> None:
         x = stream.sim_batch(10**7, k=96).x
         gen = torch.Generator().manual_seed(0)
         with torch.no_grad():
-            loss, pred, mask = mae.eval()(x, generator=gen)
+            loss, pred, mask, _ = mae.eval()(x, generator=gen)
             target = mae.patchify(x)
             interp = _interpolate(target, mask)
             base = float((((interp - target) ** 2).mean(-1) * mask).sum() / mask.sum())

@@ -76,14 +76,15 @@ def test_latent_head_adds_a_weighted_second_loss_that_trains_and_stays_out_of_th
     assert plain.latent_head is None and model.latent_head is not None
     x, y = torch.randn(4, 3, 64, 32), torch.randn(4, len(NAMES))
     g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
-    base, _, _ = model(x, generator=g())
-    both, _, _ = model(x, generator=g(), latents=y)
+    base, _, _, none = model(x, generator=g())
+    both, _, _, latent = model(x, generator=g(), latents=y)
     rows = model.latent_rows(y)  # the configured share of the rows, with the configured weights
     assert rows.numel() == max(1, round(model.cfg.latent_fraction * 4))
     aux = latent_loss(model.latent_head(model.encode(x[rows])[:, 1:].flatten(1)), y[rows], weights=model.latent_weights)
     assert torch.allclose(both, base + 2.0 * aux, atol=1e-5)
-    unknown, _, _ = model(x, generator=g(), latents=torch.full_like(y, math.nan))
-    assert torch.allclose(unknown, base)  # in vivo rows add nothing
+    assert none is None and not latent.requires_grad and torch.allclose(latent, aux, atol=1e-6)  # reported alone
+    unknown, _, _, left_out = model(x, generator=g(), latents=torch.full_like(y, math.nan))
+    assert torch.allclose(unknown, base) and left_out is None  # in vivo rows add nothing
     assert "latent_head.weight" not in encoder_state(model)
     batch = type("B", (), {"x": x, "target": None, "latents": y})()
     tr = Trainer(model, mae_loss, OptimConfig.from_config(lr=3e-3, warmup_steps=2), 60, 4, progress=False)

@@ -28,7 +28,8 @@ def test_non_square_patch_grid_round_trip(model):
 
 def test_masking_keeps_a_quarter_and_reconstruction_keeps_visible_patches(model):
     x = torch.randn(3, 3, 192, 208)
-    loss, pred, mask = model(x, mask_ratio=0.75)
+    loss, pred, mask, latent = model(x, mask_ratio=0.75)
+    assert latent is None  # no latent head here
     assert mask.shape == (3, 156)
     assert torch.all(mask.sum(1) == 156 - 39)
     assert len({tuple(m.tolist()) for m in mask}) == 3  # each sample masked differently

@@ -36,7 +36,7 @@ def test_per_sample_gradients_add_up_to_the_batch_gradient():
     torch.manual_seed(0)
     model = GradSampleModule(SpectroMAE(mae_config("micro", img_size=(64, 64))), loss_reduction="mean")
     x = torch.randn(5, 3, 64, 64)
-    loss, _, _ = model(x)
+    loss = model(x).loss
     loss.backward()
     names = {n for n, _ in model.named_parameters()}
     assert any("cls_token" in n for n in names) and any("mask_token" in n for n in names)
@@ -44,6 +44,26 @@ def test_per_sample_gradients_add_up_to_the_batch_gradient():
         assert p.grad_sample is not None, name
         assert p.grad_sample.shape == (5, *p.shape), name
         assert torch.allclose(p.grad_sample.mean(0), p.grad, atol=1e-6, rtol=1e-4), name
+
+
+def test_the_latent_loss_comes_back_through_opacus_wrapper():
+    """mae_loss takes the latent loss from the forward's outputs: a wrapped MAE reports the same
+    loss and latent loss as the bare one, and its per-sample gradients still reach the head."""
+    register_grad_samplers()
+    torch.manual_seed(0)
+    mae = SpectroMAE(mae_config("micro", img_size=(64, 64), latent_weight=1.0, latent_fraction=1.0))
+    batch = Batch(x=torch.randn(4, 3, 64, 64), vendor=torch.zeros(4, dtype=torch.long),
+                  invivo=torch.zeros(4, dtype=torch.bool), latents=torch.randn(4, len(LATENT_NAMES)))
+    torch.manual_seed(1)  # the same masks for both
+    bare_loss, bare = mae_loss(mae, batch)
+    wrapped = GradSampleModule(mae, loss_reduction="mean")
+    torch.manual_seed(1)
+    loss, metrics = mae_loss(wrapped, batch)
+    assert torch.isfinite(bare["latent_loss"]) and bare["latent_loss"] > 0
+    assert torch.equal(metrics["latent_loss"], bare["latent_loss"]) and torch.equal(loss, bare_loss)
+    loss.backward()
+    for p in (mae.latent_head.weight, mae.decoder_pred.weight):
+        assert p.grad_sample.shape == (4, *p.shape)
 
 
 def test_epsilon_is_cumulative_across_rounds_and_matches_opacus():

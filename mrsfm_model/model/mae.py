@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from functools import partial
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from timm.layers import LayerNorm, PatchEmbed
@@ -93,6 +93,16 @@ def mae_config(size: str = "base", **overrides: Any) -> MAEConfig:
     return from_section(MAEConfig, {**base, **overrides}, "model")
 
 
+class MAEOutput(NamedTuple):
+    """What `SpectroMAE.forward` returns. The latent loss travels with the outputs rather than on
+    the module, so a wrapper (Opacus, torch.compile) passes it through untouched."""
+
+    loss: torch.Tensor  # the training loss: reconstruction + latent_weight x latent (per image with per_sample)
+    pred: torch.Tensor  # (B, N, ph*pw*C) predicted patches
+    mask: torch.Tensor  # (B, N), 1 = removed
+    latent_loss: torch.Tensor | None  # the latent head's loss alone (detached batch mean); None: no latent pass
+
+
 class PrependToken(nn.Module):
     """Owns the [CLS] token alone: (B, N, D) -> (B, 1 + N, D)."""
 
@@ -152,7 +162,6 @@ class SpectroMAE(nn.Module):
         # linear on the flattened tokens, the read-out fine-tuning uses (finetune.global_pool=flat)
         self.latent_head = nn.Linear(n * cfg.embed_dim, len(LATENT_NAMES)) if cfg.latent_weight > 0 else None
         self.register_buffer("latent_weights", loss_weights(cfg.latent_balanced), persistent=False)
-        self.last_latent_loss: torch.Tensor | None = None
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -238,17 +247,19 @@ class SpectroMAE(nn.Module):
         return (loss * mask).sum() / mask.sum().clamp_min(1)
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float | None = None, generator: torch.Generator | None = None,
-                per_sample: bool = False, target: torch.Tensor | None = None, latents: torch.Tensor | None = None):
+                per_sample: bool = False, target: torch.Tensor | None = None,
+                latents: torch.Tensor | None = None) -> MAEOutput:
         """`target`: the image to reconstruct when it is not the input (denoising MAE); `latents`: the
         simulator's truth per image (NaN where unknown), regressed when the model has a latent head."""
         ratio = self.cfg.mask_ratio if mask_ratio is None else mask_ratio
         latent, mask, ids_restore = self.forward_encoder(imgs, ratio, generator)
         pred = self.forward_decoder(latent, ids_restore)
         loss = self.forward_loss(imgs if target is None else target, pred, mask, per_sample)
+        latent_part = None
         if self.latent_head is not None and latents is not None and (rows := self.latent_rows(latents)).numel():
             pred_latents = self.latent_head(self.encode(imgs[rows])[:, 1:].flatten(1))
             aux = latent_loss(pred_latents, latents[rows], per_sample, self.latent_weights)
-            self.last_latent_loss = aux.detach().mean()
+            latent_part = aux.detach().mean()
             if per_sample:  # rows left out score 0, the others stand for them (same batch mean)
                 known = int(torch.isfinite(latents).any(dim=1).sum())
                 aux = aux.new_zeros(imgs.shape[0]).index_put((rows,), aux * (known / rows.numel()))
@@ -259,7 +270,7 @@ class SpectroMAE(nn.Module):
             zeros = imgs.new_zeros(imgs.shape[0], self.latent_head.in_features)
             zero = 0.0 * self.latent_head(zeros).sum(dim=1)
             loss = loss + (zero if per_sample else zero.mean())
-        return loss, pred, mask
+        return MAEOutput(loss, pred, mask, latent_part)
 
     def latent_rows(self, latents: torch.Tensor) -> torch.Tensor:
         """Indices of the rows the latent head is trained on: those with any truth (simulated), a
@@ -311,8 +322,6 @@ def build_mae(model_cfg, data_cfg) -> SpectroMAE:
 def mae_loss(model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
     """Loss function for the shared Trainer: batch is a data.Batch (or a plain image tensor)."""
     if not hasattr(batch, "x"):
-        return model(batch)[0], {}
-    loss, _, _ = model(batch.x, target=batch.target, latents=batch.latents)
-    inner = getattr(model, "_module", model)  # under Opacus the MAE is wrapped
-    aux = getattr(inner, "last_latent_loss", None)
-    return loss, ({} if aux is None or batch.latents is None else {"latent_loss": aux})
+        return model(batch).loss, {}
+    out = model(batch.x, target=batch.target, latents=batch.latents)
+    return out.loss, ({} if out.latent_loss is None else {"latent_loss": out.latent_loss})

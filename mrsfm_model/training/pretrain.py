@@ -55,7 +55,7 @@ def plot_reconstructions(model: SpectroMAE, examples: dict[str, torch.Tensor], o
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for row, (name, x) in enumerate(examples.items()):
         x = x[None].to(next(model.parameters()).device)
-        _, pred, mask = model(x, generator=gen)
+        _, pred, mask, _ = model(x, generator=gen)
         recon = model.reconstruct(x, pred, mask)[0, 0].float().cpu().numpy()
         pm = mask[0].unsqueeze(-1).expand(-1, int(np.prod(model.cfg.patch_size)) * model.cfg.in_chans)
         masked = model.unpatchify(model.patchify(x) * (1 - pm))[0, 0].float().cpu().numpy()

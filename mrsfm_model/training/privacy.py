@@ -145,7 +145,7 @@ class PrivateSite:
         """Ghost clipping needs one loss per sample: its backward runs twice (norms, then the
         norm-weighted loss), so per-sample gradients are never materialised."""
         x = batch.x if hasattr(batch, "x") else batch
-        per_sample = model(x, per_sample=True)[0]
+        per_sample = model(x, per_sample=True).loss
         return DPTensorFastGradientClipping(model, self.dp_optimizer, per_sample, "mean"), {}
 
     # -- accounting ------------------------------------------------------------------------
