@@ -15,7 +15,7 @@ from mrsfm_model.data.canonical import CanonicalGrid
 from mrsfm_model.data.quality import QualityConfig
 from mrsfm_model.data.simulate import SimProfile, load_profile
 from mrsfm_model.data.spectrogram import SpectrogramConfig
-from mrsfm_model.evaluation.finetune import FinetuneConfig
+from mrsfm_model.evaluation.finetune import FinetuneConfig, FinetuneGrid
 from mrsfm_model.evaluation.study_data import StudyConfig
 from mrsfm_model.model.mae import MAEConfig, configured_mae, mae_config
 from mrsfm_model.training.privacy import DPConfig
@@ -24,7 +24,7 @@ from server.app import RunSettings
 from server.compare import CompareConfig
 from server.validate import ValidationSettings
 
-SECTIONS = [OptimConfig, FinetuneConfig, DPConfig, SpectrogramConfig, CanonicalGrid, StudyConfig, ValidationSettings,
+SECTIONS = [OptimConfig, FinetuneConfig, FinetuneGrid, DPConfig, SpectrogramConfig, CanonicalGrid, StudyConfig, ValidationSettings,
             QualityConfig, CompareConfig]
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,6 +53,10 @@ def test_partial_mappings_and_overrides_take_the_rest_from_the_yaml():
         SpectrogramConfig.from_config(hop="abc")
     with pytest.raises(ValueError, match=r"config train.amp"):
         OptimConfig.from_config(amp="fp8")
+    grid = FinetuneGrid.from_config(load_config(["finetune.seeds=[3,4]", "finetune.label_sizes=[10]"]).finetune)
+    assert (grid.seeds, grid.label_sizes, grid.tasks) == ((3, 4), (10,), tuple(default_section("finetune.tasks")))
+    with pytest.raises(ValueError, match=r"config finetune.seeds: expected tuple.*, got \['a'\]"):
+        FinetuneGrid.from_config(load_config(["finetune.seeds=[a]"]).finetune)
 
 
 def test_every_model_size_is_its_yaml_and_unknown_model_keys_are_refused():

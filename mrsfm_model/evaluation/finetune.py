@@ -85,6 +85,21 @@ class FinetuneConfig(ConfigSection):
             raise ValueError(f"config finetune.global_pool: expected avg|token|flat, got {self.global_pool!r}")
 
 
+@dataclass
+class FinetuneGrid(ConfigSection):
+    """The cells a benchmark or a panel runs (finetune.tasks x modes x label_sizes x seeds) and the
+    quantification task's steps; values in configs/finetune/default.yaml. Read typed, so that an
+    override like `finetune.seeds=[a]` fails naming its key instead of inside a sampler."""
+
+    SECTION = "finetune"
+    tasks: tuple[str, ...]  # vendor | quant
+    modes: tuple[str, ...]  # the benchmark's deep modes (a panel is given its own)
+    label_sizes: tuple[int, ...]
+    seeds: tuple[int, ...]  # paired: seed s draws the same labelled sample for every arm
+    quant_steps: int  # full fine-tuning steps of the quant task (finetune.steps: the vendor task's)
+    lcm: bool  # quant task: also the linear-combination fit baseline
+
+
 class LabelledBatches:
     """Endless seeded minibatches from a small labelled set (with replacement across epochs)."""
 
@@ -162,6 +177,7 @@ def run_benchmark(cfg, encoder: str | Path | None, out_dir: str | Path, device: 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ft = cfg.finetune
+    grid = FinetuneGrid.from_config(ft)
     builder = InputBuilder.from_data_config(cfg.data)
     mae_cfg = architecture(cfg, Path(encoder) if encoder else None, builder)
     log(f"building the benchmark ({ft.benchmark.subjects_per_vendor} subjects per vendor, seed {ft.benchmark.seed})")
@@ -176,28 +192,28 @@ def run_benchmark(cfg, encoder: str | Path | None, out_dir: str | Path, device: 
             log("transfer split: pretraining never saw the benchmark's generators" if not seen else
                 f"in-distribution: pretraining saw the benchmark's generators {seen}")
     inits = ["pretrained", "random_init"] if encoder else []
-    arms = [(init, mode) for init in [*inits, "scratch"] for mode in ft.modes]
+    arms = [(init, mode) for init in [*inits, "scratch"] for mode in grid.modes]
     # the yardsticks: logistic / ridge regression on the magnitude spectra, and on the very image the ViT sees
     arms += [("baseline", "spectrum"), ("baseline", "pixels")]
     head_est = None  # the pretrained model's own quantifier, when its encoder carries the latent head
-    if "quant" in ft.tasks and (head_est := head_estimates(encoder, bench.x, device)) is not None:
+    if "quant" in grid.tasks and (head_est := head_estimates(encoder, bench.x, device)) is not None:
         log("the encoder carries its latent head: also scored without labels (head) and calibrated on them (head_cal)")
     lcm = None
-    if "quant" in ft.tasks and ft.lcm:
+    if "quant" in grid.tasks and grid.lcm:
         log(f"linear-combination fit of the {int(test.sum())} test spectra (each with its vendor's basis set)")
         lcm = lcm_ratios(bench, test.nonzero()[:, 0], builder.grid)
     rows = []
-    for task in ft.tasks:
+    for task in grid.tasks:
         task_arms = arms + ([("baseline", "lcm_fit")] if task == "quant" and lcm is not None else [])
         if task == "quant" and head_est is not None:
             task_arms += [("pretrained", mode) for mode in HEAD_MODES]
         for init, mode in task_arms:
-            steps = ft.quant_steps if task == "quant" else ft.steps
+            steps = grid.quant_steps if task == "quant" else ft.steps
             fcfg = FinetuneConfig.from_config(ft, mode=mode, steps=steps) if mode in ("full", *FROZEN_READOUTS) else None
-            for n in ft.label_sizes:
+            for n in grid.label_sizes:
                 per_seed = []
-                for seed in ft.seeds:
-                    idx = bench.labelled_sample(int(n), int(seed))
+                for seed in grid.seeds:
+                    idx = bench.labelled_sample(n, seed)
                     y = bench.vendor if task == "vendor" else bench.ratios
                     if mode == "lcm_fit":
                         per_seed.append(regression_metrics(y[test].numpy(), lcm.numpy(), QUANT_TARGETS))
@@ -213,15 +229,15 @@ def run_benchmark(cfg, encoder: str | Path | None, out_dir: str | Path, device: 
                     per_seed.append(fit_and_evaluate(
                         bench.x[idx], y[idx], bench.x[test], y[test],
                         "classification" if task == "vendor" else "regression",
-                        arm_start(init, encoder), mae_cfg, fcfg, int(seed), device, target_names=QUANT_TARGETS, n_classes=len(VENDORS)))
+                        arm_start(init, encoder), mae_cfg, fcfg, seed, device, target_names=QUANT_TARGETS, n_classes=len(VENDORS)))
                 summary = {k: mean_ci95([r[k] for r in per_seed]) for k in per_seed[0]}
-                rows.append({"task": task, "init": init, "mode": mode, "n_labels": int(n), "metrics": summary,
+                rows.append({"task": task, "init": init, "mode": mode, "n_labels": n, "metrics": summary,
                              "per_seed": per_seed})
                 h = summary[HEADLINE[task]]
                 log(f"  {task:<6} {init:<11} {mode:<8} n={n:<4} {HEADLINE[task]} {h['mean']:.3f} ± {h['ci95']:.3f}")
     paired = paired_differences(rows)
     result = {"encoder": str(encoder) if encoder else None, "test_spectra": int(test.sum()),
-              "test_subjects": int(bench.subject[test].unique().numel()), "seeds": list(ft.seeds),
+              "test_subjects": int(bench.subject[test].unique().numel()), "seeds": list(grid.seeds),
               "benchmark_seed": int(ft.benchmark.seed), "transfer": transfer, "rows": rows, "paired": paired}
     (out_dir / "finetune.json").write_text(json.dumps(result, indent=1))
     print_table(rows, log)

@@ -26,6 +26,7 @@ from mrsfm_model.data.stream import InputBuilder
 from mrsfm_model.evaluation.finetune import (
     HEAD_MODES,
     FinetuneConfig,
+    FinetuneGrid,
     baseline_metrics,
     fit_and_evaluate,
     head_estimates,
@@ -75,6 +76,7 @@ class Panel:
         twice the largest label size, so that every seed draws its own labelled sample."""
         ft = cfg.finetune
         self.cfg, self.device, self.ft = cfg, device, ft
+        self.grid = FinetuneGrid.from_config(ft)
         self.builder = InputBuilder.from_data_config(cfg.data)
         n = int(subjects_per_vendor or ft.benchmark.subjects_per_vendor)
 
@@ -97,8 +99,8 @@ class Panel:
 
     def _cells(self):
         for task in self.tasks:
-            for n in self.ft.label_sizes:
-                yield task, int(n), [task.bench.labelled_sample(int(n), int(s)) for s in self.ft.seeds]
+            for n in self.grid.label_sizes:
+                yield task, n, [task.bench.labelled_sample(n, s) for s in self.grid.seeds]
 
     def score(self, encoder: str | Path | None, modes: Sequence[str] = ("linear",),
               tasks: Sequence[str] | None = None) -> list[dict]:
@@ -124,13 +126,13 @@ class Panel:
                             head_metrics(heads[key], task.y, idx if mode == "head_cal" else None, test)
                             for idx in samples]))
                     continue
-                steps = self.ft.quant_steps if not task.classification else self.ft.steps
+                steps = self.grid.quant_steps if not task.classification else self.ft.steps
                 fcfg = FinetuneConfig.from_config(self.ft, mode=mode, steps=steps)
                 per_seed = [fit_and_evaluate(
                     task.bench.x[idx], task.y[idx], task.bench.x[test], task.y[test],
-                    "classification" if task.classification else "regression", encoder, mae_cfg, fcfg, int(seed),
+                    "classification" if task.classification else "regression", encoder, mae_cfg, fcfg, seed,
                     self.device, target_names=QUANT_TARGETS, n_classes=len(VENDORS))
-                    for seed, idx in zip(self.ft.seeds, samples)]
+                    for seed, idx in zip(self.grid.seeds, samples)]
                 rows.append(_row(task.name, mode, n, per_seed))
         return rows
 
