@@ -29,7 +29,7 @@ HEAD_PREFIX = "latent_head."
 SHIPPED_DIR = RESOURCES / "encoders"
 SHIPPED_NAME = "mrsfm_micro"
 # `mrsfm quantify`'s default: the best measured quantifier (GABA/tCr R² with no labels, validation
-# 0.563 vs micro 0.524, then test 0.477 vs 0.38; docs/results.md). Fine-tuning stays on micro: a tiny
+# 0.621 vs micro 0.524, then test 0.544 vs 0.38; docs/results.md). Fine-tuning stays on micro: a tiny
 # fine-tune step costs ~20x micro's on 2 CPU cores.
 QUANTIFIER_NAME = "mrsfm_tiny"
 
