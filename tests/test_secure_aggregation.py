@@ -11,7 +11,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from client.secure import UpdateRefused, clipped_update, secure_mod, secure_reply
@@ -178,9 +179,13 @@ class Sites:
             mine = Message(copy.deepcopy(m.content), dst_node_id=node, message_type=m.metadata.message_type,
                            group_id=m.metadata.group_id)
             mine.metadata.__dict__["_message_id"] = m.metadata.message_id
-            reply = secure_mod(mine, self.contexts[node], lambda msg, ctx, node=node: self.train(msg, ctx, node))
+            try:
+                reply = secure_mod(mine, self.contexts[node], lambda msg, ctx, node=node: self.train(msg, ctx, node))
+            except Exception as exc:  # as Flower's ClientApp runtime answers: an error reply
+                reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(exc)}:<'{exc}'>"), reply_to=mine)
             reply.metadata.__dict__["_src_node_id"] = node  # as the SuperLink stamps it
-            self.received.append(reply.content)
+            if not reply.has_error():
+                self.received.append(reply.content)
             replies.append(reply)
         return replies
 
@@ -194,7 +199,7 @@ class Sites:
         return secure_reply(msg, ctx, {"site": f"site{node}"}, local_round, self.said.append)
 
 
-def _micro_round(n_sites: int, fail=None, strategy="fedavg", bound=10.0, seed=0, examples=None):
+def _micro_round(n_sites: int, fail=None, strategy="fedavg", bound=10.0, seed=0, examples=None, tamper=None):
     torch.manual_seed(seed)
     cfg = load_config(["model=micro"])
     model = build_mae(cfg.model, cfg.data)
@@ -205,6 +210,8 @@ def _micro_round(n_sites: int, fail=None, strategy="fedavg", bound=10.0, seed=0,
               for i in range(n_sites)}
     losses = {n: 0.1 + 0.05 * i for i, n in enumerate(states)}
     examples = examples or {n: 12 for n in states}
+    if tamper is not None:  # a broken site: tamper(states, losses) edits them in place
+        tamper(states, losses)
     sites = Sites(states, losses, examples, fail)
     settings = SecAggSettings(1.0, 0.67, bound, 2**22, 2**32)
     strat = make_strategy(strategy, load_config([f"+fl={strategy}"]).fl, n_sites)
@@ -278,6 +285,33 @@ def test_a_site_lost_after_sharing_its_keys_the_round_completes_from_the_others(
     plain = _plain_fedavg(global_, states, examples, [10, 11, 12])
     diff = max(float((torch.from_numpy(new[k].numpy()).double() - plain[k]).abs().max()) for k in plain)
     assert diff <= settings.step + 1e-6, diff
+
+
+def _nan_weights(states, losses):
+    w = states[13]["patch_embed.proj.weight"]
+    w.view(-1)[:3] = float("nan")
+
+
+def _inf_loss(states, losses):
+    losses[13] = float("inf")
+
+
+@pytest.mark.parametrize("tamper,why", [(_nan_weights, "non-finite values in patch_embed.proj.weight (3 NaN)"),
+                                        (_inf_loss, "non-finite loss (inf)")])
+def test_a_non_finite_site_is_stopped_at_the_site_and_the_round_goes_on_without_it(tamper, why):
+    # 4 sites, node 13 broken: it shared its keys, then refuses to send; SecAgg+ unmasks the others
+    global_, states, losses, examples, sites, settings, new, out = _micro_round(4, tamper=tamper)
+    assert out.ok, out.error
+    assert [x["node_id"] for x in out.sites] == [10, 11, 12]
+    [dropped] = out.dropped
+    assert dropped["node_id"] == 13 and why in dropped["error"] and "is not sent" in dropped["error"], dropped
+    plain = _plain_fedavg(global_, states, examples, [10, 11, 12])
+    diff = max(float((torch.from_numpy(new[k].numpy()).double() - plain[k]).abs().max()) for k in plain)
+    assert diff <= settings.step + 1e-6, diff
+    assert all(np.isfinite(new[k].numpy()).all() for k in global_)
+    assert out.loss == pytest.approx(np.mean([losses[n] for n in (10, 11, 12)]), abs=LOSS_CAP * settings.step * 2)
+    # node 13 sent nothing of the training stage: the server got its setup and key replies only
+    assert len(sites.received) == 4 + 4 + 3 + 3
 
 
 def test_too_many_lost_the_round_fails_in_one_line_and_keeps_the_weights():
