@@ -60,7 +60,7 @@ def main() -> None:
             for site in sites:  # simulation only: the sleep replaces training anyway
                 fed.start_supernode(site, worker=kind == "warm", **({"poll_s": poll} if poll else {}))
             for dtype in args.dtypes.split(","):
-                summary[mode, dtype] = _measure(fed, out / mode / f"run_{dtype}", mode, dtype, sites, args)
+                summary[mode, dtype] = measure(fed, out / mode / f"run_{dtype}", mode, dtype, sites, args)
     for dtype in args.dtypes.split(","):
         for kind in args.modes.split(","):
             if len(polls) > 1 and all((f"{kind}@poll{p:g}", dtype) in summary for p in polls):
@@ -83,15 +83,21 @@ def main() -> None:
                               "overhead_ratio": round(e["mean_overhead_s"] / max(w["mean_overhead_s"], 1e-3), 2)}))
 
 
-def _measure(fed: LocalFederation, run_dir: Path, mode: str, dtype: str, sites: list[str], args) -> dict:
-    res = fed.run({"overrides": f"model={args.model}", "num-rounds": args.rounds, "local-steps": args.local_steps,
+def measure(fed: LocalFederation, run_dir: Path, mode: str, dtype: str, sites: list[str], args,
+            overrides: str = "", tag: dict | None = None) -> dict:
+    """One run of `args.rounds` rounds on `fed`: a JSON line per round and a summary line (returned).
+    `overrides`: more Hydra overrides after model=; `tag`: fields put first in every line (other
+    benches reuse this, e.g. bench/fl_secagg.py)."""
+    tag = dict(tag or {})
+    res = fed.run({"overrides": f"model={args.model} {overrides}".strip(), "num-rounds": args.rounds,
+                   "local-steps": args.local_steps,
                    "run-dir": str(run_dir), "min-sites": len(sites), "wire-dtype": dtype,
                    "local-sleep-s": args.sleep, "sites": ",".join(sites), "round-timeout-s": 900}, timeout_s=1800)
     if res["status"] != "finished:completed":
         raise SystemExit(f"{mode} {dtype} run ended {res['status']}; see {fed.logs}")
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     for r in rows:
-        line = {"mode": mode, "wire_dtype": dtype, "round": r["round"], "round_s": r["round_seconds"],
+        line = {**tag, "mode": mode, "wire_dtype": r.get("wire_dtype", dtype), "round": r["round"], "round_s": r["round_seconds"],
                 "overhead_s": round(r["round_seconds"] - args.sleep, 2),
                 "bytes_up_per_site": {s["site"]: s["bytes_up"] for s in r["sites"]},
                 "bytes_down_per_site": {s["site"]: s["bytes_down"] for s in r["sites"]},
@@ -100,7 +106,7 @@ def _measure(fed: LocalFederation, run_dir: Path, mode: str, dtype: str, sites: 
         print(json.dumps(line), flush=True)
     later = rows[1:] or rows  # round 1 builds the model in both modes
     summary = {
-        "mode": mode, "wire_dtype": dtype, "model": args.model, "sites": len(sites), "rounds": len(rows),
+        **tag, "mode": mode, "wire_dtype": rows[0].get("wire_dtype", dtype), "model": args.model, "sites": len(sites), "rounds": len(rows),
         "sleep_s": args.sleep, "mean_round_s": round(statistics.mean(r["round_seconds"] for r in later), 2),
         "mean_overhead_s": round(statistics.mean(r["round_seconds"] - args.sleep for r in later), 2),
         "first_round_s": rows[0]["round_seconds"],
@@ -109,6 +115,7 @@ def _measure(fed: LocalFederation, run_dir: Path, mode: str, dtype: str, sites: 
         "run_s": res["seconds"]}
     print(json.dumps({"summary": summary}), flush=True)
     return summary
+
 
 if __name__ == "__main__":
     main()
