@@ -1,7 +1,7 @@
 """Secure aggregation (fl.secure_aggregation=true) without processes: the settings and their
 refusals, the checks a site makes before masking, and whole SecAgg+ rounds in one process
 (Flower's workflow on the server side, Flower's client mod on each simulated site) compared with
-plain FedAvg of the same updates. The real-process run is in test_federation.py."""
+plain FedAvg of the same updates. The real-process runs are in test_secure_federation.py."""
 
 from __future__ import annotations
 
