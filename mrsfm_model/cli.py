@@ -116,18 +116,19 @@ def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
 def cmd_finetune(args: argparse.Namespace, overrides: list[str]) -> int:
     from mrsfm_model.config import load_config, resolve_device
     from mrsfm_model.evaluation.finetune import run_benchmark
-    from mrsfm_model.model.export import resolve_encoder, shipped
+    from mrsfm_model.model.export import STUDY_NAME, resolve_encoder, shipped
 
     cfg = load_config(overrides)
-    if args.encoder is None:  # the packaged pretrained encoder
-        args.encoder = shipped()
+    study = bool(args.data or args.labels or args.target)
+    if args.encoder is None:  # the packaged pretrained encoder (a study's default: the better one on studies)
+        args.encoder = shipped(name=STUDY_NAME) if study else shipped()
     elif str(args.encoder).lower() == "none":  # no pretrained arm: scratch and baselines only
         args.encoder = None
     else:
         args.encoder = resolve_encoder(args.encoder)
         if not args.encoder.is_file():
             raise MRSDataError(args.encoder, "encoder file not found")
-    if args.data or args.labels or args.target:
+    if study:
         missing = [f"--{n}" for n in ("data", "labels", "target") if getattr(args, n) is None]
         if missing:
             raise ValueError(f"study fine-tuning needs {', '.join(missing)} as well (--data DIR --labels CSV --target COLUMN)")
@@ -212,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = subs.add_parser("finetune", help="few-label fine-tuning benchmark: pretrained encoder vs random init")
     p.add_argument("--encoder", type=Path,
                    help="encoder.safetensors from pretrain/export, or a shipped model's name (micro, tiny) "
-                        "(default: the shipped micro encoder; 'none': scratch and baselines only)")
+                        "(default: the shipped micro encoder, tiny for a study's --data/--labels; 'none': scratch and "
+                        "baselines only)")
     p.add_argument("--out", type=Path, help="result folder (default: RUN_DIR/finetune, or RUN_DIR/study)")
     p.add_argument("--data", type=Path, help="study folder of spectra in any readable format (with --labels, --target)")
     p.add_argument("--labels", type=Path,

@@ -87,6 +87,19 @@ def test_study_finetune_needs_all_three_arguments(capsys, tmp_path):
     assert code == 2 and "--labels" in err and "--target" in err
 
 
+def test_a_study_defaults_to_the_study_encoder_and_the_benchmark_to_micro(capsys, tmp_path, monkeypatch):
+    import mrsfm_model.evaluation.finetune as finetune
+    import mrsfm_model.evaluation.study as study
+
+    used = {}
+    monkeypatch.setattr(study, "run_study", lambda cfg, encoder, *a, **k: used.setdefault("study", encoder))
+    monkeypatch.setattr(finetune, "run_benchmark", lambda cfg, encoder, *a, **k: used.setdefault("bench", encoder))
+    assert _run(capsys, "finetune", "--data", tmp_path, "--labels", tmp_path / "l.csv", "--target", "t")[0] == 0
+    assert _run(capsys, "finetune", "--out", tmp_path / "b")[0] == 0
+    assert Path(used["study"]).name == "mrsfm_tiny.safetensors"  # chosen on validation studies (screen 16)
+    assert Path(used["bench"]).name == "mrsfm_micro.safetensors"
+
+
 def test_predict_refuses_an_encoder_as_model(capsys, tmp_path):
     from mrsfm_model.model.export import export_encoder
     from mrsfm_model.model.mae import SpectroMAE, mae_config

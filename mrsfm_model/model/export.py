@@ -32,6 +32,10 @@ SHIPPED_NAME = "mrsfm_micro"
 # 0.621 vs micro 0.524, then test 0.544 vs 0.38; docs/results.md). Fine-tuning stays on micro: a tiny
 # fine-tune step costs ~20x micro's on 2 CPU cores.
 QUANTIFIER_NAME = "mrsfm_tiny"
+# `mrsfm finetune --data --labels`'s default: the study mode reads frozen encoders (study.mode auto),
+# where tiny's cost does not matter, and tiny scored higher than micro on five of the six simulated
+# validation study tasks (docs/EXPERIMENTS.md, screen 16).
+STUDY_NAME = "mrsfm_tiny"
 
 
 def encoder_state(model: SpectroMAE) -> dict[str, torch.Tensor]:
