@@ -75,3 +75,32 @@ def test_edited_rows_share_one_scale():
     canon = to_canonical(edited, GRID)
     ratio = np.abs(canon.fid[1]).max() / np.abs(canon.fid[0]).max()
     assert ratio == pytest.approx(0.5, rel=0.05)
+
+
+def test_water_removal_lets_other_threads_run():
+    """A site worker loads its spectra while a thread sends Flower's task heartbeat: the SVD must not
+    hold the GIL for the whole call (scipy's did, and a loaded machine let the task token expire)."""
+    import threading
+    import time
+
+    from mrsfm_model.data.water import hlsvd
+
+    src = _synthetic(4096, 4000.0, 297.2, water=50.0)
+    ticks: list[float] = []
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.is_set():
+            ticks.append(time.perf_counter())
+            time.sleep(0.005)
+
+    side = threading.Thread(target=tick)
+    side.start()
+    t0 = time.perf_counter()
+    hlsvd(src.fid[0], 1 / src.bandwidth_hz, points=2048)  # a 1024 x 1025 Hankel matrix
+    t1 = time.perf_counter()
+    stop.set()
+    side.join()
+    inside = [t for t in ticks if t0 <= t <= t1]
+    gaps = np.diff([t0, *inside, t1])
+    assert len(inside) > 3 and gaps.max() < 0.5 * (t1 - t0), (gaps.max(), t1 - t0)

@@ -18,7 +18,10 @@ def hlsvd(fid: np.ndarray, dwell_s: float, rank: int = 25, points: int = 1024) -
     x = np.asarray(fid[: min(points, len(fid))], dtype=np.complex128)
     rows = len(x) // 2
     hankel = linalg.hankel(x[:rows], x[rows - 1 :])
-    u, _, _ = linalg.svd(hankel, full_matrices=False, check_finite=False)
+    # numpy's SVD (the same LAPACK routine as scipy's, same result) releases the GIL: scipy's holds it
+    # for the whole call, which on a loaded machine starved a site worker's heartbeat thread past
+    # Flower's task-token expiry ("ClientApp stopped responding") while it loaded its spectra.
+    u = np.linalg.svd(hankel, full_matrices=False)[0]
     uk = u[:, : min(rank, u.shape[1])]
     shift = linalg.lstsq(uk[:-1], uk[1:], check_finite=False)[0]
     poles = linalg.eigvals(shift, check_finite=False)
