@@ -1,8 +1,12 @@
 """Fine-tuning on a study's own labelled spectra: grouped CV, final model, predict, bad input.
 
 The study is built from files, as a user has it: simulated GE and Siemens MEGA-PRESS spectra
-written as NIfTI-MRS (10 subjects per vendor, 2 spectra per subject sharing a `group`) plus a
+written as NIfTI-MRS (6 subjects per vendor, 2 spectra per subject sharing a `group`) plus a
 real Siemens RDA file, with a labels.csv naming them.
+
+Where the time goes: the `fit` arm fits every spectrum of every run with a basis set (~0.5 CPU-s
+each), and mode auto scores each read-out over the penalty grid. The tests that check the fit arm
+keep it; the others switch it off (NO_FIT), and the grid is cut to three penalties.
 """
 
 import csv
@@ -27,7 +31,9 @@ from mrsfm_model.model.mae import SpectroMAE, mae_config
 RDA = INVIVO / "siemens" / "SVS_30.rda"
 # tiny training; water removal (HLSVD) off to keep loading fast: it is not what is tested here
 OVERRIDES = ["device=cpu", "data.grid.remove_water=false", "++study.folds=3", "++study.seeds=[0,1]",
-             "++study.steps=2", "++study.batch_size=8", "finetune.warmup_steps=1"]
+             "++study.steps=2", "++study.batch_size=8", "finetune.warmup_steps=1", "finetune.l2=[0.01,1.0,100.0]"]
+NO_FIT = ["study.fit_arm=false"]  # where the fit arm is not what is tested: no basis-set fit of every spectrum
+PER_VENDOR = 12  # simulated spectra per vendor (6 subjects x 2)
 CPU = torch.device("cpu")
 
 
@@ -46,12 +52,18 @@ def cfg():
 
 
 @pytest.fixture(scope="module")
+def cfg_no_fit():
+    return load_config(OVERRIDES + NO_FIT)
+
+
+@pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    """DIR with 40 simulated spectra (20 subjects x 2) + 1 real RDA, and the rows of its labels.csv."""
+    """DIR with 24 simulated spectra (12 subjects x 2) + 1 real RDA, and the rows of its labels.csv:
+    GE rows first, then Siemens (PER_VENDOR each), then the RDA."""
     root = tmp_path_factory.mktemp("study")
     rows = []
     for vendor, profile, seed in (("GE", "megapress_ge", 11), ("Siemens", "megapress_siemens", 12)):
-        for i, path in enumerate(write_simulated(profile, 20, root / "data" / vendor.lower(), seed=seed)):
+        for i, path in enumerate(write_simulated(profile, PER_VENDOR, root / "data" / vendor.lower(), seed=seed)):
             truth = json.loads(path.with_name(path.name.replace(".nii.gz", ".json")).read_text())
             rows.append({"file": f"{vendor.lower()}/{path.name}", "group": f"{vendor}-sub{i // 2:02d}",
                          "vendor": vendor, "naa": f"{truth['concentrations_mM']['NAA']:.4f}"})
@@ -78,14 +90,16 @@ def write_labels(path: Path, rows: list[dict], columns=("file", "group", "vendor
     return path
 
 
-def test_classification_grouped_cv_final_model_and_predict(cfg, study, encoder, tmp_path):
+def test_classification_grouped_cv_final_model_and_predict(cfg_no_fit, study, encoder, tmp_path):
+    """Every arm but `fit` (its classification is in the auto test, its regression in the next)."""
     root, rows = study
+    n = 2 * PER_VENDOR + 1
     logs: list[str] = []
-    res = run_study(cfg, encoder, root / "data", write_labels(tmp_path / "labels.csv", rows), "vendor",
+    res = run_study(cfg_no_fit, encoder, root / "data", write_labels(tmp_path / "labels.csv", rows), "vendor",
                     tmp_path / "out", CPU, log=logs.append)
     assert res["task"] == "classification" and res["labels"] == ["GE", "Siemens"]
-    assert f"real/{RDA.name}" in res["files"] and res["data"]["spectra"] == 41  # the vendor file loads
-    assert res["data"]["vendors"] == {"GE": 20, "Siemens": 21}
+    assert f"real/{RDA.name}" in res["files"] and res["data"]["spectra"] == n  # the vendor file loads
+    assert res["data"]["vendors"] == {"GE": PER_VENDOR, "Siemens": PER_VENDOR + 1}
     # grouped: no group on both sides of any split; stratified: both classes in every test fold
     groups, labels = np.array(res["groups"]), np.array([r["vendor"] for r in rows])
     assert res["cv"]["folds"] == 3 and set(res["cv"]["assignments"]) == {"0", "1"}
@@ -93,11 +107,11 @@ def test_classification_grouped_cv_final_model_and_predict(cfg, study, encoder, 
         assert all(len(set(fold[groups == g])) == 1 for g in set(groups))
         assert all(set(labels[fold == f]) == {"GE", "Siemens"} for f in range(3))
     assert not np.array_equal(*map(np.array, res["cv"]["assignments"].values()))  # seeds re-split
-    assert set(res["arms"]) == {"pretrained", "random_init", "scratch", "baseline", "fit"}
-    for arm in ("pretrained", "random_init", "scratch", "baseline", "fit"):
+    assert set(res["arms"]) == {"pretrained", "random_init", "scratch", "baseline"}  # study.fit_arm=false
+    for arm in ("pretrained", "random_init", "scratch", "baseline"):
         assert set(res["arms"][arm]["metrics"]) == {"accuracy", "balanced_accuracy", "macro_f1"}
         assert res["arms"][arm]["metrics"]["accuracy"]["n"] == 2
-    assert np.sum(res["arms"]["pretrained"]["confusion"]) == 41 * 2
+    assert np.sum(res["arms"]["pretrained"]["confusion"]) == n * 2
     assert res["arms"]["baseline"]["metrics"]["accuracy"]["mean"] > 0.6  # chance is 0.5
     assert any(line.startswith("arm") and "balanced_accuracy" in line for line in logs)  # the table
     out = tmp_path / "out"
@@ -105,15 +119,15 @@ def test_classification_grouped_cv_final_model_and_predict(cfg, study, encoder, 
     assert json.loads((out / "study.json").read_text())["headline"] == "pretrained"
     card = json.loads((out / "model.json").read_text())
     assert card["encoder"]["sha256"] and card["labels"] == ["GE", "Siemens"] and card["inputs"]["channels"]
-    assert card["cv"]["headline"]["balanced_accuracy"]["n"] == 2 and card["data"]["class_counts"]["GE"] == 20
+    assert card["cv"]["headline"]["balanced_accuracy"]["n"] == 2 and card["data"]["class_counts"]["GE"] == PER_VENDOR
 
     preds, errors = predict_files(out / "model.safetensors", [root / "data"], tmp_path / "p.csv", CPU)
-    assert errors == [] and len(preds) == 41
+    assert errors == [] and len(preds) == n
     assert all(p["prediction"] in ("GE", "Siemens") for p in preds)
     assert all(p["prob_GE"] + p["prob_Siemens"] == pytest.approx(1.0, abs=1e-5) for p in preds)
     with open(tmp_path / "p.csv") as f:
         table = list(csv.DictReader(f))
-    assert len(table) == 41 and list(table[0]) == ["file", "prediction", "prob_GE", "prob_Siemens"]
+    assert len(table) == n and list(table[0]) == ["file", "prediction", "prob_GE", "prob_Siemens"]
 
 
 def test_regression_on_a_numeric_column(cfg, study, tmp_path):
@@ -124,18 +138,19 @@ def test_regression_on_a_numeric_column(cfg, study, tmp_path):
     assert res["task"] == "regression" and set(res["arms"]) == {"scratch", "baseline", "fit"}
     assert set(res["arms"]["scratch"]["metrics"]) == {"mae", "r2"}
     assert any(RDA.name in w and "no value" in w for w in res["warnings"])  # its empty naa: dropped
-    assert res["data"]["spectra"] == 40 and res["encoder"]["init"].startswith("random")
+    assert res["data"]["spectra"] == 2 * PER_VENDOR and res["encoder"]["init"].startswith("random")
     preds, errors = predict_files(tmp_path / "out" / "model.safetensors", [root / "data" / "ge"], None, CPU)
-    assert len(preds) == 20 and not errors and all(np.isfinite(p["prediction"]) for p in preds)
+    assert len(preds) == PER_VENDOR and not errors and all(np.isfinite(p["prediction"]) for p in preds)
 
 
 def test_token_pooling_is_kept_in_the_study_model(study, tmp_path):
     from mrsfm_model.evaluation.predict import load_study_model
 
     root, rows = study
-    cfg = load_config(OVERRIDES + ["++study.seeds=[0]", "finetune.global_pool=token", "study.mode=full"])
-    run_study(cfg, None, root / "data", write_labels(tmp_path / "labels.csv", rows), "vendor", tmp_path / "out", CPU,
-              log=lambda m: None)
+    cfg = load_config(OVERRIDES + NO_FIT + ["++study.seeds=[0]", "finetune.global_pool=token", "study.mode=full"])
+    res = run_study(cfg, None, root / "data", write_labels(tmp_path / "labels.csv", rows), "vendor", tmp_path / "out",
+                    CPU, log=lambda m: None)
+    assert set(res["arms"]) == {"scratch", "baseline"}  # study.fit_arm=false: no fit arm
     model, meta = load_study_model(tmp_path / "out" / "model.safetensors")
     assert meta["global_pool"] == "token" and model.global_pool == "token"
     x = torch.randn(2, 3, cfg.data.spectrogram.height, cfg.data.spectrogram.width)
@@ -157,7 +172,7 @@ def _problem(cfg, root, tmp_path, rows, target="vendor", columns=("file", "group
 
 def test_bad_rows_are_dropped_with_a_warning_each(cfg, study, tmp_path):
     root, rows = study
-    base = rows[:6] + rows[20:26]  # 3 GE + 3 Siemens subjects
+    base = rows[:6] + rows[PER_VENDOR:PER_VENDOR + 6]  # 3 GE + 3 Siemens subjects
     (root / "data" / "broken.nii.gz").write_bytes(b"not a spectrum")
     outside = root / "elsewhere2.nii.gz"  # real spectra, but not in the study's folder
     for name in ("elsewhere.nii.gz", outside.name):
@@ -167,8 +182,8 @@ def test_bad_rows_are_dropped_with_a_warning_each(cfg, study, tmp_path):
            {"file": "../elsewhere.nii.gz", "group": "y", "vendor": "GE"},
            {"file": str(outside), "group": "z", "vendor": "GE"}]
     logs: list[str] = []
-    data = load_study(cfg, root / "data", write_labels(tmp_path / "labels.csv", base + bad), "vendor",
-                      log=logs.append)
+    data = load_study(load_config(OVERRIDES + NO_FIT), root / "data",
+                      write_labels(tmp_path / "labels.csv", base + bad), "vendor", log=logs.append)
     text = "\n".join(logs)
     assert "ge/missing.nii.gz" in text and "not found" in text  # missing file, named
     assert "line 14" in text and "line 15" in text and "no value for 'vendor'" in text  # NaN / empty label
@@ -186,7 +201,7 @@ def test_tables_that_cannot_work_are_refused_with_the_reason(cfg, study, tmp_pat
     assert "no column 'diagnosis'" in msg and "vendor, naa" in msg  # names it, lists the available ones
     assert "single class ('GE'" in _problem(cfg, root, tmp_path, rows[:6])
     assert "no 'file' column" in _problem(cfg, root, tmp_path, rows[:4], columns=("group", "vendor"))
-    assert "single subject/group" in _problem(cfg, root, tmp_path, rows[:4] + rows[20:22])
+    assert "single subject/group" in _problem(cfg, root, tmp_path, rows[:4] + rows[PER_VENDOR:PER_VENDOR + 2])
     (tmp_path / "empty.csv").write_text("")
     with pytest.raises(MRSDataError, match="is empty"):
         load_study(cfg, root / "data", tmp_path / "empty.csv", "vendor", log=lambda m: None)
@@ -206,8 +221,8 @@ def test_predict_refuses_foreign_model_files_and_reports_unreadable_inputs(cfg, 
         predict_files(tmp_path / "junk.safetensors", [root / "data"], None, CPU)
     with pytest.raises(MRSDataError, match="not found"):
         predict_files(tmp_path / "none.safetensors", [root / "data"], None, CPU)
-    sub = rows[:6] + rows[20:26]
-    run_study(load_config(OVERRIDES + ["++study.seeds=[0]"]), None, root / "data",
+    sub = rows[:6] + rows[PER_VENDOR:PER_VENDOR + 6]
+    run_study(load_config(OVERRIDES + NO_FIT + ["++study.seeds=[0]"]), None, root / "data",
               write_labels(tmp_path / "labels.csv", sub), "vendor", tmp_path / "out", CPU, log=lambda m: None)
     (tmp_path / "bad.rda").write_text("garbage")
     good = root / "data" / sub[0]["file"]
@@ -252,7 +267,8 @@ def test_scratch_architecture_is_the_configured_model():
 
 def test_auto_picks_a_frozen_readout_per_fold_and_predict_rebuilds_it(cfg, tmp_path):
     """`mrsfm simulate --study` writes a labelled control-vs-lesion study; mode auto (the default)
-    records which read-out each fold chose, and the saved model predicts exactly as it was fitted."""
+    records which read-out each fold chose, and the saved model predicts exactly as it was fitted.
+    The fit arm of a classification is checked here (the first run keeps study.fit_arm)."""
     from mrsfm_model.data.cohort import write_cohort
     from mrsfm_model.evaluation.predict import load_study_model
 
@@ -274,10 +290,11 @@ def test_auto_picks_a_frozen_readout_per_fold_and_predict_rebuilds_it(cfg, tmp_p
     assert res["final_mode"] in ("linear", "latent")
     # what an MRS user does: fit each spectrum, then classify its fitted ratios, on the same folds
     fit = res["arms"]["fit"]
+    assert set(fit["metrics"]) == {"accuracy", "balanced_accuracy", "macro_f1"}
     assert fit["metrics"]["balanced_accuracy"]["n"] == 1 and "mode" not in fit["per_fold"][0]
     assert [f["n_test"] for f in fit["per_fold"]] == [f["n_test"] for f in res["arms"]["scratch"]["per_fold"]]
     for mode in ("latent", "linear"):
-        one = load_config(OVERRIDES + ["++study.seeds=[0]", f"study.mode={mode}"])
+        one = load_config(OVERRIDES + NO_FIT + ["++study.seeds=[0]", f"study.mode={mode}"])
         res = run_study(one, enc, tmp_path / "data", labels, "condition", tmp_path / mode, CPU, log=lambda m: None)
         model, meta = load_study_model(tmp_path / mode / "model.safetensors")
         assert meta["mode"] == mode == res["final_mode"]
@@ -315,7 +332,7 @@ def test_fit_features_are_the_fitted_ratios_of_each_spectrum(study, cfg):
 
     root, rows = study
     builder = InputBuilder.from_data_config(cfg.data)
-    sim_rows = [r for r in rows if r["naa"]][14:26]  # 6 GE, then 6 Siemens
+    sim_rows = [r for r in rows if r["naa"]][PER_VENDOR - 6:PER_VENDOR + 6]  # 6 GE, then 6 Siemens
     spectra = [builder.canonical(load_spectrum(root / "data" / r["file"])) for r in sim_rows]
     assert {fit_profile(s.edited, s.provenance.vendor) for s in spectra} == {"megapress_ge", "megapress_siemens"}
     feats = fit_ratio_features(spectra, builder.grid)
